@@ -1,0 +1,294 @@
+//! The partition console: a 16550 UART from vm-superio whose transmitted bytes are cut
+//! into lines, written to the partition's sink and kept in a ring of recent lines.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// How many recent lines a console keeps for `console` requests and crash reports.
+pub const RECENT_LINES: usize = 2000;
+/// A line longer than this is cut (the rest continues on a new line).
+pub const MAX_LINE: usize = 4096;
+
+/// Where a console's lines go besides the ring of recent lines.
+#[derive(Debug)]
+pub enum ConsoleOutput {
+    /// The monitor's stdout, each line prefixed with `[prefix] `.
+    Stdout { prefix: String },
+    /// A file, lines as the guest wrote them.
+    File(File),
+    /// Nowhere (only the ring of recent lines).
+    Discard,
+}
+
+/// The lines a console has produced.
+#[derive(Debug)]
+pub struct ConsoleLog {
+    output: ConsoleOutput,
+    pending: Vec<u8>,
+    recent: VecDeque<String>,
+    total_lines: u64,
+    output_errors: u64,
+}
+
+impl ConsoleLog {
+    fn new(output: ConsoleOutput) -> Self {
+        ConsoleLog {
+            output,
+            pending: Vec::new(),
+            recent: VecDeque::with_capacity(64),
+            total_lines: 0,
+            output_errors: 0,
+        }
+    }
+
+    fn push_bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            match b {
+                b'\n' => self.end_line(),
+                b'\r' => {}
+                _ => {
+                    self.pending.push(b);
+                    if self.pending.len() >= MAX_LINE {
+                        self.end_line();
+                    }
+                }
+            }
+        }
+    }
+
+    fn end_line(&mut self) {
+        let line = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        let written = match &mut self.output {
+            ConsoleOutput::Stdout { prefix } => {
+                let mut out = io::stdout().lock();
+                writeln!(out, "[{prefix}] {line}").and_then(|_| out.flush())
+            }
+            ConsoleOutput::File(f) => writeln!(f, "{line}"),
+            ConsoleOutput::Discard => Ok(()),
+        };
+        if written.is_err() {
+            self.output_errors += 1;
+        }
+        if self.recent.len() == RECENT_LINES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(line);
+        self.total_lines += 1;
+    }
+
+    /// Ends a partial last line (used when the partition ends).
+    pub fn flush_partial(&mut self) {
+        if !self.pending.is_empty() {
+            self.end_line();
+        }
+    }
+
+    /// The last `n` complete lines, oldest first.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        let skip = self.recent.len().saturating_sub(n);
+        self.recent.iter().skip(skip).cloned().collect()
+    }
+
+    /// How many lines the console has produced since it was created.
+    pub fn total_lines(&self) -> u64 {
+        self.total_lines
+    }
+
+    /// How many lines could not be written to the sink.
+    pub fn output_errors(&self) -> u64 {
+        self.output_errors
+    }
+}
+
+/// A shared handle on a console's lines; the UART writes through it.
+#[derive(Debug, Clone)]
+pub struct ConsoleHandle(Arc<Mutex<ConsoleLog>>);
+
+impl ConsoleHandle {
+    /// A console writing to `output`.
+    pub fn new(output: ConsoleOutput) -> Self {
+        ConsoleHandle(Arc::new(Mutex::new(ConsoleLog::new(output))))
+    }
+
+    /// Locks the log (a poisoned lock is recovered: the log is plain data).
+    pub fn lock(&self) -> MutexGuard<'_, ConsoleLog> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Write for ConsoleHandle {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.lock().push_bytes(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The UART's interrupt line: an eventfd that the monitor wires to an irqfd (GSI 4).
+#[derive(Debug)]
+pub struct IrqLine(pub EventFd);
+
+impl Trigger for IrqLine {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// A partition's console device: the UART and where its output goes.
+pub struct Console {
+    uart: Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleHandle>,
+    handle: ConsoleHandle,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console").finish_non_exhaustive()
+    }
+}
+
+impl Console {
+    /// A console whose UART raises `irq` and writes into `handle`.
+    pub fn new(irq: EventFd, handle: ConsoleHandle) -> Self {
+        Console {
+            uart: Serial::new(IrqLine(irq), handle.clone()),
+            handle,
+        }
+    }
+
+    /// The shared log this console writes into.
+    pub fn handle(&self) -> &ConsoleHandle {
+        &self.handle
+    }
+
+    /// A guest read of UART register `offset` (0..8).
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = match u8::try_from(offset) {
+            Ok(o) if o < 8 => self.uart.read(o),
+            _ => 0,
+        };
+        data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = value;
+        }
+    }
+
+    /// A guest write of UART register `offset` (0..8). Only the first byte counts.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(o), Some(&v)) = (u8::try_from(offset), data.first()) {
+            if o < 8 {
+                // A failed interrupt trigger only loses an interrupt nobody waits for.
+                let _ = self.uart.write(o, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console() -> Console {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        Console::new(irq, ConsoleHandle::new(ConsoleOutput::Discard))
+    }
+
+    fn send(c: &mut Console, s: &str) {
+        for b in s.bytes() {
+            c.write(0, &[b]);
+        }
+    }
+
+    #[test]
+    fn bytes_become_lines() {
+        let mut c = console();
+        send(&mut c, "hello\r\nworld\npartial");
+        let log = c.handle().lock();
+        assert_eq!(log.tail(10), vec!["hello", "world"]);
+        assert_eq!(log.total_lines(), 2);
+    }
+
+    #[test]
+    fn partial_line_is_flushed_on_request() {
+        let mut c = console();
+        send(&mut c, "last words");
+        c.handle().lock().flush_partial();
+        assert_eq!(c.handle().lock().tail(1), vec!["last words"]);
+    }
+
+    #[test]
+    fn ring_keeps_only_recent_lines() {
+        let mut c = console();
+        for i in 0..RECENT_LINES + 5 {
+            send(&mut c, &format!("{i}\n"));
+        }
+        let log = c.handle().lock();
+        let tail = log.tail(RECENT_LINES + 100);
+        assert_eq!(tail.len(), RECENT_LINES);
+        assert_eq!(tail[0], "5");
+        assert_eq!(
+            log.tail(2),
+            vec![
+                format!("{}", RECENT_LINES + 3),
+                format!("{}", RECENT_LINES + 4)
+            ]
+        );
+    }
+
+    #[test]
+    fn over_long_line_is_cut() {
+        let mut c = console();
+        send(&mut c, &"x".repeat(MAX_LINE + 10));
+        send(&mut c, "\n");
+        let tail = c.handle().lock().tail(2);
+        assert_eq!(tail[0].len(), MAX_LINE);
+        assert_eq!(tail[1].len(), 10);
+    }
+
+    #[test]
+    fn file_sink_receives_lines() {
+        let path = std::env::temp_dir().join(format!("duplex-console-{}.log", std::process::id()));
+        let f = File::create(&path).expect("create");
+        let mut c = Console::new(
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            ConsoleHandle::new(ConsoleOutput::File(f)),
+        );
+        send(&mut c, "one\ntwo\n");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(text, "one\ntwo\n");
+    }
+
+    #[test]
+    fn line_status_reports_transmitter_empty() {
+        let mut c = console();
+        let mut lsr = [0u8; 1];
+        c.read(5, &mut lsr);
+        assert_ne!(
+            lsr[0] & 0x20,
+            0,
+            "THR empty bit must be set so guests can write"
+        );
+    }
+
+    #[test]
+    fn out_of_range_offsets_are_ignored() {
+        let mut c = console();
+        c.write(9, b"x");
+        c.write(u64::MAX, b"x");
+        let mut d = [0xffu8; 2];
+        c.read(300, &mut d);
+        assert_eq!(d, [0, 0]);
+        assert_eq!(c.handle().lock().total_lines(), 0);
+    }
+}

@@ -1,0 +1,283 @@
+//! The system control page of the guest ABI (`docs/guest-abi.md`): how a guest powers
+//! off, asks for a reboot, sleeps without spinning, and reports a fault or a panic.
+//!
+//! The device only decodes accesses; what an access means for the partition is returned
+//! as a [`SysctlAction`] for the vCPU loop to carry out.
+
+use serde::{Deserialize, Serialize};
+
+/// `MAGIC` register value: "DPLX" little-endian.
+pub const MAGIC: u32 = 0x584C_5044;
+/// The guest ABI version this device implements.
+pub const ABI_VERSION: u32 = 1;
+
+/// Register offsets within the page.
+pub mod reg {
+    /// R, 4 bytes: [`super::MAGIC`].
+    pub const MAGIC: u64 = 0x00;
+    /// R, 4 bytes: [`super::ABI_VERSION`].
+    pub const VERSION: u64 = 0x04;
+    /// R, 8 bytes: TSC frequency in kHz.
+    pub const TSC_KHZ: u64 = 0x08;
+    /// W, 4 bytes: power off with this exit status.
+    pub const POWER_OFF: u64 = 0x10;
+    /// W, 4 bytes: reboot request.
+    pub const REBOOT: u64 = 0x14;
+    /// W, 8 bytes: sleep until the TSC reaches this value.
+    pub const WAIT_UNTIL: u64 = 0x18;
+    /// W, 8 bytes: fault report, vector.
+    pub const FAULT_VECTOR: u64 = 0x20;
+    /// W, 8 bytes: fault report, error code.
+    pub const FAULT_ERROR: u64 = 0x28;
+    /// W, 8 bytes: fault report, rip.
+    pub const FAULT_RIP: u64 = 0x30;
+    /// W, 4 bytes: commit the fault report.
+    pub const FAULT_COMMIT: u64 = 0x38;
+    /// W, 4 bytes: guest panic with this code.
+    pub const PANIC: u64 = 0x40;
+}
+
+/// A fault the guest reported about itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultReport {
+    /// Exception vector (0..32 for CPU exceptions).
+    pub vector: u64,
+    /// Error code pushed by the CPU, or 0.
+    pub error: u64,
+    /// Instruction pointer of the faulting instruction.
+    pub rip: u64,
+}
+
+impl FaultReport {
+    /// The partition's crash reason for this fault.
+    pub fn reason(&self) -> String {
+        format!(
+            "guest fault: vector {} ({}) at rip {:#x}, error {:#x}",
+            self.vector,
+            exception_name(self.vector),
+            self.rip,
+            self.error
+        )
+    }
+}
+
+/// The mnemonic of an x86 exception vector.
+pub fn exception_name(vector: u64) -> &'static str {
+    const NAMES: [&str; 32] = [
+        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS",
+        "#GP", "#PF", "reserved", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "reserved", "reserved",
+        "reserved", "reserved", "reserved", "reserved", "#HV", "#VC", "#SX", "reserved",
+    ];
+    usize::try_from(vector)
+        .ok()
+        .and_then(|v| NAMES.get(v))
+        .copied()
+        .unwrap_or("interrupt")
+}
+
+/// What a guest write asks of the monitor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SysctlAction {
+    /// Nothing beyond the register update.
+    None,
+    /// Power off with an exit status.
+    PowerOff(u32),
+    /// Cold-boot the partition again.
+    Reboot,
+    /// Sleep until the guest TSC reaches this value.
+    WaitUntil(u64),
+    /// The guest reported a fault.
+    Fault(FaultReport),
+    /// The guest panicked with this code.
+    Panic(u32),
+}
+
+/// The system control page of one partition.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Sysctl {
+    tsc_khz: u64,
+    fault: FaultReport,
+    bad_accesses: u64,
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    let n = data.len().min(8);
+    bytes[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(bytes)
+}
+
+impl Sysctl {
+    /// A control page announcing a TSC of `tsc_khz` kHz.
+    pub fn new(tsc_khz: u64) -> Self {
+        Sysctl {
+            tsc_khz,
+            ..Default::default()
+        }
+    }
+
+    /// Accesses that were misaligned, of the wrong size, or outside any register.
+    pub fn bad_accesses(&self) -> u64 {
+        self.bad_accesses
+    }
+
+    fn size_of(offset: u64) -> Option<usize> {
+        match offset {
+            reg::MAGIC
+            | reg::VERSION
+            | reg::POWER_OFF
+            | reg::REBOOT
+            | reg::FAULT_COMMIT
+            | reg::PANIC => Some(4),
+            reg::TSC_KHZ
+            | reg::WAIT_UNTIL
+            | reg::FAULT_VECTOR
+            | reg::FAULT_ERROR
+            | reg::FAULT_RIP => Some(8),
+            _ => None,
+        }
+    }
+
+    fn check(&mut self, offset: u64, len: usize) -> bool {
+        let ok = Self::size_of(offset) == Some(len);
+        if !ok {
+            self.bad_accesses += 1;
+        }
+        ok
+    }
+
+    /// A guest read at `offset` within the page.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if !self.check(offset, data.len()) {
+            return;
+        }
+        let value: u64 = match offset {
+            reg::MAGIC => MAGIC.into(),
+            reg::VERSION => ABI_VERSION.into(),
+            reg::TSC_KHZ => self.tsc_khz,
+            _ => 0,
+        };
+        let n = data.len();
+        data.copy_from_slice(&value.to_le_bytes()[..n]);
+    }
+
+    /// A guest write at `offset` within the page.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> SysctlAction {
+        if !self.check(offset, data.len()) {
+            return SysctlAction::None;
+        }
+        let value = le_value(data);
+        // Four-byte registers: the value fits in u32 because the size was checked.
+        let value32 = value as u32;
+        match offset {
+            reg::POWER_OFF => SysctlAction::PowerOff(value32),
+            reg::REBOOT => SysctlAction::Reboot,
+            reg::WAIT_UNTIL => SysctlAction::WaitUntil(value),
+            reg::FAULT_VECTOR => {
+                self.fault.vector = value;
+                SysctlAction::None
+            }
+            reg::FAULT_ERROR => {
+                self.fault.error = value;
+                SysctlAction::None
+            }
+            reg::FAULT_RIP => {
+                self.fault.rip = value;
+                SysctlAction::None
+            }
+            reg::FAULT_COMMIT => SysctlAction::Fault(std::mem::take(&mut self.fault)),
+            reg::PANIC => SysctlAction::Panic(value32),
+            _ => SysctlAction::None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(s: &mut Sysctl, off: u64, len: usize) -> u64 {
+        let mut d = vec![0u8; len];
+        s.read(off, &mut d);
+        le_value(&d)
+    }
+
+    #[test]
+    fn identity_registers() {
+        let mut s = Sysctl::new(2_500_000);
+        assert_eq!(read(&mut s, reg::MAGIC, 4), u64::from(MAGIC));
+        assert_eq!(read(&mut s, reg::VERSION, 4), 1);
+        assert_eq!(read(&mut s, reg::TSC_KHZ, 8), 2_500_000);
+        assert_eq!(s.bad_accesses(), 0);
+    }
+
+    #[test]
+    fn power_off_reboot_wait_panic() {
+        let mut s = Sysctl::new(1);
+        assert_eq!(
+            s.write(reg::POWER_OFF, &7u32.to_le_bytes()),
+            SysctlAction::PowerOff(7)
+        );
+        assert_eq!(
+            s.write(reg::REBOOT, &0u32.to_le_bytes()),
+            SysctlAction::Reboot
+        );
+        assert_eq!(
+            s.write(reg::WAIT_UNTIL, &0x1234_5678_9abcu64.to_le_bytes()),
+            SysctlAction::WaitUntil(0x1234_5678_9abc)
+        );
+        assert_eq!(
+            s.write(reg::PANIC, &3u32.to_le_bytes()),
+            SysctlAction::Panic(3)
+        );
+    }
+
+    #[test]
+    fn fault_report_is_committed_once() {
+        let mut s = Sysctl::new(1);
+        assert_eq!(
+            s.write(reg::FAULT_VECTOR, &14u64.to_le_bytes()),
+            SysctlAction::None
+        );
+        s.write(reg::FAULT_ERROR, &6u64.to_le_bytes());
+        s.write(reg::FAULT_RIP, &0x10_2030u64.to_le_bytes());
+        let report = FaultReport {
+            vector: 14,
+            error: 6,
+            rip: 0x10_2030,
+        };
+        assert_eq!(
+            s.write(reg::FAULT_COMMIT, &0u32.to_le_bytes()),
+            SysctlAction::Fault(report)
+        );
+        assert_eq!(
+            report.reason(),
+            "guest fault: vector 14 (#PF) at rip 0x102030, error 0x6"
+        );
+        // The report is consumed by the commit.
+        assert_eq!(
+            s.write(reg::FAULT_COMMIT, &0u32.to_le_bytes()),
+            SysctlAction::Fault(FaultReport::default())
+        );
+    }
+
+    #[test]
+    fn wrong_sizes_and_offsets_are_counted_and_ignored() {
+        let mut s = Sysctl::new(1);
+        assert_eq!(s.write(reg::POWER_OFF, &[1u8]), SysctlAction::None);
+        assert_eq!(s.write(reg::WAIT_UNTIL, &[1u8; 4]), SysctlAction::None);
+        assert_eq!(s.write(0x44, &[0u8; 4]), SysctlAction::None);
+        assert_eq!(s.write(0x11, &[0u8; 4]), SysctlAction::None);
+        assert_eq!(read(&mut s, reg::MAGIC, 8), 0);
+        assert_eq!(s.bad_accesses(), 5);
+    }
+
+    #[test]
+    fn exception_names() {
+        assert_eq!(exception_name(6), "#UD");
+        assert_eq!(exception_name(13), "#GP");
+        assert_eq!(exception_name(8), "#DF");
+        assert_eq!(exception_name(200), "interrupt");
+    }
+}

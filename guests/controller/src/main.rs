@@ -1,0 +1,13 @@
+//! The controller firmware (placeholder): a banner `duplex controller: role=controller cmdline="..."`, then
+//! `controller heartbeat N` every `heartbeat_ms` (default 1000) milliseconds.
+
+#![no_std]
+#![no_main]
+
+use duplex_runtime::{heartbeat, BootInfo};
+
+duplex_runtime::entry!(main);
+
+fn main(boot: &BootInfo) -> ! {
+    heartbeat::run(boot, "controller")
+}

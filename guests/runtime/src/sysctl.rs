@@ -1,0 +1,102 @@
+//! The Duplex system control page at `0xD000_1000` (see `docs/guest-abi.md`).
+//!
+//! Every access is one naturally aligned volatile load or store of the register's size,
+//! and one VM exit, so callers should not poll these in tight loops.
+
+use crate::time;
+
+/// Guest-physical (= virtual, identity-mapped) address of the system control page.
+pub const SYSCTL_BASE: usize = 0xD000_1000;
+
+/// Expected value of the `MAGIC` register (`"DPLX"` little-endian).
+pub const MAGIC_VALUE: u32 = 0x584C_5044;
+
+/// Register offsets.
+mod reg {
+    pub const MAGIC: usize = 0x00;
+    pub const VERSION: usize = 0x04;
+    pub const TSC_KHZ: usize = 0x08;
+    pub const POWER_OFF: usize = 0x10;
+    pub const REBOOT: usize = 0x14;
+    pub const WAIT_UNTIL: usize = 0x18;
+    pub const FAULT_VECTOR: usize = 0x20;
+    pub const FAULT_ERROR: usize = 0x28;
+    pub const FAULT_RIP: usize = 0x30;
+    pub const FAULT_COMMIT: usize = 0x38;
+    pub const PANIC: usize = 0x40;
+}
+
+fn read32(offset: usize) -> u32 {
+    // SAFETY: the system control page is identity-mapped MMIO that the monitor emulates;
+    // `offset` is one of the aligned register offsets in `reg`.
+    unsafe { core::ptr::read_volatile((SYSCTL_BASE + offset) as *const u32) }
+}
+
+fn read64(offset: usize) -> u64 {
+    // SAFETY: as in `read32`; 8-byte registers are 8-byte aligned.
+    unsafe { core::ptr::read_volatile((SYSCTL_BASE + offset) as *const u64) }
+}
+
+fn write32(offset: usize, value: u32) {
+    // SAFETY: as in `read32`; writes only reach the monitor, never guest memory.
+    unsafe { core::ptr::write_volatile((SYSCTL_BASE + offset) as *mut u32, value) }
+}
+
+fn write64(offset: usize, value: u64) {
+    // SAFETY: as in `read64`; writes only reach the monitor, never guest memory.
+    unsafe { core::ptr::write_volatile((SYSCTL_BASE + offset) as *mut u64, value) }
+}
+
+/// The `MAGIC` register; [`MAGIC_VALUE`] under a Duplex monitor.
+pub fn magic() -> u32 {
+    read32(reg::MAGIC)
+}
+
+/// The guest ABI version.
+pub fn version() -> u32 {
+    read32(reg::VERSION)
+}
+
+/// The vCPU's TSC frequency in kHz.
+pub fn tsc_khz() -> u64 {
+    read64(reg::TSC_KHZ)
+}
+
+/// Asks the monitor to sleep this vCPU until the TSC reaches `tsc` (it may wake early).
+pub fn wait_until(tsc: u64) {
+    write64(reg::WAIT_UNTIL, tsc);
+}
+
+/// Sleeps in the monitor for good: what a vCPU does once it has nothing left to run.
+pub fn park() -> ! {
+    loop {
+        // About an hour per exit, far from any overflow in the monitor's arithmetic.
+        let hour = time::tsc_khz().max(1).saturating_mul(3_600_000);
+        wait_until(time::rdtsc().saturating_add(hour));
+    }
+}
+
+/// Powers the partition off with exit status `status` (0 = success).
+pub fn power_off(status: u32) -> ! {
+    write32(reg::POWER_OFF, status);
+    park()
+}
+
+/// Asks the monitor to cold-boot the partition again from its image.
+pub fn reboot() -> ! {
+    write32(reg::REBOOT, 1);
+    park()
+}
+
+/// Reports a CPU exception; the partition becomes `crashed`. Works from ring 0 and ring 3.
+pub fn report_fault(vector: u64, error: u64, rip: u64) {
+    write64(reg::FAULT_VECTOR, vector);
+    write64(reg::FAULT_ERROR, error);
+    write64(reg::FAULT_RIP, rip);
+    write32(reg::FAULT_COMMIT, 1);
+}
+
+/// Reports a guest panic with `code` (the message is printed first by the caller).
+pub fn report_panic(code: u32) {
+    write32(reg::PANIC, code);
+}

@@ -1,0 +1,16 @@
+//! The Duplex monitor: runs the systems of one device as partitions of one machine,
+//! each a KVM guest, driven over a JSON control socket.
+//!
+//! - [`config`]: the device config file (one documented struct).
+//! - [`layout`]: the guest-physical memory map.
+//! - [`boot`]: PVH and bzImage loading.
+//! - [`partition`]: one guest system: VM, memory, vCPU threads, devices.
+//! - [`monitor`]: all partitions of the device, and the control commands.
+//! - [`api`]: the control socket protocol, server and client.
+
+pub mod api;
+pub mod boot;
+pub mod config;
+pub mod layout;
+pub mod monitor;
+pub mod partition;

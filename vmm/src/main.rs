@@ -1,0 +1,133 @@
+//! `duplex`: the monitor's command line. `duplex run` boots a device from its config and
+//! serves the control socket; `duplex ctl` talks to a running monitor; `duplex check`
+//! validates a config without booting it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+use duplex_vmm::api::client::{run_ctl, CtlArgs, DEFAULT_API_SOCK};
+use duplex_vmm::api::server::ApiServer;
+use duplex_vmm::config::DeviceConfig;
+use duplex_vmm::monitor::Monitor;
+
+/// Duplex: runs the systems of one device as KVM partitions of one machine.
+#[derive(Parser)]
+#[command(name = "duplex", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot every partition of a device and serve the control socket.
+    Run(RunArgs),
+    /// Send one command to a running monitor's control socket.
+    Ctl(CtlArgs),
+    /// Validate a device config (JSON syntax, fields, kernels) without booting it.
+    Check {
+        /// The device config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The device config file (JSON; see docs/config.md).
+    #[arg(long)]
+    config: PathBuf,
+    /// The control socket's path.
+    #[arg(long, default_value = DEFAULT_API_SOCK)]
+    api_sock: PathBuf,
+    /// Shut down by itself after this many seconds (default: run until told to stop).
+    #[arg(long)]
+    seconds: Option<f64>,
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+fn run(args: &RunArgs) -> Result<(), String> {
+    let t0 = Instant::now();
+    let config = DeviceConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let monitor = Monitor::new(&config).map_err(|e| e.to_string())?;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_signal)
+            .map_err(|e| format!("installing the handler of signal {sig}: {e}"))?;
+    }
+    let handler: Arc<dyn duplex_vmm::api::server::ControlHandler> = monitor.clone();
+    let server = ApiServer::bind(&args.api_sock, handler).map_err(|e| e.to_string())?;
+    monitor.start_all().map_err(|e| e.to_string())?;
+    log::info!(
+        "device {} up: {} partition(s) started in {:.1} ms; control socket {}",
+        config.device.as_deref().unwrap_or("(unnamed)"),
+        config.partitions.len(),
+        t0.elapsed().as_secs_f64() * 1000.0,
+        args.api_sock.display()
+    );
+    let deadline = args
+        .seconds
+        .map(|s| t0 + Duration::from_secs_f64(s.max(0.0)));
+    loop {
+        if monitor.wait_shutdown(Duration::from_millis(50)) {
+            log::info!("shutdown requested over the control socket");
+            break;
+        }
+        if SIGNALLED.load(Ordering::SeqCst) {
+            log::info!("signal received; shutting down");
+            break;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            log::info!("--seconds elapsed; shutting down");
+            break;
+        }
+    }
+    monitor.request_shutdown();
+    monitor.stop_all();
+    server.shutdown();
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Cmd::Run(args) => run(args),
+        Cmd::Ctl(args) => run_ctl(args)
+            .map(|v| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()))
+            .map_err(|e| e.to_string()),
+        Cmd::Check { config } => DeviceConfig::load(config)
+            .map(|c| {
+                for p in &c.partitions {
+                    println!(
+                        "{}: {} {} MiB, {} vCPU(s), kernel {}",
+                        p.name,
+                        p.role.as_str(),
+                        p.memory_mib,
+                        p.vcpus,
+                        p.kernel.display()
+                    );
+                }
+                println!("config OK");
+            })
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("duplex: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

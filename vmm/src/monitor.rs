@@ -1,0 +1,286 @@
+//! The monitor: every partition of the device, the control commands over them, and the
+//! supervisor that reacts when a partition's run ends (reaping it, or cold-booting it
+//! again on a guest reboot request).
+
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use serde_json::{json, Value};
+
+use crate::api::protocol::{ApiError, Command, ErrorCode};
+use crate::api::server::ControlHandler;
+use crate::config::DeviceConfig;
+use crate::partition::shared::Outcome;
+use crate::partition::vcpu::Ended;
+use crate::partition::{self, Partition, PartitionError, State};
+
+/// Why the monitor could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    Kvm(kvm_ioctls::Error),
+    /// The vCPU kick signal handler could not be installed.
+    #[error("installing the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    /// A partition failed to be created or started.
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+}
+
+/// All partitions of one device.
+pub struct Monitor {
+    kvm: Kvm,
+    device: Option<String>,
+    partitions: Vec<Mutex<Partition>>,
+    ended: Mutex<Sender<Ended>>,
+    shutdown: Mutex<bool>,
+    shutdown_cv: Condvar,
+    started: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Monitor {
+    /// A monitor for `config`, with every partition created but not started.
+    pub fn new(config: &DeviceConfig) -> Result<Arc<Monitor>, MonitorError> {
+        let kvm = Kvm::new().map_err(MonitorError::Kvm)?;
+        partition::install_kick_handler().map_err(MonitorError::Signal)?;
+        let partitions = config
+            .partitions
+            .iter()
+            .map(|p| Partition::new(p.clone()).map(Mutex::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = channel();
+        let monitor = Arc::new(Monitor {
+            kvm,
+            device: config.device.clone(),
+            partitions,
+            ended: Mutex::new(tx),
+            shutdown: Mutex::new(false),
+            shutdown_cv: Condvar::new(),
+            started: Instant::now(),
+        });
+        let weak = Arc::downgrade(&monitor);
+        std::thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || supervise(weak, rx))
+            .map_err(|e| {
+                MonitorError::Partition(PartitionError::Thread {
+                    name: "supervisor".into(),
+                    source: e,
+                })
+            })?;
+        Ok(monitor)
+    }
+
+    /// Cold-boots every partition. On failure, partitions already started are stopped.
+    pub fn start_all(&self) -> Result<(), MonitorError> {
+        for (i, p) in self.partitions.iter().enumerate() {
+            let started = {
+                let mut p = lock(p);
+                p.start(&self.kvm, &lock(&self.ended))
+            };
+            if let Err(e) = started {
+                for q in &self.partitions[..i] {
+                    let _ = lock(q).stop();
+                }
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    fn find(&self, name: &str) -> Result<&Mutex<Partition>, ApiError> {
+        self.partitions
+            .iter()
+            .find(|p| lock(p).name() == name)
+            .ok_or_else(|| ApiError::unknown_partition(name))
+    }
+
+    /// Partitions named by an optional `partition` argument (all when absent).
+    fn targets(&self, name: Option<&str>) -> Result<Vec<&Mutex<Partition>>, ApiError> {
+        match name {
+            Some(n) => Ok(vec![self.find(n)?]),
+            None => Ok(self.partitions.iter().collect()),
+        }
+    }
+
+    /// `status` of one partition or all.
+    pub fn status(&self, name: Option<&str>) -> Result<Value, ApiError> {
+        let list: Vec<Value> = self
+            .targets(name)?
+            .into_iter()
+            .map(|p| serde_json::to_value(lock(p).status()).unwrap_or(Value::Null))
+            .collect();
+        Ok(json!({
+            "device": self.device,
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "partitions": list,
+        }))
+    }
+
+    /// Applies `op` to the named partition, or to every partition in state `from` when
+    /// no name is given. Returns the names affected.
+    fn each(
+        &self,
+        name: Option<&str>,
+        from: State,
+        op: impl Fn(&mut Partition) -> Result<(), PartitionError>,
+    ) -> Result<Value, ApiError> {
+        let mut done = Vec::new();
+        for p in self.targets(name)? {
+            let mut p = lock(p);
+            if name.is_none() && p.state() != from {
+                continue;
+            }
+            op(&mut p).map_err(api_error)?;
+            done.push(p.name().to_owned());
+        }
+        Ok(json!({ "partitions": done }))
+    }
+
+    /// Pauses one partition, or every running one.
+    pub fn pause(&self, name: Option<&str>) -> Result<Value, ApiError> {
+        self.each(name, State::Running, Partition::pause)
+    }
+
+    /// Resumes one partition, or every paused one.
+    pub fn resume(&self, name: Option<&str>) -> Result<Value, ApiError> {
+        self.each(name, State::Paused, Partition::resume)
+    }
+
+    /// Stops one partition.
+    pub fn stop(&self, name: &str) -> Result<Value, ApiError> {
+        self.each(Some(name), State::Running, Partition::stop)
+    }
+
+    /// Cold-boots one stopped or crashed partition.
+    pub fn start(&self, name: &str) -> Result<Value, ApiError> {
+        let ended = lock(&self.ended).clone();
+        self.each(Some(name), State::Stopped, |p| p.start(&self.kvm, &ended))
+    }
+
+    /// The last `lines` console lines of a partition.
+    pub fn console(&self, name: &str, lines: usize) -> Result<Value, ApiError> {
+        let p = lock(self.find(name)?);
+        let tail = p.console().lock().tail(lines);
+        Ok(json!({ "partition": name, "lines": tail }))
+    }
+
+    /// Asks the monitor to shut down (the main thread waits for this).
+    pub fn request_shutdown(&self) {
+        *lock(&self.shutdown) = true;
+        self.shutdown_cv.notify_all();
+    }
+
+    /// Whether shutdown was requested.
+    pub fn shutting_down(&self) -> bool {
+        *lock(&self.shutdown)
+    }
+
+    /// Waits up to `d` for a shutdown request; true once requested.
+    pub fn wait_shutdown(&self, d: Duration) -> bool {
+        let g = lock(&self.shutdown);
+        let (g, _) = self
+            .shutdown_cv
+            .wait_timeout_while(g, d, |s| !*s)
+            .unwrap_or_else(|p| p.into_inner());
+        *g
+    }
+
+    /// Stops every partition that still runs.
+    pub fn stop_all(&self) {
+        for p in &self.partitions {
+            let mut p = lock(p);
+            if matches!(p.state(), State::Running | State::Paused) {
+                let _ = p.stop();
+            }
+        }
+    }
+
+    /// Runs `f` on the named partition (for tests and measurements).
+    pub fn with_partition<R>(&self, name: &str, f: impl FnOnce(&Partition) -> R) -> Option<R> {
+        self.find(name).ok().map(|p| f(&lock(p)))
+    }
+
+    fn on_ended(&self, ended: &Ended) {
+        let Ok(p) = self.find(&ended.name) else {
+            return;
+        };
+        let mut p = lock(p);
+        if p.boot_id() != Some(ended.boot) {
+            return;
+        }
+        p.reap();
+        match p.outcome() {
+            Some(Outcome::Crashed(info)) => {
+                log::error!("partition {} crashed: {}", ended.name, info.reason)
+            }
+            Some(Outcome::PowerOff { status }) => {
+                log::info!("partition {} powered off with status {status}", ended.name)
+            }
+            Some(Outcome::Reboot) if !self.shutting_down() => {
+                log::info!("partition {} asked to reboot; cold-booting it", ended.name);
+                let tx = lock(&self.ended).clone();
+                if let Err(e) = p.start(&self.kvm, &tx) {
+                    log::error!("partition {} could not reboot: {e}", ended.name);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn supervise(monitor: std::sync::Weak<Monitor>, rx: Receiver<Ended>) {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(ended) => match monitor.upgrade() {
+                Some(m) => m.on_ended(&ended),
+                None => return,
+            },
+            Err(RecvTimeoutError::Timeout) => {
+                if monitor.strong_count() == 0 {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn api_error(e: PartitionError) -> ApiError {
+    match e {
+        PartitionError::InvalidState { .. } => {
+            ApiError::new(ErrorCode::InvalidState, e.to_string())
+        }
+        other => ApiError::internal(other.to_string()),
+    }
+}
+
+impl ControlHandler for Monitor {
+    fn handle(&self, cmd: Command) -> Result<Value, ApiError> {
+        if self.shutting_down() && cmd != Command::Shutdown {
+            return Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "the monitor is shutting down",
+            ));
+        }
+        match cmd {
+            Command::Status { partition } => self.status(partition.as_deref()),
+            Command::Pause { partition } => self.pause(partition.as_deref()),
+            Command::Resume { partition } => self.resume(partition.as_deref()),
+            Command::Stop { partition } => self.stop(&partition),
+            Command::Start { partition } => self.start(&partition),
+            Command::Console { partition, lines } => self.console(&partition, lines),
+            Command::Shutdown => {
+                self.request_shutdown();
+                Ok(json!({ "shutting_down": true }))
+            }
+        }
+    }
+}

@@ -1,0 +1,497 @@
+//! A partition: one guest system of the device, as its own KVM VM with its own memory,
+//! vCPU threads, console and control page. It can be started (cold boot), paused,
+//! resumed and stopped; how its last run ended is kept for `status`.
+
+pub mod shared;
+pub mod vcpu;
+
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use serde::Serialize;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use duplex_devices::console::{Console, ConsoleHandle, ConsoleOutput};
+use duplex_devices::sysctl::Sysctl;
+
+use crate::boot::{self, BootError};
+use crate::config::{ConsoleSink, PartitionConfig};
+use crate::layout;
+use shared::{CrashInfo, ExitCounts, Outcome, Shared, Want};
+use vcpu::{Devices, Ended, VcpuRunner};
+
+/// The GSI the console UART interrupts on (COM1).
+const CONSOLE_GSI: u32 = 4;
+/// How long pause and stop wait for vCPU threads to come out of the guest.
+const PARK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a partition operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    /// A KVM ioctl failed.
+    #[error("partition {name}: {what}: {source}")]
+    Kvm {
+        name: String,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    /// The guest memory could not be created.
+    #[error("partition {name}: guest memory of {mib} MiB: {message}")]
+    Memory {
+        name: String,
+        mib: u64,
+        message: String,
+    },
+    /// The kernel could not be loaded.
+    #[error("partition {name}: {source}")]
+    Boot { name: String, source: BootError },
+    /// The console file could not be opened.
+    #[error("partition {name}: console file {path}: {source}")]
+    ConsoleFile {
+        name: String,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// A vCPU thread could not be started.
+    #[error("partition {name}: starting vCPU thread: {source}")]
+    Thread {
+        name: String,
+        source: std::io::Error,
+    },
+    /// The operation does not fit the partition's state.
+    #[error("partition {name} is {state}, cannot {op}")]
+    InvalidState {
+        name: String,
+        state: State,
+        op: &'static str,
+    },
+    /// vCPUs did not come out of the guest in time.
+    #[error("partition {name}: vCPUs did not stop within {0:?}", PARK_TIMEOUT)]
+    Timeout { name: String },
+}
+
+/// The lifecycle state of a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Configured, never started.
+    Created,
+    /// Its vCPUs run.
+    Running,
+    /// Its vCPUs are parked.
+    Paused,
+    /// It powered off or was stopped.
+    Stopped,
+    /// It faulted, panicked or could not be run.
+    Crashed,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            State::Created => "created",
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Stopped => "stopped",
+            State::Crashed => "crashed",
+        };
+        f.write_str(s)
+    }
+}
+
+/// One run of a partition: the VM and its threads.
+struct Run {
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+    threads: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    started: Instant,
+    boot: u64,
+}
+
+/// What `status` reports about a partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    pub name: String,
+    pub role: crate::config::Role,
+    pub state: State,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub uptime_ms: u64,
+    pub boots: u64,
+    pub exit_status: Option<u32>,
+    pub crash: Option<CrashInfo>,
+    pub exits: ExitCounts,
+    pub console_lines: u64,
+}
+
+/// A partition of the device.
+pub struct Partition {
+    config: PartitionConfig,
+    console: ConsoleHandle,
+    run: Option<Run>,
+    /// How the last finished run ended (kept after its VM is torn down).
+    last: Option<Outcome>,
+    last_exits: ExitCounts,
+    boots: u64,
+}
+
+impl Partition {
+    /// A partition from its config; opens its console sink.
+    pub fn new(config: PartitionConfig) -> Result<Self, PartitionError> {
+        let output = match &config.console {
+            ConsoleSink::Stdout => ConsoleOutput::Stdout {
+                prefix: config.name.clone(),
+            },
+            ConsoleSink::File(path) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| PartitionError::ConsoleFile {
+                        name: config.name.clone(),
+                        path: path.clone(),
+                        source,
+                    })?;
+                ConsoleOutput::File(f)
+            }
+        };
+        Ok(Partition {
+            console: ConsoleHandle::new(output),
+            config,
+            run: None,
+            last: None,
+            last_exits: ExitCounts::default(),
+            boots: 0,
+        })
+    }
+
+    /// The partition's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The partition's config.
+    pub fn config(&self) -> &PartitionConfig {
+        &self.config
+    }
+
+    /// Its console's recent lines.
+    pub fn console(&self) -> &ConsoleHandle {
+        &self.console
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        let outcome_state = |o: &Outcome| match o {
+            Outcome::Crashed(_) => State::Crashed,
+            _ => State::Stopped,
+        };
+        match &self.run {
+            None => self.last.as_ref().map_or(State::Created, outcome_state),
+            Some(run) => {
+                let c = run.shared.lock();
+                match (&c.outcome, c.want) {
+                    (Some(o), _) => outcome_state(o),
+                    (None, Want::Pause) if c.parked >= c.live => State::Paused,
+                    (None, Want::Stop) => State::Stopped,
+                    _ => State::Running,
+                }
+            }
+        }
+    }
+
+    fn invalid(&self, op: &'static str) -> PartitionError {
+        PartitionError::InvalidState {
+            name: self.config.name.clone(),
+            state: self.state(),
+            op,
+        }
+    }
+
+    fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PartitionError + '_ {
+        move |source| PartitionError::Kvm {
+            name: self.config.name.clone(),
+            what,
+            source,
+        }
+    }
+
+    /// Cold-boots the partition: a new VM, memory, kernel, devices and vCPU threads.
+    pub fn start(&mut self, kvm: &Kvm, ended: &Sender<Ended>) -> Result<(), PartitionError> {
+        match self.state() {
+            State::Created | State::Stopped | State::Crashed => {}
+            _ => return Err(self.invalid("start")),
+        }
+        self.reap();
+        let name = self.config.name.clone();
+        let bytes = self.config.memory_mib << 20;
+        let ram = layout::ram_ranges(bytes);
+        let ranges: Vec<(GuestAddress, usize)> = ram
+            .iter()
+            .map(|&(s, l)| (GuestAddress(s), l as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| PartitionError::Memory {
+            name: name.clone(),
+            mib: self.config.memory_mib,
+            message: e.to_string(),
+        })?;
+        let entry = boot::load_kernel(&mem, &self.config.kernel, &self.config.cmdline, &ram)
+            .map_err(|source| PartitionError::Boot {
+                name: name.clone(),
+                source,
+            })?;
+
+        let vm = kvm.create_vm().map_err(self.kvm_err("creating the VM"))?;
+        vm.set_tss_address(layout::KVM_TSS_ADDR)
+            .map_err(self.kvm_err("setting the TSS address"))?;
+        vm.create_irq_chip()
+            .map_err(self.kvm_err("creating the irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(self.kvm_err("creating the PIT"))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| PartitionError::Memory {
+                    name: name.clone(),
+                    mib: self.config.memory_mib,
+                    message: e.to_string(),
+                })?;
+            let slot_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the Run keeps
+            // for as long as the VM exists, and the slots do not overlap.
+            unsafe { vm.set_user_memory_region(slot_region) }
+                .map_err(self.kvm_err("registering guest memory"))?;
+        }
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PartitionError::Kvm {
+            name: name.clone(),
+            what: "creating the console eventfd",
+            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        vm.register_irqfd(&irq, CONSOLE_GSI)
+            .map_err(self.kvm_err("wiring the console interrupt"))?;
+
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.kvm_err("reading supported CPUID"))?;
+        let mut vcpus = Vec::new();
+        for id in 0..self.config.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(id))
+                .map_err(self.kvm_err("creating a vCPU"))?;
+            vcpu.set_cpuid2(&cpuid)
+                .map_err(self.kvm_err("setting CPUID"))?;
+            if id == 0 {
+                vcpu::set_boot_state(&vcpu, entry)
+                    .map_err(self.kvm_err("setting boot registers"))?;
+            }
+            vcpus.push(vcpu);
+        }
+        let tsc_khz = vcpus
+            .first()
+            .and_then(|v| v.get_tsc_khz().ok())
+            .map_or(0, u64::from);
+
+        let devices = Arc::new(Devices {
+            console: Mutex::new(Console::new(irq, self.console.clone())),
+            sysctl: Mutex::new(Sysctl::new(tsc_khz)),
+            console_log: self.console.clone(),
+        });
+        self.boots += 1;
+        let boot = self.boots;
+        let shared = Arc::new(Shared::new(vcpus.len()));
+        let mut threads = Vec::new();
+        for (i, vcpu) in vcpus.into_iter().enumerate() {
+            let runner = VcpuRunner {
+                vcpu,
+                shared: shared.clone(),
+                devices: devices.clone(),
+                tsc_khz,
+                ended: ended.clone(),
+                id: Ended {
+                    name: name.clone(),
+                    boot,
+                },
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("{name}-vcpu{i}"))
+                .spawn(move || runner.run());
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(source) => {
+                    shared.finish(Outcome::Stopped);
+                    kick_all(&threads);
+                    return Err(PartitionError::Thread { name, source });
+                }
+            }
+        }
+        self.last = None;
+        self.run = Some(Run {
+            _vm: vm,
+            mem,
+            threads,
+            shared,
+            started: Instant::now(),
+            boot,
+        });
+        Ok(())
+    }
+
+    /// Parks every vCPU; returns once they are all out of the guest.
+    pub fn pause(&mut self) -> Result<(), PartitionError> {
+        if self.state() != State::Running {
+            return Err(self.invalid("pause"));
+        }
+        let run = self.run.as_ref().ok_or_else(|| self.invalid("pause"))?;
+        run.shared.set_want(Want::Pause);
+        let threads = &run.threads;
+        if run.shared.wait_parked(PARK_TIMEOUT, || kick_all(threads)) {
+            Ok(())
+        } else {
+            Err(PartitionError::Timeout {
+                name: self.config.name.clone(),
+            })
+        }
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&mut self) -> Result<(), PartitionError> {
+        if self.state() != State::Paused {
+            return Err(self.invalid("resume"));
+        }
+        if let Some(run) = &self.run {
+            run.shared.set_want(Want::Run);
+        }
+        Ok(())
+    }
+
+    /// Stops the partition: its vCPU threads end and its VM is torn down.
+    pub fn stop(&mut self) -> Result<(), PartitionError> {
+        match self.state() {
+            State::Running | State::Paused => {}
+            _ => return Err(self.invalid("stop")),
+        }
+        if let Some(run) = &self.run {
+            run.shared.finish(Outcome::Stopped);
+        }
+        self.reap();
+        Ok(())
+    }
+
+    /// Joins the vCPU threads of an ended run and frees its VM; keeps how it ended.
+    /// Does nothing while the run is still going.
+    pub fn reap(&mut self) {
+        let Some(run) = &self.run else { return };
+        if run.shared.lock().outcome.is_none() {
+            return;
+        }
+        if let Some(run) = self.run.take() {
+            let deadline = Instant::now() + PARK_TIMEOUT;
+            while run.shared.lock().live > 0 && Instant::now() < deadline {
+                kick_all(&run.threads);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for t in run.threads {
+                let _ = t.join();
+            }
+            self.last_exits = run.shared.exits.read();
+            self.last = run.shared.lock().outcome.clone();
+            self.console.lock().flush_partial();
+        }
+    }
+
+    /// The boot number of the current run, if any.
+    pub fn boot_id(&self) -> Option<u64> {
+        self.run.as_ref().map(|r| r.boot)
+    }
+
+    /// How the current (ended) or last run ended.
+    pub fn outcome(&self) -> Option<Outcome> {
+        match &self.run {
+            Some(run) => run.shared.lock().outcome.clone(),
+            None => self.last.clone(),
+        }
+    }
+
+    /// Guest memory of the current run (for tests and measurements).
+    pub fn memory(&self) -> Option<&GuestMemoryMmap> {
+        self.run.as_ref().map(|r| &r.mem)
+    }
+
+    /// What `status` reports.
+    pub fn status(&self) -> PartitionStatus {
+        let outcome = self.outcome();
+        PartitionStatus {
+            name: self.config.name.clone(),
+            role: self.config.role,
+            state: self.state(),
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            uptime_ms: self
+                .run
+                .as_ref()
+                .filter(|_| outcome.is_none())
+                .map_or(0, |r| r.started.elapsed().as_millis() as u64),
+            boots: self.boots,
+            exit_status: match outcome {
+                Some(Outcome::PowerOff { status }) => Some(status),
+                _ => None,
+            },
+            crash: match outcome {
+                Some(Outcome::Crashed(info)) => Some(info),
+                _ => None,
+            },
+            exits: self
+                .run
+                .as_ref()
+                .map_or(self.last_exits, |r| r.shared.exits.read()),
+            console_lines: self.console.lock().total_lines(),
+        }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        if let Some(run) = &self.run {
+            run.shared.finish(Outcome::Stopped);
+        }
+        self.reap();
+    }
+}
+
+/// The signal that brings a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the (empty) handler of [`kick_signal`]; call once per process.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+}
+
+fn kick_all(threads: &[JoinHandle<()>]) {
+    for t in threads {
+        if !t.is_finished() {
+            // A thread that just left cannot be signalled; that is fine.
+            let _ = t.kill(kick_signal());
+        }
+    }
+}
