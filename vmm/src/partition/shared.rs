@@ -56,6 +56,9 @@ pub struct Control {
     pub live: usize,
     /// How the run ended, once it has.
     pub outcome: Option<Outcome>,
+    /// A device has something for the guest: the next (or current) guest sleep ends
+    /// at once. Like a pending interrupt, it is kept until a sleep consumes it.
+    pub wake: bool,
 }
 
 /// VM-exit counters of one run.
@@ -129,6 +132,7 @@ impl Shared {
                 parked: 0,
                 live: vcpus,
                 outcome: None,
+                wake: false,
             }),
             cv: Condvar::new(),
             exits: ExitCounters::default(),
@@ -170,13 +174,24 @@ impl Shared {
     }
 
     /// Sleeps up to `d` on behalf of the guest; wakes early when the monitor wants
-    /// anything but running.
+    /// anything but running, or a device wakes the guest ([`Shared::wake_guest`]).
     pub fn guest_sleep(&self, d: Duration) {
         let c = self.lock();
-        let _ = self
+        let (mut c, _) = self
             .cv
-            .wait_timeout_while(c, d, |c| c.want == Want::Run)
-            .map(|_| ());
+            .wait_timeout_while(c, d, |c| c.want == Want::Run && !c.wake)
+            .unwrap_or_else(|p| p.into_inner());
+        c.wake = false;
+    }
+
+    /// Ends the guest's current or next sleep: a device has something for it.
+    pub fn wake_guest(&self) {
+        let mut c = self.lock();
+        if !c.wake {
+            c.wake = true;
+            drop(c);
+            self.cv.notify_all();
+        }
     }
 
     /// Records how the run ended (the first outcome wins) and tells every vCPU to stop.
@@ -252,6 +267,30 @@ mod tests {
         // A stopped partition cannot be set running again.
         shared.set_want(Want::Run);
         assert_eq!(shared.lock().want, Want::Stop);
+    }
+
+    #[test]
+    fn a_wake_before_the_sleep_is_not_lost() {
+        let shared = Shared::new(1);
+        shared.wake_guest();
+        let start = std::time::Instant::now();
+        shared.guest_sleep(Duration::from_secs(30));
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(!shared.lock().wake, "the sleep consumed the wake");
+    }
+
+    #[test]
+    fn guest_sleep_wakes_on_device_wake() {
+        let shared = Arc::new(Shared::new(1));
+        let s = shared.clone();
+        let t = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            s.guest_sleep(Duration::from_secs(30));
+            start.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        shared.wake_guest();
+        assert!(t.join().expect("join") < Duration::from_secs(10));
     }
 
     #[test]

@@ -66,7 +66,27 @@ pub struct PartitionConfig {
     /// Where the partition's console output goes (default the monitor's stdout).
     #[serde(default)]
     pub console: ConsoleSink,
+    /// A virtio-vsock device for talking to other partitions and the host (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
+
+/// A partition's virtio-vsock device (see `docs/vsock.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The partition's context id: unique, at least 3 (2 is the host), below 2^32.
+    pub cid: u64,
+    /// The host bridge's Unix socket (Firecracker's convention: a host program connects
+    /// and writes `CONNECT <port>`; a guest connecting to CID 2 port P reaches
+    /// `<uds>_<P>`). Relative to the config file's directory. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uds: Option<PathBuf>,
+}
+
+/// Longest Unix socket path (sun_path is 108 bytes with its NUL; `_<port>` is added
+/// for guest-initiated connections).
+pub const MAX_UDS_LEN: usize = 96;
 
 fn default_vcpus() -> u8 {
     1
@@ -222,6 +242,11 @@ impl DeviceConfig {
                     *file = base.join(&*file);
                 }
             }
+            if let Some(uds) = partition.vsock.as_mut().and_then(|v| v.uds.as_mut()) {
+                if uds.is_relative() {
+                    *uds = base.join(&*uds);
+                }
+            }
         }
     }
 
@@ -240,6 +265,7 @@ impl DeviceConfig {
             ));
         }
         let mut seen = HashSet::new();
+        let mut cids = HashSet::new();
         for (index, p) in self.partitions.iter().enumerate() {
             if let Err(problem) = check_name(&p.name) {
                 return Err(invalid(format!("partitions[{index}].name"), problem));
@@ -286,6 +312,28 @@ impl DeviceConfig {
             if let ConsoleSink::File(file) = &p.console {
                 if file.as_os_str().is_empty() {
                     return Err(invalid(at("console.file"), "empty path".into()));
+                }
+            }
+            if let Some(v) = &p.vsock {
+                if v.cid < 3 || v.cid > u64::from(u32::MAX) {
+                    return Err(invalid(
+                        at("vsock.cid"),
+                        format!("{} is out of range 3..=4294967295 (0-2 are reserved)", v.cid),
+                    ));
+                }
+                if !cids.insert(v.cid) {
+                    return Err(invalid(
+                        at("vsock.cid"),
+                        format!("cid {} is used by another partition", v.cid),
+                    ));
+                }
+                if let Some(uds) = &v.uds {
+                    if uds.as_os_str().is_empty() || uds.as_os_str().len() > MAX_UDS_LEN {
+                        return Err(invalid(
+                            at("vsock.uds"),
+                            format!("path must be 1..={MAX_UDS_LEN} bytes long"),
+                        ));
+                    }
                 }
             }
             probe_kernel(&p.kernel, bytes).map_err(|source| ConfigError::Kernel {
@@ -378,189 +426,4 @@ fn check_name(name: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use vmm_sys_util::tempdir::TempDir;
-
-    const HOST_MEM: u64 = 1 << 30; // a 1 GiB host for the tests
-
-    /// A minimal ELF64 with a PT_LOAD segment and a PT_NOTE holding a `Xen` note of type
-    /// `note_type` (18 is the PVH entry note; 17 is another Xen note).
-    fn elf(note_type: u8) -> Vec<u8> {
-        let mut f = vec![0u8; 196];
-        f[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\x00");
-        let mut put = |at: usize, bytes: &[u8]| f[at..at + bytes.len()].copy_from_slice(bytes);
-        put(16, &2u16.to_le_bytes()); // ET_EXEC
-        put(18, &0x3eu16.to_le_bytes()); // x86_64
-        put(20, &1u32.to_le_bytes());
-        put(24, &0x10_0000u64.to_le_bytes()); // e_entry
-        put(32, &64u64.to_le_bytes()); // e_phoff
-        put(52, &64u16.to_le_bytes());
-        put(54, &56u16.to_le_bytes());
-        put(56, &2u16.to_le_bytes()); // e_phnum
-        for (ph, kind, offset, size) in [(64, 1u32, 0u64, 196u64), (120, 4, 176, 20)] {
-            put(ph, &kind.to_le_bytes());
-            put(ph + 8, &offset.to_le_bytes());
-            put(ph + 16, &(0x10_0000 + offset).to_le_bytes());
-            put(ph + 24, &(0x10_0000 + offset).to_le_bytes());
-            put(ph + 32, &size.to_le_bytes());
-            put(ph + 40, &size.to_le_bytes());
-        }
-        put(176, &[4, 0, 0, 0, 4, 0, 0, 0, note_type, 0, 0, 0]);
-        put(188, b"Xen\0");
-        put(192, &0x10_0000u32.to_le_bytes());
-        f
-    }
-
-    /// A minimal bzImage (boot protocol 2.06): one setup sector, then `syssize`
-    /// paragraphs of "kernel" (more than the file holds when `syssize` is too big).
-    fn bzimage(syssize: u32) -> Vec<u8> {
-        let mut f = vec![0u8; 0x1000];
-        f[0x1f1] = 1; // setup_sects
-        f[0x1f4..0x1f8].copy_from_slice(&syssize.to_le_bytes());
-        f[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
-        f[0x202..0x206].copy_from_slice(b"HdrS");
-        f[0x206..0x208].copy_from_slice(&0x0206u16.to_le_bytes());
-        f[0x211] = 1; // loadflags: LOADED_HIGH
-        f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
-        f
-    }
-
-    /// A temp dir holding the fake kernels: pvh.elf, nopvh.elf, bz.img, short.img (a
-    /// truncated bzImage), notes.txt, true.elf (a host program).
-    fn kernels() -> TempDir {
-        let dir = TempDir::new().expect("temp dir");
-        let d = dir.as_path();
-        std::fs::write(d.join("pvh.elf"), elf(18)).expect("write");
-        std::fs::write(d.join("nopvh.elf"), elf(17)).expect("write");
-        std::fs::write(d.join("bz.img"), bzimage(0xc00 / 16)).expect("write");
-        std::fs::write(d.join("short.img"), bzimage(0x1000)).expect("write");
-        std::fs::write(d.join("notes.txt"), "just some text\n").expect("write");
-        std::fs::copy("/bin/true", d.join("true.elf")).expect("copy /bin/true");
-        dir
-    }
-
-    /// A config with one partition "engine" whose JSON fields are `fields`.
-    fn one(fields: &str) -> String {
-        format!(r#"{{"partitions": [{{"name": "engine", "role": "engine", {fields}}}]}}"#)
-    }
-
-    #[test]
-    fn broken_configs_are_refused_with_a_precise_message() {
-        let dir = kernels();
-        let ok = r#""kernel": "pvh.elf", "memory_mib": 16"#;
-        let long = format!(r#"{ok}, "cmdline": "{}""#, "x".repeat(MAX_CMDLINE_LEN + 1));
-        let ctl =
-            r#"{"name": "controller", "role": "controller", "kernel": "pvh.elf", "memory_mib": 0}"#;
-        let cases: Vec<(&str, String, Vec<&str>)> = vec![
-            ("syntax", "{\n  \"partitions\": [\n    {\"name\": \"engine\",,}\n  ]\n}".into(), vec!["syntax", "line 3 column 23"]),
-            ("truncated", "{\"partitions\": [".into(), vec!["syntax", "line 1 column 16"]),
-            ("unknown field", one(&format!(r#"{ok}, "memory_mb": 4"#)), vec!["unknown field `memory_mb`", "partitions[0] (\"engine\")", "line 1"]),
-            ("unknown top field", r#"{"partitions": [], "devcie": "x"}"#.into(), vec!["unknown field `devcie`"]),
-            ("no partitions field", "{}".into(), vec!["missing field `partitions`"]),
-            ("missing kernel", one(r#""memory_mib": 16"#), vec!["missing field `kernel`", "\"engine\""]),
-            ("wrong type", one(r#""kernel": "pvh.elf", "memory_mib": "16""#), vec!["invalid type", "\"engine\""]),
-            ("bad role", r#"{"partitions": [{"name": "p", "role": "printer", "kernel": "k", "memory_mib": 1}]}"#.into(), vec!["unknown variant `printer`", "partitions[0] (\"p\")"]),
-            ("bad console", one(&format!(r#"{ok}, "console": {{"tcp": "x"}}"#)), vec!["unknown variant `tcp`", "\"engine\""]),
-            ("vcpus overflow", one(&format!(r#"{ok}, "vcpus": 300"#)), vec!["300", "\"engine\""]),
-            ("no partitions", r#"{"device": "mfp", "partitions": []}"#.into(), vec!["no partitions"]),
-            ("memory 0", one(r#""kernel": "pvh.elf", "memory_mib": 0"#), vec!["partition \"engine\": memory_mib", "at least 1"]),
-            ("memory > host", one(r#""kernel": "pvh.elf", "memory_mib": 2048"#), vec!["\"engine\": memory_mib", "2048 MiB", "host"]),
-            ("memory overflow", one(r#""kernel": "pvh.elf", "memory_mib": 18446744073709551615"#), vec!["memory_mib", "host"]),
-            ("vcpus 0", one(&format!(r#"{ok}, "vcpus": 0"#)), vec!["\"engine\": vcpus", "out of range"]),
-            ("vcpus 65", one(&format!(r#"{ok}, "vcpus": 65"#)), vec!["\"engine\": vcpus", "65"]),
-            ("empty name", r#"{"partitions": [{"name": "", "role": "other", "kernel": "pvh.elf", "memory_mib": 1}]}"#.into(), vec!["partitions[0].name", "empty"]),
-            ("bad name", r#"{"partitions": [{"name": "Engine 1", "role": "other", "kernel": "pvh.elf", "memory_mib": 1}]}"#.into(), vec!["partitions[0].name", "\"Engine 1\"", "[a-z0-9]"]),
-            ("long name", format!(r#"{{"partitions": [{{"name": "{}", "role": "other", "kernel": "pvh.elf", "memory_mib": 1}}]}}"#, "a".repeat(33)), vec!["partitions[0].name", "longer than 32"]),
-            ("duplicate", format!(r#"{{"partitions": [{{"name": "engine", "role": "engine", {ok}}}, {{"name": "engine", "role": "relay", {ok}}}]}}"#), vec!["partitions[1].name", "duplicate", "\"engine\""]),
-            ("second partition", format!(r#"{{"partitions": [{{"name": "engine", "role": "engine", {ok}}}, {ctl}]}}"#), vec!["partition \"controller\": memory_mib"]),
-            ("cmdline too long", one(&long), vec!["\"engine\": cmdline", "65535 bytes"]),
-            ("cmdline NUL", one(&format!(r#"{ok}, "cmdline": "a\u0000b""#)), vec!["\"engine\": cmdline", "NUL"]),
-            ("kernel missing", one(r#""kernel": "missing.elf", "memory_mib": 16"#), vec!["partition \"engine\"", "missing.elf", "No such file"]),
-            ("kernel is a dir", one(r#""kernel": ".", "memory_mib": 16"#), vec!["partition \"engine\"", "Is a directory"]),
-            ("bzImage truncated", one(r#""kernel": "short.img", "memory_mib": 16"#), vec!["partition \"engine\"", "short.img", "truncated"]),
-            ("kernel is text", one(r#""kernel": "notes.txt", "memory_mib": 16"#), vec!["\"engine\"", "notes.txt", "not a PVH ELF"]),
-            ("kernel ELF not PVH", one(r#""kernel": "nopvh.elf", "memory_mib": 16"#), vec!["\"engine\"", "nopvh.elf", "without a PVH entry note"]),
-            ("kernel host program", one(r#""kernel": "true.elf", "memory_mib": 16"#), vec!["\"engine\"", "true.elf", "ELF"]),
-            ("kernel too big for memory", one(r#""kernel": "pvh.elf", "memory_mib": 1"#), vec!["\"engine\"", "pvh.elf"]),
-        ];
-        for (i, (what, text, expected)) in cases.iter().enumerate() {
-            let file = dir.as_path().join(format!("case{i}.json"));
-            std::fs::write(&file, text).expect("write config");
-            let err = DeviceConfig::load_with_host_memory(&file, HOST_MEM)
-                .expect_err(&format!("case {what:?} was accepted"));
-            let msg = err.to_string();
-            assert!(
-                msg.contains(&file.display().to_string()),
-                "{what}: no file in {msg}"
-            );
-            for word in expected {
-                assert!(msg.contains(word), "{what}: {word:?} not in {msg}");
-            }
-        }
-        let missing = dir.as_path().join("absent.json");
-        let msg = DeviceConfig::load(&missing)
-            .expect_err("absent")
-            .to_string();
-        assert!(
-            msg.contains("absent.json") && msg.contains("cannot read"),
-            "{msg}"
-        );
-    }
-
-    #[test]
-    fn a_good_config_loads_with_defaults_and_resolved_paths() {
-        let dir = kernels();
-        let d = dir.as_path();
-        let text = format!(
-            r#"{{"device": "mfp-1", "partitions": [
-                {{"name": "engine", "role": "engine", "kernel": "pvh.elf", "memory_mib": 16}},
-                {{"name": "controller-2", "role": "controller", "kernel": "{}", "memory_mib": 1024,
-                  "vcpus": 64, "cmdline": "{}", "console": {{"file": "logs/ctl.log"}}}},
-                {{"name": "r_1", "role": "relay", "kernel": "bz.img", "memory_mib": 2, "console": "stdout"}}]}}"#,
-            d.join("pvh.elf").display(),
-            "c".repeat(MAX_CMDLINE_LEN)
-        );
-        let file = d.join("device.json");
-        std::fs::write(&file, &text).expect("write config");
-        let config = DeviceConfig::load_with_host_memory(&file, HOST_MEM).expect("valid config");
-        assert_eq!(config.device.as_deref(), Some("mfp-1"));
-        let names: Vec<_> = config.partitions.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["engine", "controller-2", "r_1"]);
-        let engine = config.partition("engine").expect("engine");
-        assert_eq!(engine.kernel, d.join("pvh.elf"));
-        assert_eq!(
-            (engine.role, engine.vcpus, engine.memory_mib),
-            (Role::Engine, 1, 16)
-        );
-        assert_eq!(
-            (engine.cmdline.as_str(), &engine.console),
-            ("", &ConsoleSink::Stdout)
-        );
-        let ctl = &config.partitions[1];
-        assert_eq!((ctl.vcpus, ctl.cmdline.len()), (64, MAX_CMDLINE_LEN));
-        assert_eq!(ctl.console, ConsoleSink::File(d.join("logs/ctl.log")));
-        assert_eq!(config.partitions[2].kernel, d.join("bz.img"));
-        assert_eq!(config.partitions[2].role.to_string(), "relay");
-        // Serialized form (kept in snapshots) parses back to the same config.
-        let json = serde_json::to_string(&config).expect("serialize");
-        assert_eq!(DeviceConfig::parse(&json, &file).expect("reparse"), config);
-        // Against the real host memory, 1 GiB fits on any machine that runs the tests.
-        assert_eq!(
-            DeviceConfig::load(&file)
-                .expect("host check")
-                .partitions
-                .len(),
-            3
-        );
-    }
-
-    #[test]
-    fn meminfo_total_is_read_in_bytes() {
-        let text = "MemFree:  100 kB\nMemTotal:       24576000 kB\n";
-        assert_eq!(parse_meminfo(text), Some(24_576_000 * 1024));
-        assert_eq!(parse_meminfo("MemFree: 1 kB\n"), None);
-        assert_eq!(parse_meminfo("MemTotal: lots kB\n"), None);
-        assert!(host_memory_bytes().expect("/proc/meminfo") > 0);
-    }
-}
+mod tests;
