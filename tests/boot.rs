@@ -25,6 +25,13 @@ fn example_config() -> Value {
         p["kernel"] = json!(guest(&name));
         let cmdline = format!("{} heartbeat_ms=200", p["cmdline"].as_str().unwrap_or(""));
         p["cmdline"] = json!(cmdline);
+        // Each test gets its own host bridge socket, next to its config file.
+        let uds = format!("{}.vsock", p["name"].as_str().unwrap_or("p"));
+        if let Some(v) = p.get_mut("vsock").and_then(|v| v.as_object_mut()) {
+            if v.contains_key("uds") {
+                v.insert("uds".into(), json!(uds));
+            }
+        }
     }
     cfg
 }
@@ -32,7 +39,8 @@ fn example_config() -> Value {
 #[test]
 fn kvm_example_device_boots_both_partitions() {
     require_kvm();
-    let mut dev = Device::boot(&example_config());
+    let cfg = example_config();
+    let mut dev = Device::boot(&cfg);
     let banner = dev.wait_line("engine", "duplex engine:", T);
     assert!(
         banner.contains("role=engine"),
@@ -72,7 +80,11 @@ fn kvm_example_device_boots_both_partitions() {
         assert_eq!(p["state"], "running", "{p}");
         assert!(p["exits"]["mmio"].as_u64().unwrap_or(0) > 0, "{p}");
         assert!(p["uptime_ms"].as_u64().unwrap_or(0) > 0, "{p}");
-        assert_eq!(p["memory_mib"], 64);
+        let configured = cfg["partitions"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|c| c["name"] == p["name"]))
+            .map(|c| c["memory_mib"].clone());
+        assert_eq!(Some(p["memory_mib"].clone()), configured, "{p}");
     }
     assert!(dev.shutdown().success());
 }

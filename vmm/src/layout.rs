@@ -26,6 +26,25 @@ pub const CONSOLE_MMIO: u64 = MMIO_START;
 pub const CONSOLE_PIO: u16 = 0x3f8;
 /// The system control page.
 pub const SYSCTL_MMIO: u64 = MMIO_START + 0x1000;
+/// The first virtio-mmio device window (the vsock device), 4 KiB.
+pub const VIRTIO_MMIO_START: u64 = MMIO_START + 0x2000;
+/// Size of one virtio-mmio device window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The GSI of the vsock device's interrupt.
+pub const VSOCK_GSI: u32 = 5;
+/// The GSI of the console UART (COM1).
+pub const CONSOLE_GSI: u32 = 4;
+
+/// The kernel command line entry announcing the vsock device, in Linux's syntax.
+pub fn vsock_cmdline_entry() -> String {
+    format!(
+        "virtio_mmio.device={}K@{:#x}:{}",
+        VIRTIO_MMIO_SIZE >> 10,
+        VIRTIO_MMIO_START,
+        VSOCK_GSI
+    )
+}
+
 /// Where KVM's TSS for real-mode emulation lives (3 pages, inside the MMIO hole).
 pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
@@ -45,6 +64,11 @@ mod tests {
     #[test]
     fn small_memory_is_one_range() {
         assert_eq!(ram_ranges(64 << 20), vec![(0, 64 << 20)]);
+    }
+
+    #[test]
+    fn vsock_cmdline_entry_uses_linux_syntax() {
+        assert_eq!(vsock_cmdline_entry(), "virtio_mmio.device=4K@0xd0002000:5");
     }
 
     #[test]

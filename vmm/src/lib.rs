@@ -7,10 +7,12 @@
 //! - [`partition`]: one guest system: VM, memory, vCPU threads, devices.
 //! - [`monitor`]: all partitions of the device, and the control commands.
 //! - [`api`]: the control socket protocol, server and client.
+//! - [`job`]: `duplex job`, a host client of the controller's job port.
 
 pub mod api;
 pub mod boot;
 pub mod config;
+pub mod job;
 pub mod layout;
 pub mod monitor;
 pub mod partition;

@@ -29,6 +29,9 @@ enum Cmd {
     Run(RunArgs),
     /// Send one command to a running monitor's control socket.
     Ctl(CtlArgs),
+    /// Submit print jobs to the controller and read job and engine status (through the
+    /// controller's vsock host bridge).
+    Job(duplex_vmm::job::JobArgs),
     /// Validate a device config (JSON syntax, fields, kernels) without booting it.
     Check {
         /// The device config file.
@@ -105,6 +108,9 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Cmd::Run(args) => run(args),
         Cmd::Ctl(args) => run_ctl(args)
+            .map(|v| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()))
+            .map_err(|e| e.to_string()),
+        Cmd::Job(args) => duplex_vmm::job::run_job(args)
             .map(|v| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()))
             .map_err(|e| e.to_string()),
         Cmd::Check { config } => DeviceConfig::load(config)

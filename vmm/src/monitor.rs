@@ -15,6 +15,7 @@ use crate::config::DeviceConfig;
 use crate::partition::shared::Outcome;
 use crate::partition::vcpu::Ended;
 use crate::partition::{self, Partition, PartitionError, State};
+use duplex_devices::vsock::{VsockError, VsockSwitch};
 
 /// Why the monitor could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,9 @@ pub enum MonitorError {
     /// The vCPU kick signal handler could not be installed.
     #[error("installing the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    /// The vsock switch could not be started.
+    #[error("starting the vsock switch: {0}")]
+    Vsock(VsockError),
     /// A partition failed to be created or started.
     #[error(transparent)]
     Partition(#[from] PartitionError),
@@ -35,6 +39,7 @@ pub struct Monitor {
     kvm: Kvm,
     device: Option<String>,
     partitions: Vec<Mutex<Partition>>,
+    vsock: Option<VsockSwitch>,
     ended: Mutex<Sender<Ended>>,
     shutdown: Mutex<bool>,
     shutdown_cv: Condvar,
@@ -55,11 +60,17 @@ impl Monitor {
             .iter()
             .map(|p| Partition::new(p.clone()).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
+        let vsock = if config.partitions.iter().any(|p| p.vsock.is_some()) {
+            Some(VsockSwitch::new().map_err(MonitorError::Vsock)?)
+        } else {
+            None
+        };
         let (tx, rx) = channel();
         let monitor = Arc::new(Monitor {
             kvm,
             device: config.device.clone(),
             partitions,
+            vsock,
             ended: Mutex::new(tx),
             shutdown: Mutex::new(false),
             shutdown_cv: Condvar::new(),
@@ -83,7 +94,7 @@ impl Monitor {
         for (i, p) in self.partitions.iter().enumerate() {
             let started = {
                 let mut p = lock(p);
-                p.start(&self.kvm, &lock(&self.ended))
+                p.start(&self.kvm, self.vsock.as_ref(), &lock(&self.ended))
             };
             if let Err(e) = started {
                 for q in &self.partitions[..i] {
@@ -121,6 +132,7 @@ impl Monitor {
             "device": self.device,
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "partitions": list,
+            "vsock": self.vsock.as_ref().map(|v| serde_json::to_value(v.stats()).unwrap_or(Value::Null)),
         }))
     }
 
@@ -162,7 +174,9 @@ impl Monitor {
     /// Cold-boots one stopped or crashed partition.
     pub fn start(&self, name: &str) -> Result<Value, ApiError> {
         let ended = lock(&self.ended).clone();
-        self.each(Some(name), State::Stopped, |p| p.start(&self.kvm, &ended))
+        self.each(Some(name), State::Stopped, |p| {
+            p.start(&self.kvm, self.vsock.as_ref(), &ended)
+        })
     }
 
     /// The last `lines` console lines of a partition.
@@ -227,7 +241,7 @@ impl Monitor {
             Some(Outcome::Reboot) if !self.shutting_down() => {
                 log::info!("partition {} asked to reboot; cold-booting it", ended.name);
                 let tx = lock(&self.ended).clone();
-                if let Err(e) = p.start(&self.kvm, &tx) {
+                if let Err(e) = p.start(&self.kvm, self.vsock.as_ref(), &tx) {
                     log::error!("partition {} could not reboot: {e}", ended.name);
                 }
             }

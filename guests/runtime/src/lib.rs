@@ -52,7 +52,9 @@
 //! [`time::Instant`], [`time::sleep_until`], [`time::sleep_ms`]); [`power_off`],
 //! [`reboot`]; [`BootInfo::arg`] for `key=value` on the command line; a global allocator
 //! (`alloc` works); a panic handler printing `PANIC: <message> at <file>:<line>` and
-//! writing the `PANIC` register; [`heartbeat`], the placeholder firmware loop.
+//! writing the `PANIC` register; [`heartbeat`], the placeholder firmware loop; [`vsock`],
+//! virtio-vsock through the `virtio-drivers` crate (device discovery on the command line,
+//! the crate's `Hal`, [`vsock::open_vsock`], [`vsock::wait_for_event`]).
 
 #![no_std]
 
@@ -66,6 +68,7 @@ mod panic;
 pub mod start;
 pub mod sysctl;
 pub mod time;
+pub mod vsock;
 
 pub use bootinfo::{BootInfo, MemMapEntry};
 pub use console::Console;

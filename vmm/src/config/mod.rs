@@ -318,7 +318,10 @@ impl DeviceConfig {
                 if v.cid < 3 || v.cid > u64::from(u32::MAX) {
                     return Err(invalid(
                         at("vsock.cid"),
-                        format!("{} is out of range 3..=4294967295 (0-2 are reserved)", v.cid),
+                        format!(
+                            "{} is out of range 3..=4294967295 (0-2 are reserved)",
+                            v.cid
+                        ),
                     ));
                 }
                 if !cids.insert(v.cid) {

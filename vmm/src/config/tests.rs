@@ -202,5 +202,8 @@ fn vsock_uds_is_resolved_against_the_config_dir() {
     let cfg = DeviceConfig::load_with_host_memory(&file, HOST_MEM).expect("valid");
     let v = cfg.partitions[0].vsock.as_ref().expect("vsock");
     assert_eq!(v.cid, 3);
-    assert_eq!(v.uds.as_deref(), Some(dir.as_path().join("e.vsock").as_path()));
+    assert_eq!(
+        v.uds.as_deref(),
+        Some(dir.as_path().join("e.vsock").as_path())
+    );
 }

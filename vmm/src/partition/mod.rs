@@ -19,6 +19,8 @@ use vmm_sys_util::signal::Killable;
 
 use duplex_devices::console::{Console, ConsoleHandle, ConsoleOutput};
 use duplex_devices::sysctl::Sysctl;
+use duplex_devices::virtio::Interrupt;
+use duplex_devices::vsock::VsockSwitch;
 
 use crate::boot::{self, BootError};
 use crate::config::{ConsoleSink, PartitionConfig};
@@ -26,8 +28,6 @@ use crate::layout;
 use shared::{CrashInfo, ExitCounts, Outcome, Shared, Want};
 use vcpu::{Devices, Ended, VcpuRunner};
 
-/// The GSI the console UART interrupts on (COM1).
-const CONSOLE_GSI: u32 = 4;
 /// How long pause and stop wait for vCPU threads to come out of the guest.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -71,6 +71,15 @@ pub enum PartitionError {
         state: State,
         op: &'static str,
     },
+    /// The vsock device could not be attached.
+    #[error("partition {name}: vsock: {source}")]
+    Vsock {
+        name: String,
+        source: duplex_devices::vsock::VsockError,
+    },
+    /// The partition has a vsock device but the monitor has no switch.
+    #[error("partition {name}: has a vsock device but the monitor has no vsock switch")]
+    NoSwitch { name: String },
     /// vCPUs did not come out of the guest in time.
     #[error("partition {name}: vCPUs did not stop within {0:?}", PARK_TIMEOUT)]
     Timeout { name: String },
@@ -113,6 +122,8 @@ struct Run {
     shared: Arc<Shared>,
     started: Instant,
     boot: u64,
+    /// The CID attached to the vsock switch for this run (detached when it ends).
+    vsock: Option<(VsockSwitch, u64)>,
 }
 
 /// What `status` reports about a partition.
@@ -224,7 +235,12 @@ impl Partition {
     }
 
     /// Cold-boots the partition: a new VM, memory, kernel, devices and vCPU threads.
-    pub fn start(&mut self, kvm: &Kvm, ended: &Sender<Ended>) -> Result<(), PartitionError> {
+    pub fn start(
+        &mut self,
+        kvm: &Kvm,
+        switch: Option<&VsockSwitch>,
+        ended: &Sender<Ended>,
+    ) -> Result<(), PartitionError> {
         match self.state() {
             State::Created | State::Stopped | State::Crashed => {}
             _ => return Err(self.invalid("start")),
@@ -242,10 +258,19 @@ impl Partition {
             mib: self.config.memory_mib,
             message: e.to_string(),
         })?;
-        let entry = boot::load_kernel(&mem, &self.config.kernel, &self.config.cmdline, &ram)
-            .map_err(|source| PartitionError::Boot {
-                name: name.clone(),
-                source,
+        let mut cmdline = self.config.cmdline.clone();
+        if self.config.vsock.is_some() {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&layout::vsock_cmdline_entry());
+        }
+        let entry =
+            boot::load_kernel(&mem, &self.config.kernel, &cmdline, &ram).map_err(|source| {
+                PartitionError::Boot {
+                    name: name.clone(),
+                    source,
+                }
             })?;
 
         let vm = kvm.create_vm().map_err(self.kvm_err("creating the VM"))?;
@@ -285,7 +310,7 @@ impl Partition {
             what: "creating the console eventfd",
             source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
         })?;
-        vm.register_irqfd(&irq, CONSOLE_GSI)
+        vm.register_irqfd(&irq, layout::CONSOLE_GSI)
             .map_err(self.kvm_err("wiring the console interrupt"))?;
 
         let cpuid = kvm
@@ -309,14 +334,51 @@ impl Partition {
             .and_then(|v| v.get_tsc_khz().ok())
             .map_or(0, u64::from);
 
+        let shared = Arc::new(Shared::new(vcpus.len()));
+        let vsock = match (&self.config.vsock, switch) {
+            (None, _) => None,
+            (Some(_), None) => return Err(PartitionError::NoSwitch { name }),
+            (Some(v), Some(switch)) => {
+                let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PartitionError::Kvm {
+                    name: name.clone(),
+                    what: "creating the vsock eventfd",
+                    source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+                })?;
+                vm.register_irqfd(&irqfd, layout::VSOCK_GSI)
+                    .map_err(self.kvm_err("wiring the vsock interrupt"))?;
+                let waker = Arc::downgrade(&shared);
+                let wake = Arc::new(move || {
+                    if let Some(s) = waker.upgrade() {
+                        s.wake_guest();
+                    }
+                });
+                let mmio = switch
+                    .attach(
+                        v.cid,
+                        &name,
+                        mem.clone(),
+                        Interrupt::new(irqfd, wake),
+                        v.uds.clone(),
+                    )
+                    .map_err(|source| PartitionError::Vsock {
+                        name: name.clone(),
+                        source,
+                    })?;
+                Some((mmio, switch.clone(), v.cid))
+            }
+        };
+        let (vsock_mmio, vsock_attached) = match vsock {
+            Some((mmio, switch, cid)) => (Some(mmio), Some((switch, cid))),
+            None => (None, None),
+        };
         let devices = Arc::new(Devices {
             console: Mutex::new(Console::new(irq, self.console.clone())),
             sysctl: Mutex::new(Sysctl::new(tsc_khz)),
             console_log: self.console.clone(),
+            vsock: vsock_mmio,
         });
         self.boots += 1;
         let boot = self.boots;
-        let shared = Arc::new(Shared::new(vcpus.len()));
         let mut threads = Vec::new();
         for (i, vcpu) in vcpus.into_iter().enumerate() {
             let runner = VcpuRunner {
@@ -338,6 +400,9 @@ impl Partition {
                 Err(source) => {
                     shared.finish(Outcome::Stopped);
                     kick_all(&threads);
+                    if let Some((switch, cid)) = &vsock_attached {
+                        switch.detach(*cid);
+                    }
                     return Err(PartitionError::Thread { name, source });
                 }
             }
@@ -350,6 +415,7 @@ impl Partition {
             shared,
             started: Instant::now(),
             boot,
+            vsock: vsock_attached,
         });
         Ok(())
     }
@@ -410,6 +476,9 @@ impl Partition {
             }
             for t in run.threads {
                 let _ = t.join();
+            }
+            if let Some((switch, cid)) = &run.vsock {
+                switch.detach(*cid);
             }
             self.last_exits = run.shared.exits.read();
             self.last = run.shared.lock().outcome.clone();

@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use duplex_devices::console::{Console, ConsoleHandle};
 use duplex_devices::sysctl::{Sysctl, SysctlAction};
+use duplex_devices::vsock::VsockMmio;
 
 use super::shared::{CrashInfo, Outcome, Shared};
 use crate::boot::BootEntry;
@@ -24,6 +25,8 @@ pub struct Devices {
     pub sysctl: Mutex<Sysctl>,
     /// The console's lines (for crash reports).
     pub console_log: ConsoleHandle,
+    /// The vsock device's virtio-mmio window, when the partition has one.
+    pub vsock: Option<VsockMmio>,
 }
 
 /// Tells the monitor that a run of partition `name` ended.
@@ -312,17 +315,26 @@ fn console_port(port: u16) -> Option<u64> {
         .map(u64::from)
 }
 
+fn virtio_offset(addr: u64) -> Option<u64> {
+    addr.checked_sub(layout::VIRTIO_MMIO_START)
+        .filter(|o| *o < layout::VIRTIO_MMIO_SIZE)
+}
+
 fn mmio_read(devices: &Devices, addr: u64, data: &mut [u8]) {
     if let Some(off) = addr.checked_sub(layout::CONSOLE_MMIO).filter(|o| *o < 8) {
         lock(&devices.console).read(off, data);
-    } else if let Some(off) = addr
-        .checked_sub(layout::SYSCTL_MMIO)
-        .filter(|o| *o < 0x1000)
-    {
+    } else if let Some(off) = sysctl_offset(addr) {
         lock(&devices.sysctl).read(off, data);
+    } else if let (Some(off), Some(vsock)) = (virtio_offset(addr), &devices.vsock) {
+        vsock.read(off, data);
     } else {
         data.fill(0xff);
     }
+}
+
+fn sysctl_offset(addr: u64) -> Option<u64> {
+    addr.checked_sub(layout::SYSCTL_MMIO)
+        .filter(|o| *o < 0x1000)
 }
 
 fn mmio_write(devices: &Devices, addr: u64, data: &[u8]) -> Next {
@@ -330,10 +342,11 @@ fn mmio_write(devices: &Devices, addr: u64, data: &[u8]) -> Next {
         lock(&devices.console).write(off, data);
         return Next::Continue;
     }
-    let Some(off) = addr
-        .checked_sub(layout::SYSCTL_MMIO)
-        .filter(|o| *o < 0x1000)
-    else {
+    if let (Some(off), Some(vsock)) = (virtio_offset(addr), &devices.vsock) {
+        vsock.write(off, data);
+        return Next::Continue;
+    }
+    let Some(off) = sysctl_offset(addr) else {
         return Next::Continue;
     };
     let action = lock(&devices.sysctl).write(off, data);
