@@ -8,10 +8,8 @@
 //! writable only while bytes wait for the host.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -25,6 +23,7 @@ use super::hostlink::ERR_TIMEOUT;
 use super::packet::{op, Endpoint, HOST_CID};
 use super::state::{ConnKey, ConnState, Connection, HostLink, HostOrigin};
 use super::switch::Inner;
+use super::uds::parse_connect;
 use super::{Shared, VsockError, HOST_BUF_ALLOC, MAX_CONNS_PER_CID};
 
 /// The epoll token of the stop event.
@@ -88,69 +87,6 @@ pub(crate) struct Bridge {
     next_token: u64,
     listeners: HashMap<u64, Listener>,
     socks: HashMap<u64, HostSock>,
-}
-
-/// `<uds>_<port>`: where a guest's connection to host port `port` goes.
-pub(crate) fn uds_port_path(uds: &Path, port: u32) -> PathBuf {
-    let mut s = OsString::from(uds.as_os_str());
-    s.push(format!("_{port}"));
-    PathBuf::from(s)
-}
-
-/// Connects to a Unix stream socket without blocking (a full listen backlog fails with
-/// `WouldBlock` instead of stalling the vCPU thread that asked).
-pub(crate) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data, for which all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: a plain system call with constant arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a socket just created and owned by nobody else; OwnedFd closes it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    // SAFETY: `addr` is a valid sockaddr_un that outlives the call, and `len` does not
-    // exceed its size (checked above); the result is checked.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
-            len as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(UnixStream::from(fd))
-}
-
-/// `CONNECT <port>` (decimal, optionally followed by `\r`) → the port.
-pub(crate) fn parse_connect(line: &[u8]) -> Option<u32> {
-    let s = std::str::from_utf8(line).ok()?;
-    let s = s.strip_suffix('\r').unwrap_or(s);
-    let port = s.strip_prefix("CONNECT ")?;
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    port.parse().ok()
 }
 
 impl Bridge {
@@ -275,6 +211,13 @@ impl Bridge {
             );
         }
         if let Some(line) = line {
+            // Unread input would turn the host's EOF into a reset: discard some first.
+            let mut buf = [0u8; 4096];
+            for _ in 0..16 {
+                if !matches!((&sock.stream).read(&mut buf), Ok(n) if n > 0) {
+                    break;
+                }
+            }
             let _ = (&sock.stream).write(line.as_bytes());
         }
     }
@@ -602,55 +545,5 @@ impl Inner {
                 let ms = d.saturating_duration_since(Instant::now()).as_millis() + 1;
                 ms.min(1000) as i32
             })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connect_lines() {
-        assert_eq!(parse_connect(b"CONNECT 1234"), Some(1234));
-        assert_eq!(parse_connect(b"CONNECT 1234\r"), Some(1234));
-        assert_eq!(parse_connect(b"CONNECT 4294967295"), Some(u32::MAX));
-        assert_eq!(parse_connect(b"CONNECT 4294967296"), None);
-        assert_eq!(parse_connect(b"CONNECT +5"), None);
-        assert_eq!(parse_connect(b"CONNECT "), None);
-        assert_eq!(parse_connect(b"connect 5"), None);
-        assert_eq!(parse_connect(b"CONNECT  5"), None);
-        assert_eq!(parse_connect(b"CONNECT 5 6"), None);
-        assert_eq!(parse_connect(&[0xff, 0xfe]), None);
-    }
-
-    #[test]
-    fn uds_port_paths() {
-        assert_eq!(
-            uds_port_path(Path::new("/run/x/engine.vsock"), 5000),
-            PathBuf::from("/run/x/engine.vsock_5000")
-        );
-    }
-
-    #[test]
-    fn nonblocking_connect_reaches_a_listener_and_fails_cleanly_without_one() {
-        let dir = std::env::temp_dir().join(format!("duplex-vsock-c-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("l.sock");
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
-        let mut c = connect_nonblocking(&path).expect("connects");
-        let (mut s, _) = listener.accept().unwrap();
-        c.write_all(b"hi").unwrap();
-        let mut b = [0u8; 2];
-        s.read_exact(&mut b).unwrap();
-        assert_eq!(&b, b"hi");
-        let err = connect_nonblocking(&dir.join("absent.sock")).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::NotFound);
-        let long = PathBuf::from("/".repeat(200));
-        assert_eq!(
-            connect_nonblocking(&long).unwrap_err().kind(),
-            ErrorKind::InvalidInput
-        );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,10 +6,11 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::path::Path;
 
-use super::host::{connect_nonblocking, uds_port_path, Phase};
+use super::host::Phase;
 use super::packet::{op, Hdr, Pending, SHUTDOWN_F_RECEIVE, SHUTDOWN_F_SEND};
 use super::state::{ConnKey, ConnState, Connection, HostLink, HostOrigin};
 use super::switch::Inner;
+use super::uds::{connect_nonblocking, uds_port_path};
 use super::{HOST_BACKLOG_LIMIT, HOST_BUF_ALLOC, HOST_CHUNK, LINGER_TIMEOUT, MAX_CONNS_PER_CID};
 
 /// Error line written to a host program before its connection is closed.
@@ -40,6 +41,9 @@ impl Inner {
         let Some(link) = conn.host.as_mut() else {
             return;
         };
+        if (link.peer_buf_alloc, link.peer_fwd_cnt) != (h.buf_alloc, h.fwd_cnt) {
+            link.credit_requested = false;
+        }
         link.peer_buf_alloc = h.buf_alloc;
         link.peer_fwd_cnt = h.fwd_cnt;
         let token = link.token;
@@ -192,6 +196,7 @@ impl Inner {
             };
             let budget = self.host_read_budget(&key);
             if budget == 0 {
+                self.maybe_request_credit(key);
                 return;
             }
             let early = self
@@ -282,6 +287,26 @@ impl Inner {
             self.abort_host(key, None);
         } else if wrote > 0 {
             self.maybe_credit_update(key);
+        }
+    }
+
+    /// Host data is held back only by the guest's credit: ask for an update, once until the
+    /// guest's credit changes (a guest that consumes without telling would stall otherwise).
+    fn maybe_request_credit(&mut self, key: ConnKey) {
+        let Some(conn) = self.state.conns.get_mut(&key) else {
+            return;
+        };
+        let Some(link) = conn.host.as_mut() else {
+            return;
+        };
+        let blocked_on_credit = conn.state == ConnState::Established
+            && !link.host_eof
+            && !link.host_gone
+            && !link.guest_shut_recv
+            && link.peer_credit() == 0;
+        if blocked_on_credit && !link.credit_requested {
+            link.credit_requested = true;
+            self.send_to_guest(key, op::CREDIT_REQUEST, 0, Vec::new());
         }
     }
 

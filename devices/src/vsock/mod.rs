@@ -17,6 +17,7 @@ mod hostlink;
 pub mod packet;
 pub mod state;
 mod switch;
+mod uds;
 
 #[cfg(test)]
 mod tests;

@@ -151,12 +151,13 @@ impl Pending {
         Pending { hdr, data, sent: 0 }
     }
 
-    /// Copies header and payload out of a TX packet.
+    /// Copies header and payload out of a TX packet. Only RW packets carry payload: any
+    /// other packet's payload is dropped (and its `len` set to 0).
     pub fn from_tx<B: vm_memory::bitmap::BitmapSlice>(
         p: &VsockPacket<'_, B>,
     ) -> Result<Self, PacketError> {
-        let hdr = Hdr::from_packet(p);
-        let data = match p.data_slice() {
+        let mut hdr = Hdr::from_packet(p);
+        let data = match p.data_slice().filter(|_| hdr.op == op::RW) {
             Some(slice) => {
                 let mut data = vec![0u8; slice.len()];
                 slice
@@ -166,6 +167,7 @@ impl Pending {
             }
             None => Vec::new(),
         };
+        hdr.len = data.len() as u32;
         Ok(Pending { hdr, data, sent: 0 })
     }
 

@@ -65,6 +65,8 @@ pub struct HostLink {
     pub guest_shut_recv: bool,
     /// Our write side of the host socket is shut (after the guest's SHUTDOWN(SEND)).
     pub host_write_shut: bool,
+    /// We asked the guest for credit and it has not given more since.
+    pub credit_requested: bool,
 }
 
 impl HostLink {
@@ -87,6 +89,7 @@ impl HostLink {
             guest_shut_send: false,
             guest_shut_recv: false,
             host_write_shut: false,
+            credit_requested: false,
         }
     }
 
@@ -210,6 +213,8 @@ pub struct VsockCounters {
     pub unsupported: u64,
     /// Connections reset because their destination's backlog exceeded the cap.
     pub backlog_overflows: u64,
+    /// Switch-made packets (RST, credit update) dropped: the destination's backlog was full.
+    pub backlog_drops: u64,
     /// RST packets the switch generated.
     pub rst_sent: u64,
     /// Host connections established (either direction).

@@ -21,6 +21,9 @@ use super::{
 };
 use crate::virtio::{ActivateError, Interrupt};
 
+/// How far packets the switch makes itself may exceed a backlog's cap.
+pub(crate) const CONTROL_SLACK: usize = 64 * 1024;
+
 /// The first port handed out to host connections made with `CONNECT`.
 pub(crate) const FIRST_HOST_PORT: u32 = 1 << 30;
 
@@ -153,10 +156,7 @@ impl Inner {
             return;
         }
         match queue {
-            RX_QUEUE => {
-                self.drain_rx(cid);
-                self.refresh_host_interest(cid);
-            }
+            RX_QUEUE => self.drain_rx(cid),
             TX_QUEUE => self.process_tx(cid),
             _ => {}
         }
@@ -357,11 +357,18 @@ impl Inner {
         self.send_rst(h.dst(), h.src());
     }
 
-    /// Appends a packet to `dst`'s backlog and delivers what fits into its RX queue.
+    /// Appends a packet to `dst`'s backlog and delivers what fits into its RX queue. Guest
+    /// data is held to [`BACKLOG_CAP`] by `forward` and host data by the bridge; packets the
+    /// switch makes itself (RSTs, credit updates) may exceed it by [`CONTROL_SLACK`], beyond
+    /// which they are dropped and counted (the guest is not draining its RX queue).
     pub(crate) fn deliver(&mut self, dst: u64, p: Pending) {
         let Some(b) = self.state.backlogs.get_mut(&dst) else {
             return;
         };
+        if b.bytes + p.cost() > BACKLOG_CAP + CONTROL_SLACK {
+            self.state.counters.backlog_drops += 1;
+            return;
+        }
         b.push(p);
         self.drain_rx(dst);
     }
@@ -389,7 +396,8 @@ impl Inner {
             return;
         }
         let mut used = false;
-        loop {
+        // Re-enabling notifications finds late buffers; bounded in case the ring misbehaves.
+        for _ in 0..4 {
             while !backlog.packets.is_empty() {
                 let chain = match rx.iter(mem) {
                     Ok(mut it) => it.next(),
@@ -440,6 +448,8 @@ impl Inner {
         }
         if used {
             self.to_notify.push(irq.clone());
+            // Room in the backlog may let host connections read again.
+            self.refresh_host_interest(cid);
         }
     }
 

@@ -147,9 +147,13 @@ impl Controller {
     }
 
     /// The engine status the controller would report now without asking the engine.
+    ///
+    /// While the link is down: `warming_up` (the engine is starting, or unreachable) with
+    /// the last known counters and the error [`ENGINE_NOT_CONNECTED`].
     pub fn engine_info(&self) -> EngineInfo {
         let mut info = self.engine.clone();
         if self.link == Link::Down {
+            info.state = EngineState::WarmingUp;
             info.error = Some(ENGINE_NOT_CONNECTED.to_string());
         }
         info
@@ -819,6 +823,7 @@ mod tests {
         ));
         // A request waiting for the engine when the link resets gets an error.
         r.connect();
+        r.run_engine(None);
         r.host(1, HostRequest::EngineStatus);
         let a = r.c.on_engine_reset();
         r.apply(a);
@@ -833,6 +838,14 @@ mod tests {
                 }
             )]
         ));
+        // Afterwards: the last known counters, but not the last known state.
+        r.host(1, HostRequest::EngineStatus);
+        let replies = r.take_replies();
+        let [(1, HostReply::Engine(info))] = replies.as_slice() else {
+            panic!("{replies:?}")
+        };
+        assert_eq!(info.state, EngineState::WarmingUp);
+        assert_eq!(info.error.as_deref(), Some(ENGINE_NOT_CONNECTED));
     }
 
     #[test]

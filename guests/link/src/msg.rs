@@ -173,7 +173,8 @@ pub struct EngineInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EngineState {
-    /// Calibrating after a cold start (or, as the controller reports it, not connected yet).
+    /// Calibrating after a cold start (or, as the controller reports it, while the engine
+    /// link is down: starting or unreachable).
     WarmingUp,
     /// Idle and able to print.
     Ready,

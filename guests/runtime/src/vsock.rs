@@ -69,6 +69,8 @@ pub const MAX_PACKET_DATA: usize = 64 * 1024;
 pub const RX_BUFFER_SIZE: usize = HEADER_SIZE + MAX_PACKET_DATA;
 /// Received bytes each connection buffers until `recv` (the credit advertised to peers).
 pub const DEFAULT_CONNECTION_BUFFER: u32 = 256 * 1024;
+/// The smallest packet [`PeerCredit::sendable`] splits a larger send into.
+pub const MIN_PARTIAL_SEND: usize = 16 * 1024;
 /// Longest single `WAIT_UNTIL` in [`wait_for_event`]: a wake the monitor loses costs at
 /// most this much latency instead of the whole wait.
 pub const MAX_WAIT_MS: u64 = 1000;
@@ -301,10 +303,12 @@ pub fn poll(vsock: &mut Vsock) -> Result<Option<VsockEvent>, VirtioError> {
 
 /// Flow-control bookkeeping for one connection, fed from its events.
 ///
-/// Sending: [`PeerCredit::free`] is how many bytes the peer can take now; call
-/// [`PeerCredit::sent`] after each successful `send`. Receiving: call
-/// [`PeerCredit::consumed`] after each `recv`; when it returns true, call `update_credit`
-/// (and [`PeerCredit::advertised`]) so the peer learns about the freed space.
+/// Sending: [`PeerCredit::sendable`] says how much of a payload to send now (0: wait for
+/// the peer's next credit update; a `send` larger than the credit fails and makes the
+/// manager ask the peer for one); call [`PeerCredit::sent`] after each successful `send`.
+/// Receiving: call [`PeerCredit::consumed`] after each `recv`; when it returns true, call
+/// `update_credit` (and [`PeerCredit::advertised`]) so the peer learns about the freed
+/// space.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerCredit {
     peer_buf_alloc: u32,
@@ -335,6 +339,26 @@ impl PeerCredit {
     pub fn free(&self) -> u32 {
         self.peer_buf_alloc
             .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// How many of `want` bytes to send now: all of them if the peer has room, else as
+    /// many as it has room for if that is a worthwhile packet (at least
+    /// [`MIN_PARTIAL_SEND`], or a quarter of the peer's buffer if that is smaller), else 0:
+    /// wait for the peer to free more rather than send slivers, which cost an exit each and
+    /// tend to keep a transfer in small packets.
+    pub fn sendable(&self, want: usize) -> usize {
+        let free = self.free() as usize;
+        if free >= want {
+            return want;
+        }
+        let worthwhile = MIN_PARTIAL_SEND
+            .min(self.peer_buf_alloc as usize / 4)
+            .max(1);
+        if free >= worthwhile {
+            free
+        } else {
+            0
+        }
     }
 
     /// Bytes sent and not yet consumed by the peer (as far as its last packet said).

@@ -274,9 +274,13 @@ fn send_some(
     credit: &mut PeerCredit,
     data: &[u8],
 ) -> Result<usize, VirtioError> {
-    // With no credit, a one-byte attempt makes the manager ask the peer for an update
-    // (once, until the peer sends one); the attempt itself fails.
-    let n = data.len().min(CHUNK).min(credit.free() as usize).max(1);
+    let want = data.len().min(CHUNK);
+    // Without enough credit, the full-size attempt fails, and makes the manager ask the
+    // peer for a credit update (one request outstanding at a time).
+    let n = match credit.sendable(want) {
+        0 => want,
+        n => n,
+    };
     match vsock.send(peer, port, &data[..n]) {
         Ok(()) => {
             credit.sent(n);
