@@ -148,6 +148,12 @@ struct Conn {
     received: u64,
     /// Bytes sent.
     sent: u64,
+    /// Packets sent with data.
+    packets: u64,
+    /// Credit updates sent.
+    updates: u64,
+    /// Receive calls that returned data.
+    reads: u64,
     /// Shutdown sent (source finished).
     shut: bool,
     /// The manager dropped the connection (peer shut down or reset, and drained).
@@ -164,9 +170,25 @@ impl Conn {
             pending: VecDeque::new(),
             received: 0,
             sent: 0,
+            packets: 0,
+            updates: 0,
+            reads: 0,
             shut: false,
             gone: false,
         }
+    }
+
+    /// Counters for `verbose`.
+    fn stats(&self) -> alloc::string::String {
+        alloc::format!(
+            "received {} in {} reads, sent {} in {} packets, {} credit updates, peer credit {:?}",
+            self.received,
+            self.reads,
+            self.sent,
+            self.packets,
+            self.updates,
+            self.credit
+        )
     }
 
     fn matches(&self, event: &VsockEvent) -> bool {
@@ -200,13 +222,17 @@ impl Conn {
                 break;
             }
             any = true;
+            self.reads += 1;
             self.received += n as u64;
             if self.role == Role::Echo {
                 self.pending.extend(&scratch[..n]);
             }
             if self.credit.consumed(n) && !self.gone {
                 match vsock.update_credit(self.peer, self.port) {
-                    Ok(()) => self.credit.advertised(),
+                    Ok(()) => {
+                        self.credit.advertised();
+                        self.updates += 1;
+                    }
                     // The last `recv` may have closed the connection (peer shut down).
                     Err(e) if is_not_connected(&e) => self.gone = true,
                     Err(e) => println!("vsockecho: credit update to {:?}: {e}", self.peer),
@@ -247,6 +273,7 @@ impl Conn {
         match result {
             Ok(n) => {
                 self.sent += n as u64;
+                self.packets += u64::from(n > 0);
                 match &mut self.role {
                     Role::Echo => drop(self.pending.drain(..n)),
                     Role::Source { remaining } => *remaining -= n as u64,
@@ -414,8 +441,10 @@ impl Server {
                 }
                 if self.verbose {
                     println!(
-                        "vsockecho: {:?} port {} disconnected ({reason:?}), received {} sent {}",
-                        c.peer, c.port, c.received, c.sent
+                        "vsockecho: {:?} port {} disconnected ({reason:?}), {}",
+                        c.peer,
+                        c.port,
+                        c.stats()
                     );
                 }
             }
@@ -527,6 +556,7 @@ fn run_client(
     pattern: &[u8],
     scratch: &mut [u8],
 ) -> Result<(), Failure> {
+    let verbose = boot.arg("verbose").is_some();
     match mode {
         Mode::Source => {
             let bytes = boot.arg_u64("bytes").unwrap_or(DEFAULT_BYTES);
@@ -544,6 +574,9 @@ fn run_client(
             println!("vsockecho sent {bytes} in {ns} ns");
             let mbps = u128::from(bytes) * 1000 / u128::from(ns);
             println!("vsockecho rate {mbps} MB/s");
+            if verbose {
+                println!("vsockecho: {}", conn.stats());
+            }
             Ok(())
         }
         Mode::Sink | Mode::Echo => {
