@@ -84,6 +84,9 @@ fn main(boot: &BootInfo) -> ! {
         boot.cmdline
     );
     let verbose = boot.arg("verbose").is_some();
+    if let Some(us) = boot.arg_u64("spin_us") {
+        vsock::set_spin_ns(us.saturating_mul(1000));
+    }
     match boot.arg("connect") {
         None => serve(boot, &mut vsock, verbose),
         Some(spec) => {
