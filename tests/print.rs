@@ -219,3 +219,61 @@ fn kvm_stopping_the_controller_resets_host_connections() {
     assert!(t0.elapsed() < Duration::from_secs(10), "not a hang");
     assert!(dev.shutdown().success());
 }
+
+#[test]
+fn kvm_engine_crash_mid_job_fails_the_job_and_the_controller_carries_on() {
+    require_kvm();
+    let (mut dev, uds) = printer("");
+    let mut c = JobClient::connect(&uds).expect("connect");
+    let big = c.submit(5_000, 77, 256, 256).expect("submit");
+    // Wait until the job is really at the engine.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let job = c.jobs(Some(big)).expect("status").remove(0);
+        if job.pages_done >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job never started: {job:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    match c
+        .call(&duplex_link::HostRequest::InjectCrash)
+        .expect("inject")
+    {
+        duplex_link::HostReply::Engine(_) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    // A real guest fault: the engine partition is crashed with #UD.
+    let st = dev.wait_state("engine", "crashed", T);
+    assert_eq!(st["crash"]["vector"], 6, "{st}");
+    let job = c.wait(big, T).expect("the job ends");
+    assert_eq!(job.state, JobState::Failed, "{job:?}");
+    assert!(
+        job.error.as_deref().unwrap_or("").contains("reset"),
+        "{job:?}"
+    );
+    assert!(job.pages_done < 5_000);
+    let expected: Vec<u32> = (0..job.pages_done)
+        .map(|p| expected_page_checksum(77, p, 256, 256))
+        .collect();
+    assert_eq!(
+        job.checksums, expected,
+        "pages printed before the crash are right"
+    );
+    // The controller is up and takes new jobs; they wait for the engine.
+    assert_eq!(dev.status_of("controller")["state"], "running");
+    let next = c
+        .submit(3, 78, 128, 128)
+        .expect("submit while the engine is down");
+    assert_eq!(
+        c.jobs(Some(next)).expect("status")[0].state,
+        JobState::Queued
+    );
+    dev.ok(json!({"cmd": "start", "partition": "engine"}));
+    let job = c.wait(next, T).expect("done after the engine restarts");
+    check_job(&job, 3, 78, 128, 128);
+    assert!(dev.shutdown().success());
+}

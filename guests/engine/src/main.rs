@@ -244,6 +244,12 @@ impl Firmware {
         c.drain(v, &mut self.scratch);
         while let Some(msg) = c.next_message() {
             match msg {
+                Ok(ToEngine::Crash) => {
+                    println!("engine: crash requested by cid {}", c.peer.cid);
+                    // SAFETY: `ud2` raises #UD on purpose; the runtime's fault handler
+                    // reports it and the monitor ends this partition (a test hook).
+                    unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+                }
                 Ok(msg) => {
                     let reply: FromEngine = self.engine.handle(msg, now_ms());
                     c.send(&reply);

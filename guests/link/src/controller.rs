@@ -218,6 +218,16 @@ impl Controller {
                     self.ask_engine(ToEngine::Status, Some((client, seq)), &mut out);
                 }
             }
+            HostRequest::InjectCrash => {
+                let reply = if self.link == Link::Down {
+                    error(error_code::ENGINE_UNAVAILABLE, ENGINE_NOT_CONNECTED.into())
+                } else {
+                    out.push(Action::Log("forwarding Crash to the engine".into()));
+                    out.push(Action::Engine(ToEngine::Crash));
+                    HostReply::Engine(self.engine_info())
+                };
+                self.fill(client, seq, reply, &mut out);
+            }
             HostRequest::InjectJam | HostRequest::ClearJam => {
                 if self.link == Link::Down {
                     let reply = error(error_code::ENGINE_UNAVAILABLE, ENGINE_NOT_CONNECTED.into());
@@ -737,6 +747,35 @@ mod tests {
         r.run_engine(None);
         assert_eq!(r.c.job(2).unwrap().state, JobState::Done);
         assert_eq!(r.c.job(1).unwrap().state, JobState::Failed);
+    }
+
+    #[test]
+    fn inject_crash_is_forwarded_without_waiting_and_refused_without_an_engine() {
+        let mut r = Rig::new();
+        r.host(1, HostRequest::InjectCrash);
+        let replies = r.take_replies();
+        let [(1, HostReply::Error { code, .. })] = replies.as_slice() else {
+            panic!("{replies:?}")
+        };
+        assert_eq!(*code, error_code::ENGINE_UNAVAILABLE);
+        assert!(r.to_engine.is_empty());
+        r.connect();
+        r.host(1, submit(3, 1));
+        r.run_engine(Some(1));
+        r.host(1, HostRequest::InjectCrash);
+        let replies = r.take_replies();
+        assert!(
+            matches!(replies.last(), Some((1, HostReply::Engine(_)))),
+            "answered at once: {replies:?}"
+        );
+        assert_eq!(r.to_engine.back(), Some(&ToEngine::Crash));
+        // The engine dies: its link resets and the printing job fails.
+        r.to_engine.clear();
+        let a = r.c.on_engine_reset();
+        r.apply(a);
+        let job = r.c.job(1).unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert_eq!(job.error.as_deref(), Some(ENGINE_RESET));
     }
 
     #[test]

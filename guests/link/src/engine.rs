@@ -131,6 +131,8 @@ impl Engine {
                 self.jammed = false;
                 FromEngine::Status(self.info(now_ms))
             }
+            // The firmware faults before handing `Crash` here; as logic it is `Status`.
+            ToEngine::Crash => FromEngine::Status(self.info(now_ms)),
         }
     }
 

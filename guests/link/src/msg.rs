@@ -76,6 +76,10 @@ pub enum HostRequest {
     InjectJam,
     /// Clears a jam. Answer: `Engine` (the state after) or `Error`.
     ClearJam,
+    /// Crashes the engine partition for real (a test hook): the engine firmware executes
+    /// an invalid instruction, so the monitor sees a guest fault. Answer: `Engine` (the
+    /// state before the crash) or `Error` when the engine is not connected.
+    InjectCrash,
 }
 
 /// Controller → host, on the job port: exactly one reply per request, in request order.
@@ -226,6 +230,8 @@ pub enum ToEngine {
     Jam,
     /// Clear a jam.
     ClearJam,
+    /// Fault on purpose (test hook): no reply; the engine partition crashes.
+    Crash,
 }
 
 /// Engine → controller, on the link port.

@@ -69,7 +69,9 @@ pub const MAX_PACKET_DATA: usize = 64 * 1024;
 /// Size of each receive buffer (header plus a full-size payload, one descriptor each).
 pub const RX_BUFFER_SIZE: usize = HEADER_SIZE + MAX_PACKET_DATA;
 /// Received bytes each connection buffers until `recv` (the credit advertised to peers).
-pub const DEFAULT_CONNECTION_BUFFER: u32 = 256 * 1024;
+pub const DEFAULT_CONNECTION_BUFFER: u32 = 128 * 1024;
+/// How long [`PeerCredit::plan`] waits for news from a peer before it asks for credit.
+pub const CREDIT_REQUEST_AFTER_MS: u64 = 2;
 /// The smallest packet [`PeerCredit::sendable`] splits a larger send into.
 pub const MIN_PARTIAL_SEND: usize = 16 * 1024;
 /// Longest single `WAIT_UNTIL` in [`wait_for_event`]: a wake the monitor loses costs at
@@ -317,9 +319,9 @@ pub fn poll(vsock: &mut Vsock) -> Result<Option<VsockEvent>, VirtioError> {
 
 /// Flow-control bookkeeping for one connection, fed from its events.
 ///
-/// Sending: [`PeerCredit::sendable`] says how much of a payload to send now (0: wait for
-/// the peer's next credit update; a `send` larger than the credit fails and makes the
-/// manager ask the peer for one); call [`PeerCredit::sent`] after each successful `send`.
+/// Sending: [`PeerCredit::plan`] says how much of a payload to send now, or to wait for
+/// the peer's next credit update, or (after a quiet spell) to ask for one; call
+/// [`PeerCredit::sent`] after each successful `send`.
 /// Receiving: call [`PeerCredit::consumed`] after each `recv`; when it returns true, call
 /// `update_credit` (and [`PeerCredit::advertised`]) so the peer learns about the freed
 /// space.
@@ -331,6 +333,21 @@ pub struct PeerCredit {
     rx_consumed: u32,
     rx_advertised: u32,
     buffer: u32,
+    /// TSC of the last news about the peer's credit, or of the last credit request.
+    last_news: u64,
+}
+
+/// What to do with a payload, by [`PeerCredit::plan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendPlan {
+    /// Send this many bytes (of the payload's start) now.
+    Send(usize),
+    /// Not enough credit: wait for the peer's next packet.
+    Wait,
+    /// Not enough credit, and no news from the peer for [`CREDIT_REQUEST_AFTER_MS`]: try
+    /// the full `send` anyway; it fails, and makes the manager ask the peer for a credit
+    /// update (or succeeds if the manager knows of credit this bookkeeping missed).
+    RequestCredit,
 }
 
 impl PeerCredit {
@@ -347,6 +364,7 @@ impl PeerCredit {
     pub fn update(&mut self, event: &VsockEvent) {
         self.peer_buf_alloc = event.buffer_status.buffer_allocation;
         self.peer_fwd_cnt = event.buffer_status.forward_count;
+        self.last_news = time::rdtsc();
     }
 
     /// Bytes the peer can take now.
@@ -372,6 +390,27 @@ impl PeerCredit {
             free
         } else {
             0
+        }
+    }
+
+    /// [`PeerCredit::sendable`] as a plan: [`SendPlan::Send`] when something can go now,
+    /// else [`SendPlan::Wait`], or [`SendPlan::RequestCredit`] once the peer has been quiet
+    /// for [`CREDIT_REQUEST_AFTER_MS`] (a peer that only answers requests still gets
+    /// asked, but a blocked sender does not flood a peer that sends updates by itself
+    /// with requests).
+    pub fn plan(&mut self, want: usize) -> SendPlan {
+        match self.sendable(want) {
+            0 if want > 0 => {
+                let now = time::rdtsc();
+                let quiet = time::ns_to_ticks(CREDIT_REQUEST_AFTER_MS * 1_000_000);
+                if now.saturating_sub(self.last_news) >= quiet {
+                    self.last_news = now;
+                    SendPlan::RequestCredit
+                } else {
+                    SendPlan::Wait
+                }
+            }
+            n => SendPlan::Send(n),
         }
     }
 

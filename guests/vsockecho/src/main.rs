@@ -39,11 +39,12 @@ extern crate alloc;
 use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 use duplex_runtime::time::{self, rdtsc, ticks_to_ns};
 use duplex_runtime::vsock::{
-    self, DisconnectReason, PeerCredit, SocketError, VirtioError, Vsock, VsockAddr, VsockEvent,
-    VsockEventType, DEFAULT_CONNECTION_BUFFER, MAX_PACKET_DATA,
+    self, DisconnectReason, PeerCredit, SendPlan, SocketError, VirtioError, Vsock, VsockAddr,
+    VsockEvent, VsockEventType, DEFAULT_CONNECTION_BUFFER, MAX_PACKET_DATA,
 };
 use duplex_runtime::{println, sysctl, BootInfo};
 
@@ -59,6 +60,8 @@ const SOURCE_PORT: u32 = 19;
 const DEFAULT_BYTES: u64 = 64 << 20;
 /// Largest payload per packet.
 const CHUNK: usize = MAX_PACKET_DATA;
+/// Receive buffer per connection (`conn_buf=`, default [`DEFAULT_CONNECTION_BUFFER`]).
+static CONN_BUF: AtomicU32 = AtomicU32::new(DEFAULT_CONNECTION_BUFFER);
 /// Echo data held per connection before the firmware stops reading (back-pressure).
 const ECHO_BACKLOG: usize = 256 * 1024;
 /// First local port of client connections (one more per attempt).
@@ -71,7 +74,13 @@ const RETRY_MS: u64 = 100;
 const IDLE_TIMEOUT_MS: u64 = 10_000;
 
 fn main(boot: &BootInfo) -> ! {
-    let Some(mut vsock) = vsock::open_vsock(boot) else {
+    let conn_buf = boot
+        .arg_u64("conn_buf")
+        .and_then(|b| u32::try_from(b).ok())
+        .filter(|&b| b >= 4096)
+        .unwrap_or(DEFAULT_CONNECTION_BUFFER);
+    CONN_BUF.store(conn_buf, Relaxed);
+    let Some(mut vsock) = vsock::open_vsock_with(boot, conn_buf) else {
         println!(
             "duplex vsockecho: no virtio vsock device cmdline=\"{}\"",
             boot.cmdline
@@ -161,6 +170,8 @@ struct Conn {
     shut: bool,
     /// The manager dropped the connection (peer shut down or reset, and drained).
     gone: bool,
+    /// Data is waiting for the peer's credit.
+    blocked: bool,
 }
 
 impl Conn {
@@ -169,7 +180,7 @@ impl Conn {
             peer,
             port,
             role,
-            credit: PeerCredit::new(DEFAULT_CONNECTION_BUFFER),
+            credit: PeerCredit::new(CONN_BUF.load(Relaxed)),
             pending: VecDeque::new(),
             received: 0,
             sent: 0,
@@ -178,6 +189,7 @@ impl Conn {
             reads: 0,
             shut: false,
             gone: false,
+            blocked: false,
         }
     }
 
@@ -248,6 +260,7 @@ impl Conn {
     /// Sends one chunk if there is something to send and credit for it; shuts a finished
     /// source down. Returns whether anything was sent.
     fn pump(&mut self, vsock: &mut Vsock, pattern: &[u8]) -> bool {
+        self.blocked = false;
         if self.gone || self.shut {
             return false;
         }
@@ -275,6 +288,7 @@ impl Conn {
         };
         match result {
             Ok(n) => {
+                self.blocked = n == 0;
                 self.sent += n as u64;
                 self.packets += u64::from(n > 0);
                 match &mut self.role {
@@ -305,11 +319,11 @@ fn send_some(
     data: &[u8],
 ) -> Result<usize, VirtioError> {
     let want = data.len().min(CHUNK);
-    // Without enough credit, the full-size attempt fails, and makes the manager ask the
-    // peer for a credit update (one request outstanding at a time).
-    let n = match credit.sendable(want) {
-        0 => want,
-        n => n,
+    let n = match credit.plan(want) {
+        SendPlan::Send(n) => n,
+        SendPlan::Wait => return Ok(0),
+        // The full-size attempt fails, and makes the manager ask the peer for credit.
+        SendPlan::RequestCredit => want,
     };
     match vsock.send(peer, port, &data[..n]) {
         Ok(()) => {
@@ -341,7 +355,8 @@ fn serve(boot: &BootInfo, vsock: &mut Vsock, verbose: bool) -> ! {
         let mut event = if progressed {
             poll(vsock)
         } else {
-            vsock::wait_for_event(vsock, far_deadline())
+            let blocked = server.conns.iter().any(|c| c.blocked);
+            wait(vsock, far_deadline(), blocked)
         };
         for _ in 0..EVENT_BATCH {
             let Some(e) = event else { break };
@@ -356,6 +371,17 @@ fn serve(boot: &BootInfo, vsock: &mut Vsock, verbose: bool) -> ! {
 
 /// Events handled between two rounds of sending.
 const EVENT_BATCH: usize = 32;
+
+/// Waits for an event until `deadline`; when a sender is `blocked` on credit, only until
+/// the moment [`PeerCredit::plan`] may ask the peer for credit.
+fn wait(vsock: &mut Vsock, deadline: u64, blocked: bool) -> Option<VsockEvent> {
+    let deadline = if blocked {
+        deadline.min(ms_from_now(vsock::CREDIT_REQUEST_AFTER_MS))
+    } else {
+        deadline
+    };
+    vsock::wait_for_event(vsock, deadline)
+}
 
 /// [`vsock::poll`], printing errors.
 fn poll(vsock: &mut Vsock) -> Option<VsockEvent> {
@@ -627,8 +653,9 @@ fn run_until(
             idle_deadline = ms_from_now(IDLE_TIMEOUT_MS);
             poll(vsock)
         } else {
-            match vsock::wait_for_event(vsock, idle_deadline) {
+            match wait(vsock, idle_deadline, conn.blocked) {
                 Some(e) => Some(e),
+                None if rdtsc() < idle_deadline => None,
                 None => {
                     println!("vsockecho: peer {:?} silent", conn.peer);
                     return Err(Failure::Fatal);
@@ -681,12 +708,14 @@ fn rtt(
         let mut idle_deadline = ms_from_now(IDLE_TIMEOUT_MS);
         while conn.received < target {
             let mut progressed = conn.drain(vsock, scratch);
+            let mut blocked = false;
             if to_send > 0 && !conn.gone {
                 let n = usize::try_from(to_send).map_or(CHUNK, |r| r.min(CHUNK));
                 match send_some(vsock, conn.peer, conn.port, &mut conn.credit, &pattern[..n]) {
                     Ok(n) => {
                         to_send -= n as u64;
                         progressed |= n > 0;
+                        blocked = n == 0;
                     }
                     Err(e) => {
                         if !is_not_connected(&e) {
@@ -705,8 +734,9 @@ fn rtt(
             let event = if progressed {
                 poll(vsock)
             } else {
-                match vsock::wait_for_event(vsock, idle_deadline) {
+                match wait(vsock, idle_deadline, blocked) {
                     Some(e) => Some(e),
+                    None if rdtsc() < idle_deadline => None,
                     None => {
                         println!("vsockecho: no echo from {:?}", conn.peer);
                         return Err(Failure::Fatal);
