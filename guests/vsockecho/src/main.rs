@@ -28,8 +28,10 @@
 //! it prints `vsockecho done` and sleeps, or powers off with `done=off` (status 0, or 1
 //! after a failure).
 //!
-//! `verbose` prints a line per connection; `source_bytes=`, `bytes=`, `count=`, `size=`
-//! take decimal or `0x` numbers.
+//! Other options: `verbose` prints a line per connection (with packet and credit
+//! counters); `conn_buf=N` sets each connection's receive buffer (the credit peers get,
+//! default 128 KiB); `spin_us=N` makes waits poll for N µs before sleeping. Numbers are
+//! decimal or `0x` hex.
 
 #![no_std]
 #![no_main]
