@@ -48,8 +48,13 @@ pub const EVENT_QUEUE: u16 = 2;
 pub const F_STREAM: u64 = 1;
 /// The smallest CID a partition may have (0–2 are reserved; 2 is the host).
 pub const MIN_GUEST_CID: u64 = 3;
-/// Hard cap of the bytes (headers + payload) waiting for one partition's RX queue.
-pub const BACKLOG_CAP: usize = 1 << 20;
+/// Hard cap of the bytes (headers + payload) waiting for one partition's RX queue, over
+/// all connections to it.
+pub const BACKLOG_CAP: usize = 16 << 20;
+/// Hard cap of the bytes one connection may have waiting in its receiver's backlog. A
+/// sender that honours the receiver's credit stays below its `buf_alloc`; guests here
+/// advertise 128–256 KiB.
+pub const CONN_BACKLOG_CAP: usize = 1 << 20;
 /// The receive buffer the switch advertises, per host connection.
 pub const HOST_BUF_ALLOC: u32 = 256 * 1024;
 /// Host data is read only while the guest's backlog is below this.

@@ -17,7 +17,8 @@ use super::state::{
     Backlog, ConnKey, ConnState, ConnStats, Connection, PortStats, SwitchState, VsockStats,
 };
 use super::{
-    VsockError, BACKLOG_CAP, CONNECT_TIMEOUT, MAX_CONNS_PER_CID, MIN_GUEST_CID, RX_QUEUE, TX_QUEUE,
+    VsockError, BACKLOG_CAP, CONNECT_TIMEOUT, CONN_BACKLOG_CAP, MAX_CONNS_PER_CID, MIN_GUEST_CID,
+    RX_QUEUE, TX_QUEUE,
 };
 use crate::virtio::{ActivateError, Interrupt};
 
@@ -310,11 +311,21 @@ impl Inner {
         true
     }
 
-    /// Queues a partition-to-partition packet for its destination, within the backlog cap.
+    /// Queues a partition-to-partition packet for its destination, within the backlog
+    /// caps (per connection and per destination).
     fn forward(&mut self, p: Pending) {
         let dst = p.hdr.dst_cid;
-        let queued = self.state.backlogs.get(&dst).map_or(0, |b| b.bytes);
-        if queued + p.cost() > BACKLOG_CAP {
+        let (src_ep, dst_ep) = (p.hdr.src(), p.hdr.dst());
+        let (queued, conn_queued) = self.state.backlogs.get(&dst).map_or((0, 0), |b| {
+            let conn = b
+                .packets
+                .iter()
+                .filter(|q| q.hdr.src() == src_ep && q.hdr.dst() == dst_ep)
+                .map(Pending::cost)
+                .sum::<usize>();
+            (b.bytes, conn)
+        });
+        if conn_queued + p.cost() > CONN_BACKLOG_CAP || queued + p.cost() > BACKLOG_CAP {
             self.overflow(&p.hdr);
             return;
         }

@@ -30,7 +30,7 @@
 //!
 //! Other options: `verbose` prints a line per connection (with packet and credit
 //! counters); `conn_buf=N` sets each connection's receive buffer (the credit peers get,
-//! default 128 KiB); `spin_us=N` makes waits poll for N µs before sleeping. Numbers are
+//! default 128 KiB); `spin_us=N` makes waits poll for N µs before sleeping (default 50). Numbers are
 //! decimal or `0x` hex.
 
 #![no_std]

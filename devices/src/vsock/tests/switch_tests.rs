@@ -5,7 +5,7 @@ use super::*;
 use crate::virtio::mmio::reg;
 use crate::vsock::packet::{op, HOST_CID, TYPE_STREAM};
 use crate::vsock::switch::CONTROL_SLACK;
-use crate::vsock::{ConnState, VsockError, BACKLOG_CAP};
+use crate::vsock::{ConnState, VsockError, BACKLOG_CAP, CONN_BACKLOG_CAP};
 
 fn switch() -> VsockSwitch {
     VsockSwitch::new().expect("switch")
@@ -190,7 +190,7 @@ fn backlog_cap_resets_the_connection_that_exceeds_it() {
     assert!(a.send(hdr(ca, sb, op::REQUEST), &[]));
     let chunk = pattern(64 * 1024);
     let per = HDR_SIZE + chunk.len();
-    let fit = (BACKLOG_CAP - HDR_SIZE) / per;
+    let fit = (CONN_BACKLOG_CAP - HDR_SIZE) / per;
     for _ in 0..fit {
         assert!(a.send(hdr(ca, sb, op::RW), &chunk));
     }
@@ -374,4 +374,27 @@ fn malformed_rx_buffers_are_returned_empty_and_skipped() {
     assert_eq!(got[0].1, b"payload");
     assert_eq!(b.empty_rx, 3);
     assert_eq!(sw.stats().counters.malformed_rx, 3);
+}
+
+#[test]
+fn many_connections_within_their_credit_are_not_reset() {
+    let sw = switch();
+    let mut a = MockGuest::new(&sw, 3, None);
+    let mut b = MockGuest::new(&sw, 4, None);
+    b.recycle = false;
+    a.add_rx(4, 4096);
+    let chunk = pattern(64 * 1024);
+    // Four connections, each with 512 KiB waiting: 2 MiB in B's backlog in all, more
+    // than one connection may hold, but every connection is within its own cap.
+    for port in 1..=4u32 {
+        let (ca, sb) = (ep(3, port), ep(4, 80));
+        assert!(a.send(hdr(ca, sb, op::REQUEST), &[]));
+        for _ in 0..8 {
+            assert!(a.send(hdr(ca, sb, op::RW), &chunk));
+        }
+    }
+    let st = sw.stats();
+    assert_eq!(st.counters.backlog_overflows, 0);
+    assert!(st.backlog_bytes > CONN_BACKLOG_CAP, "{}", st.backlog_bytes);
+    assert!(a.recv().is_empty(), "no RST for the senders");
 }
