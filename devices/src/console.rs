@@ -1,13 +1,21 @@
 //! The partition console: a 16550 UART from vm-superio whose transmitted bytes are cut
 //! into lines, written to the partition's sink and kept in a ring of recent lines.
+//!
+//! Snapshots ([`Persist`]) carry the UART's registers and receive FIFO ([`ConsoleState`]);
+//! the lines and their sink are the monitor's, not the guest's, and stay in the
+//! [`ConsoleHandle`] the restore is given.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vm_superio::{Serial, Trigger};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, SerialState, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::persist::Persist;
 
 /// How many recent lines a console keeps for `console` requests and crash reports.
 pub const RECENT_LINES: usize = 2000;
@@ -145,9 +153,96 @@ impl Trigger for IrqLine {
     }
 }
 
+/// Size of the UART's receive FIFO (vm-superio's, not exported by it).
+pub const RX_FIFO_SIZE: usize = 64;
+
+/// The UART's registers and receive FIFO: vm-superio's `SerialState`, serializable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleState {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Received bytes the guest has not read yet (at most [`RX_FIFO_SIZE`]).
+    pub rx_fifo: Vec<u8>,
+}
+
+impl Default for ConsoleState {
+    fn default() -> Self {
+        SerialState::default().into()
+    }
+}
+
+impl From<SerialState> for ConsoleState {
+    fn from(s: SerialState) -> Self {
+        ConsoleState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            rx_fifo: s.in_buffer,
+        }
+    }
+}
+
+impl From<&ConsoleState> for SerialState {
+    fn from(s: &ConsoleState) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.rx_fifo.clone(),
+        }
+    }
+}
+
+/// What a console restore needs besides its state.
+#[derive(Debug)]
+pub struct ConsoleArgs {
+    /// The UART's interrupt (wired to GSI 4 by the monitor).
+    pub irq: EventFd,
+    /// Where the restored console's lines go (the partition's existing log, or a new one).
+    pub handle: ConsoleHandle,
+}
+
+/// Why a console state cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// The saved receive FIFO is longer than the UART's.
+    #[error("console: the receive FIFO holds {0} bytes, the UART's holds {RX_FIFO_SIZE}")]
+    FifoTooLong(usize),
+    /// The interrupt the restored registers call for could not be raised.
+    #[error("console: raising the restored interrupt: {0}")]
+    Irq(io::Error),
+}
+
 /// A partition's console device: the UART and where its output goes.
 pub struct Console {
-    uart: Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleHandle>,
+    uart: Serial<IrqLine, NoEvents, ConsoleHandle>,
     handle: ConsoleHandle,
 }
 
@@ -191,6 +286,39 @@ impl Console {
                 let _ = self.uart.write(o, v);
             }
         }
+    }
+}
+
+impl Persist for Console {
+    type State = ConsoleState;
+    type ConstructorArgs = ConsoleArgs;
+    type Error = ConsoleError;
+
+    fn save(&self) -> ConsoleState {
+        self.uart.state().into()
+    }
+
+    /// A console with the saved registers and FIFO. As a real UART would, it raises its
+    /// interrupt at once if the registers say one is pending and enabled.
+    fn restore(args: ConsoleArgs, state: &ConsoleState) -> Result<Self, ConsoleError> {
+        if state.rx_fifo.len() > RX_FIFO_SIZE {
+            return Err(ConsoleError::FifoTooLong(state.rx_fifo.len()));
+        }
+        let uart = Serial::from_state(
+            &SerialState::from(state),
+            IrqLine(args.irq),
+            NoEvents,
+            args.handle.clone(),
+        )
+        .map_err(|e| match e {
+            vm_superio::serial::Error::Trigger(e) => ConsoleError::Irq(e),
+            vm_superio::serial::Error::FullFifo => ConsoleError::FifoTooLong(state.rx_fifo.len()),
+            vm_superio::serial::Error::IOError(e) => ConsoleError::Irq(e),
+        })?;
+        Ok(Console {
+            uart,
+            handle: args.handle,
+        })
     }
 }
 
@@ -279,6 +407,92 @@ mod tests {
             0,
             "THR empty bit must be set so guests can write"
         );
+    }
+
+    fn reg(c: &mut Console, offset: u64) -> u8 {
+        let mut d = [0u8; 1];
+        c.read(offset, &mut d);
+        d[0]
+    }
+
+    /// LCR with DLAB, divisor 3, LCR 8N1, IER "received data", scratch, MCR loopback with
+    /// two bytes looped into the receive FIFO; a line already written.
+    fn drive(c: &mut Console) {
+        send(c, "before\n");
+        c.write(3, &[0x80]);
+        c.write(0, &[3]);
+        c.write(1, &[0]);
+        c.write(3, &[0x03]);
+        c.write(1, &[0x01]);
+        c.write(7, &[0x5a]);
+        c.write(4, &[0x10]);
+        send(c, "hi");
+    }
+
+    crate::persist_round_trip!(
+        console_round_trip,
+        Console,
+        make: console,
+        mutate: drive,
+        args: |c: &mut Console| ConsoleArgs {
+            irq: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            handle: c.handle().clone(),
+        },
+        check: |mut original: Console, mut restored: Console| {
+            for offset in [1, 3, 4, 5, 6, 7] {
+                assert_eq!(
+                    reg(&mut restored, offset),
+                    reg(&mut original, offset),
+                    "register {offset} reads back the same"
+                );
+            }
+            assert_eq!(reg(&mut restored, 3), 0x03);
+            assert_eq!(reg(&mut restored, 1), 0x01);
+            assert_eq!(reg(&mut restored, 7), 0x5a);
+            restored.write(3, &[0x83]);
+            assert_eq!((reg(&mut restored, 0), reg(&mut restored, 1)), (3, 0));
+            restored.write(3, &[0x03]);
+            // The looped-back bytes are in the restored FIFO, once.
+            assert_eq!(reg(&mut restored, 5) & 1, 1, "data ready");
+            assert_eq!(reg(&mut restored, 0), b'h');
+            assert_eq!(reg(&mut restored, 0), b'i');
+            assert_eq!(reg(&mut restored, 5) & 1, 0, "FIFO drained");
+            // Output goes on into the same log.
+            restored.write(4, &[0]);
+            send(&mut restored, "after\n");
+            assert_eq!(restored.handle().lock().tail(2), vec!["before", "after"]);
+        },
+    );
+
+    #[test]
+    fn restore_refuses_an_over_long_fifo() {
+        let state = ConsoleState {
+            rx_fifo: vec![0; RX_FIFO_SIZE + 1],
+            ..Default::default()
+        };
+        let args = ConsoleArgs {
+            irq: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            handle: ConsoleHandle::new(ConsoleOutput::Discard),
+        };
+        assert!(matches!(
+            Console::restore(args, &state),
+            Err(ConsoleError::FifoTooLong(65))
+        ));
+    }
+
+    #[test]
+    fn restore_raises_a_pending_enabled_interrupt() {
+        let mut c = console();
+        drive(&mut c);
+        let state = c.save();
+        assert_eq!(state.rx_fifo, b"hi");
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let args = ConsoleArgs {
+            irq: irq.try_clone().expect("clone"),
+            handle: ConsoleHandle::new(ConsoleOutput::Discard),
+        };
+        let _restored = Console::restore(args, &state).expect("restore");
+        assert!(irq.read().is_ok(), "received-data interrupt raised again");
     }
 
     #[test]

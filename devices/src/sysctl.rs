@@ -3,8 +3,13 @@
 //!
 //! The device only decodes accesses; what an access means for the partition is returned
 //! as a [`SysctlAction`] for the vCPU loop to carry out.
+//!
+//! Its whole state (TSC frequency, a fault report being written) is plain serde data: a
+//! snapshot ([`Persist`]) saves the [`Sysctl`] itself.
 
 use serde::{Deserialize, Serialize};
+
+use crate::persist::Persist;
 
 /// `MAGIC` register value: "DPLX" little-endian.
 pub const MAGIC: u32 = 0x584C_5044;
@@ -35,6 +40,9 @@ pub mod reg {
     pub const FAULT_COMMIT: u64 = 0x38;
     /// W, 4 bytes: guest panic with this code.
     pub const PANIC: u64 = 0x40;
+    /// W, 4 bytes: the guest asks for a coordinated snapshot (1) or a snapshot and a
+    /// reboot from it (2); other values are ignored.
+    pub const SNAPSHOT_REQUEST: u64 = 0x48;
 }
 
 /// A fault the guest reported about itself.
@@ -90,6 +98,8 @@ pub enum SysctlAction {
     Fault(FaultReport),
     /// The guest panicked with this code.
     Panic(u32),
+    /// The guest asks for a coordinated snapshot (and a reboot from it when `reboot`).
+    SnapshotRequest { reboot: bool },
 }
 
 /// The system control page of one partition.
@@ -188,14 +198,58 @@ impl Sysctl {
             }
             reg::FAULT_COMMIT => SysctlAction::Fault(std::mem::take(&mut self.fault)),
             reg::PANIC => SysctlAction::Panic(value32),
+            reg::SNAPSHOT_REQUEST => match value32 {
+                1 => SysctlAction::SnapshotRequest { reboot: false },
+                2 => SysctlAction::SnapshotRequest { reboot: true },
+                _ => SysctlAction::None,
+            },
             _ => SysctlAction::None,
         }
+    }
+}
+
+impl Persist for Sysctl {
+    type State = Sysctl;
+    type ConstructorArgs = ();
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> Sysctl {
+        self.clone()
+    }
+
+    /// Any value of the fields is a valid page: nothing to validate.
+    fn restore(_args: (), state: &Sysctl) -> Result<Self, Self::Error> {
+        Ok(state.clone())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    crate::persist_round_trip!(
+        sysctl_round_trip,
+        Sysctl,
+        make: || Sysctl::new(2_500_000),
+        mutate: |s: &mut Sysctl| {
+            // A fault report half written when the snapshot is taken.
+            s.write(reg::FAULT_VECTOR, &13u64.to_le_bytes());
+            s.write(reg::FAULT_ERROR, &0x18u64.to_le_bytes());
+        },
+        args: |_: &mut Sysctl| (),
+        check: |_original: Sysctl, mut restored: Sysctl| {
+            assert_eq!(read(&mut restored, reg::TSC_KHZ, 8), 2_500_000);
+            restored.write(reg::FAULT_RIP, &0x4000u64.to_le_bytes());
+            assert_eq!(
+                restored.write(reg::FAULT_COMMIT, &0u32.to_le_bytes()),
+                SysctlAction::Fault(FaultReport {
+                    vector: 13,
+                    error: 0x18,
+                    rip: 0x4000
+                })
+            );
+        },
+    );
 
     fn read(s: &mut Sysctl, off: u64, len: usize) -> u64 {
         let mut d = vec![0u8; len];
@@ -231,6 +285,20 @@ mod tests {
             s.write(reg::PANIC, &3u32.to_le_bytes()),
             SysctlAction::Panic(3)
         );
+    }
+
+    #[test]
+    fn snapshot_requests() {
+        let mut s = Sysctl::new(1);
+        let w = |s: &mut Sysctl, v: u32| s.write(reg::SNAPSHOT_REQUEST, &v.to_le_bytes());
+        assert_eq!(
+            w(&mut s, 1),
+            SysctlAction::SnapshotRequest { reboot: false }
+        );
+        assert_eq!(w(&mut s, 2), SysctlAction::SnapshotRequest { reboot: true });
+        assert_eq!(w(&mut s, 0), SysctlAction::None);
+        assert_eq!(w(&mut s, 3), SysctlAction::None);
+        assert_eq!(s.bad_accesses(), 0);
     }
 
     #[test]

@@ -51,6 +51,16 @@ struct RunArgs {
     /// Shut down by itself after this many seconds (default: run until told to stop).
     #[arg(long)]
     seconds: Option<f64>,
+    /// Start every partition from this snapshot set instead of booting cold.
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    /// With --restore: read memory files up front instead of mapping them lazily.
+    #[arg(long)]
+    eager: bool,
+    /// With --restore: what to do when the set fails validation (`cold`: boot cold and
+    /// say why in `status`; default: refuse to start).
+    #[arg(long, value_parser = ["cold"])]
+    fallback: Option<String>,
 }
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
@@ -69,7 +79,25 @@ fn run(args: &RunArgs) -> Result<(), String> {
     }
     let handler: Arc<dyn duplex_vmm::api::server::ControlHandler> = monitor.clone();
     let server = ApiServer::bind(&args.api_sock, handler).map_err(|e| e.to_string())?;
-    monitor.start_all().map_err(|e| e.to_string())?;
+    match &args.restore {
+        None => monitor.start_all().map_err(|e| e.to_string())?,
+        Some(dir) => {
+            let mode = if args.eager {
+                duplex_snapshot::LoadMode::Eager
+            } else {
+                duplex_snapshot::LoadMode::Lazy
+            };
+            match monitor.restore_from(dir, mode, false) {
+                Ok(v) => log::info!("restored from {}: {v}", dir.display()),
+                Err(e) if args.fallback.is_some() => {
+                    log::warn!("not restoring: {e}; falling back to a cold boot");
+                    monitor.set_fallback(e.to_string());
+                    monitor.start_all().map_err(|e| e.to_string())?;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
     log::info!(
         "device {} up: {} partition(s) started in {:.1} ms; control socket {}",
         config.device.as_deref().unwrap_or("(unnamed)"),

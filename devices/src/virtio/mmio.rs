@@ -9,6 +9,8 @@
 //!
 //! Registers are 32 bits wide and must be accessed with naturally aligned 4-byte accesses;
 //! anything else reads as 0, is ignored and counted ([`MmioTransport::bad_accesses`]).
+//!
+//! Snapshots of the registers and queue setup: [`MmioState`] (in `mmio_persist.rs`).
 
 use std::sync::Arc;
 
@@ -64,12 +66,26 @@ pub mod reg {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
-/// Why a transport could not be created.
+#[path = "mmio_persist.rs"]
+mod persist;
+
+pub use persist::{MmioArgs, MmioState, QueueSnapshot};
+
+/// Why a transport could not be created or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
     /// The device asked for a queue size virtio-queue refuses (0, not a power of two, too big).
     #[error("queue {index}: invalid maximum size {size}")]
     QueueSize { index: usize, size: u16 },
+    /// A saved state has another number of queues than the device.
+    #[error("saved state has {saved} queues, the device has {device}")]
+    QueueCount { saved: usize, device: usize },
+    /// A saved queue state is not usable.
+    #[error("saved queue {index}: {reason}")]
+    BadQueueState { index: usize, reason: String },
+    /// A saved state contradicts itself.
+    #[error("saved transport state: {0}")]
+    Inconsistent(&'static str),
 }
 
 /// A virtio-mmio register window in front of device `D`.

@@ -296,3 +296,6 @@ fn config_space_reads_any_width_and_bad_accesses_are_counted() {
         "a 1-byte status write is ignored"
     );
 }
+
+#[path = "mmio_persist_tests.rs"]
+mod persist_tests;

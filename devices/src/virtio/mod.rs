@@ -61,6 +61,11 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets the `InterruptStatus` register to `bits` (a restored transport).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// Clears all status bits (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);

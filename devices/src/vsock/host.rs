@@ -7,14 +7,17 @@
 //! guest has credit and its backlog is short (so a slow guest is never buffered for),
 //! writable only while bytes wait for the host.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -34,7 +37,7 @@ pub(crate) const MAX_CONNECT_LINE: usize = 64;
 const MAX_PENDING_LINES: usize = 64;
 /// Error lines.
 pub(crate) const ERR_MALFORMED: &str = "ERR malformed CONNECT line\n";
-const ERR_UNAVAILABLE: &str = "ERR partition unavailable\n";
+pub(crate) const ERR_UNAVAILABLE: &str = "ERR partition unavailable\n";
 const ERR_TOO_MANY: &str = "ERR too many connections\n";
 
 const IN: u32 = EventSet::IN.bits();
@@ -81,10 +84,30 @@ impl Drop for Listener {
     }
 }
 
+/// A fresh id for a listener or host socket: unique in the process (a restore in the same
+/// process finds its host sockets by these ids, see `HostLink::token`), from a random base
+/// so that ids saved by another process do not match by accident.
+fn fresh_token() -> u64 {
+    static BASE: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
+        h.write_u128(now.map_or(0, |d| d.as_nanos()));
+        h.finish()
+    });
+    loop {
+        let t = base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed));
+        if t != STOP_TOKEN {
+            return t;
+        }
+    }
+}
+
 /// The host sockets and the epoll instance that watches them.
 pub(crate) struct Bridge {
     epoll: Arc<Epoll>,
-    next_token: u64,
     listeners: HashMap<u64, Listener>,
     socks: HashMap<u64, HostSock>,
 }
@@ -100,7 +123,6 @@ impl Bridge {
         )?;
         Ok(Bridge {
             epoll: Arc::new(epoll),
-            next_token: STOP_TOKEN + 1,
             listeners: HashMap::new(),
             socks: HashMap::new(),
         })
@@ -111,9 +133,7 @@ impl Bridge {
     }
 
     fn token(&mut self) -> u64 {
-        let t = self.next_token;
-        self.next_token += 1;
-        t
+        fresh_token()
     }
 
     /// Listens on `path` for host connections to partition `cid`.
@@ -149,6 +169,24 @@ impl Bridge {
 
     /// Closes `cid`'s listener (removing its socket file) and its remaining host sockets.
     pub fn unbind(&mut self, cid: u64) {
+        self.unbind_listener(cid);
+        for token in self.tokens_of(cid) {
+            self.close(token, None);
+        }
+    }
+
+    /// The host sockets of `cid` (all of them with `None`).
+    pub fn tokens_of(&self, cid: impl Into<Option<u64>>) -> Vec<u64> {
+        let cid = cid.into();
+        self.socks
+            .iter()
+            .filter(|(_, s)| cid.is_none_or(|c| s.cid == c))
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    /// Closes `cid`'s listener and removes its socket file; its host sockets stay.
+    pub fn unbind_listener(&mut self, cid: u64) {
         let listeners: Vec<u64> = self
             .listeners
             .iter()
@@ -163,15 +201,6 @@ impl Bridge {
                     EpollEvent::default(),
                 );
             }
-        }
-        let socks: Vec<u64> = self
-            .socks
-            .iter()
-            .filter(|(_, s)| s.cid == cid)
-            .map(|(t, _)| *t)
-            .collect();
-        for token in socks {
-            self.close(token, None);
         }
     }
 
@@ -298,7 +327,8 @@ pub(crate) fn run(weak: Weak<Shared>, epoll: Arc<Epoll>) {
         let Some(shared) = weak.upgrade() else {
             return;
         };
-        timeout = shared.with(|inner| {
+        // Waits while the switch is frozen (snapshot, restore).
+        timeout = shared.with_thawed(|inner| {
             for e in ready {
                 inner.on_event(e.data(), e.events());
             }

@@ -11,10 +11,16 @@
 //!   the vsock endpoint (CID 2) for them, with credit-based flow control.
 //! - All switch state sits behind one mutex; its plain-data part ([`SwitchState`]) is
 //!   serializable for snapshots.
+//! - Snapshots (`persist`, `restore`): [`VsockSwitch::save_state`] /
+//!   [`VsockSwitch::restore_state`] for the switch, [`VsockMmio`] implements
+//!   [`Persist`](crate::persist::Persist) ([`VsockMmioState`]), and
+//!   [`VsockSwitch::freeze`] stops all delivery while a consistent cut is taken.
 
 mod host;
 mod hostlink;
 pub mod packet;
+mod persist;
+mod restore;
 pub mod state;
 mod switch;
 mod uds;
@@ -23,7 +29,7 @@ mod uds;
 mod tests;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use virtio_queue::Queue;
@@ -34,6 +40,7 @@ use crate::virtio::mmio::{MmioError, MmioTransport};
 use crate::virtio::{ActivateError, Interrupt, VirtioDevice};
 
 pub use packet::{Endpoint, Hdr, HOST_CID};
+pub use persist::{SwitchFreeze, VsockMmioArgs, VsockMmioState};
 pub use state::{ConnState, ConnStats, PortStats, SwitchState, VsockCounters, VsockStats};
 
 /// The virtio device ID of vsock.
@@ -89,15 +96,23 @@ pub enum VsockError {
     /// The host bridge (epoll, thread) could not start.
     #[error("vsock: host bridge: {0}")]
     Bridge(std::io::Error),
-    /// The transport could not be created.
+    /// The transport could not be created or restored.
     #[error("vsock: {0}")]
     Mmio(#[from] MmioError),
+    /// A saved state (switch or device) is not valid; nothing was changed.
+    #[error("vsock: invalid saved state: {0}")]
+    InvalidState(String),
+    /// The switch state can only be restored while no partition is attached.
+    #[error("vsock: CID {0} is attached; detach every partition before restoring the switch")]
+    Attached(u64),
 }
 
 /// What the switch's mutex protects, and the wake-up of the host-bridge thread.
 struct Shared {
     inner: Mutex<switch::Inner>,
     stop: EventFd,
+    /// Signalled when the switch thaws (the host bridge waits on it while frozen).
+    thawed: Condvar,
 }
 
 impl Drop for Shared {
@@ -128,6 +143,7 @@ impl VsockSwitch {
         let shared = Arc::new(Shared {
             inner: Mutex::new(switch::Inner::new(bridge)),
             stop,
+            thawed: Condvar::new(),
         });
         let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
@@ -165,7 +181,8 @@ impl VsockSwitch {
 
     /// Detaches the partition with `cid` (crashed, stopped): its peers' connections are
     /// reset (partitions get an RST, host connections are closed), its `uds` listener is
-    /// closed and its socket file removed. Its [`VsockMmio`] goes dead.
+    /// closed and its socket file removed. Its [`VsockMmio`] goes dead. After
+    /// [`detach_quiet`](Self::detach_quiet), it also ends the host connections left.
     pub fn detach(&self, cid: u64) {
         self.with(|inner| inner.detach(cid));
     }
@@ -173,11 +190,6 @@ impl VsockSwitch {
     /// Connections, backlogs and counters, for `status`.
     pub fn stats(&self) -> VsockStats {
         self.with(|inner| inner.stats())
-    }
-
-    /// A copy of the switch's plain-data state (connection table, credits, backlogs).
-    pub fn state(&self) -> SwitchState {
-        self.with(|inner| inner.state.clone())
     }
 
     #[cfg(test)]
@@ -194,6 +206,15 @@ impl Shared {
     /// Runs `f` on the locked state, then raises the interrupts it asked for (outside the
     /// lock, so a partition's wake-up never runs under it).
     fn with<R>(&self, f: impl FnOnce(&mut switch::Inner) -> R) -> R {
+        self.locked(false, f)
+    }
+
+    /// [`with`](Self::with), once the switch is not frozen (the host bridge's events).
+    fn with_thawed<R>(&self, f: impl FnOnce(&mut switch::Inner) -> R) -> R {
+        self.locked(true, f)
+    }
+
+    fn locked<R>(&self, thawed: bool, f: impl FnOnce(&mut switch::Inner) -> R) -> R {
         let (result, irqs) = {
             // The state is plain data kept consistent by each operation: recover from a
             // poisoned lock.
@@ -201,6 +222,12 @@ impl Shared {
                 .inner
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            while thawed && inner.frozen > 0 {
+                inner = self
+                    .thawed
+                    .wait(inner)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
             let result = f(&mut inner);
             (result, std::mem::take(&mut inner.to_notify))
         };
@@ -226,7 +253,7 @@ pub struct VsockDevice {
     switch: VsockSwitch,
 }
 
-const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+pub(crate) const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 
 impl VirtioDevice for VsockDevice {
     fn device_type(&self) -> u32 {

@@ -50,6 +50,9 @@ pub(crate) struct Inner {
     pub to_notify: Vec<Arc<Interrupt>>,
     pub connect_timeout: Duration,
     next_attach_id: u64,
+    /// While positive, nothing is written into guest memory and the host bridge waits
+    /// (see [`super::SwitchFreeze`]); notifications are handled when it drops to 0.
+    pub frozen: u32,
 }
 
 impl Inner {
@@ -64,9 +67,12 @@ impl Inner {
             to_notify: Vec::new(),
             connect_timeout: CONNECT_TIMEOUT,
             next_attach_id: 1,
+            frozen: 0,
         }
     }
 
+    /// Attaches a partition that boots cold: connections an earlier run of `cid` left in the
+    /// table (after [`Inner::detach_quiet`]) end, and its backlog starts empty.
     pub fn attach(
         &mut self,
         cid: u64,
@@ -75,12 +81,34 @@ impl Inner {
         irq: Arc<Interrupt>,
         uds: Option<PathBuf>,
     ) -> Result<u64, VsockError> {
+        self.check_attachable(cid)?;
+        self.drop_conns_of(cid);
+        self.state.backlogs.insert(cid, Backlog::default());
+        self.insert_port(cid, name, mem, irq, uds, None)
+    }
+
+    /// Whether `cid` may be attached now.
+    pub(crate) fn check_attachable(&self, cid: u64) -> Result<(), VsockError> {
         if !(MIN_GUEST_CID..u64::from(u32::MAX)).contains(&cid) {
             return Err(VsockError::ReservedCid(cid));
         }
         if self.ports.contains_key(&cid) {
             return Err(VsockError::DuplicateCid(cid));
         }
+        Ok(())
+    }
+
+    /// Adds the port of `cid` (listening on `uds`), with `queues` if its device is started;
+    /// returns its attachment id. Its backlog must exist.
+    pub(crate) fn insert_port(
+        &mut self,
+        cid: u64,
+        name: &str,
+        mem: GuestMemoryMmap,
+        irq: Arc<Interrupt>,
+        uds: Option<PathBuf>,
+        queues: Option<Vec<Queue>>,
+    ) -> Result<u64, VsockError> {
         if let Some(path) = &uds {
             self.bridge.bind(cid, path)?;
         }
@@ -93,27 +121,28 @@ impl Inner {
                 attach_id,
                 mem,
                 irq,
-                queues: None,
+                queues,
                 uds,
             },
         );
-        self.state.backlogs.insert(cid, Backlog::default());
         log::info!("vsock: {name} attached as CID {cid}");
         Ok(attach_id)
     }
 
+    /// Detaches `cid`: its peers get RSTs, its host sockets and listener are closed, its
+    /// backlog is dropped. Also ends what [`Inner::detach_quiet`] left of `cid`.
     pub fn detach(&mut self, cid: u64) {
-        let Some(port) = self.ports.remove(&cid) else {
-            return;
-        };
+        let port = self.ports.remove(&cid);
         self.drop_conns_of(cid);
         self.state.backlogs.remove(&cid);
         self.bridge.unbind(cid);
-        log::info!("vsock: {} (CID {cid}) detached", port.name);
+        if let Some(port) = port {
+            log::info!("vsock: {} (CID {cid}) detached", port.name);
+        }
     }
 
     /// The port of `cid` if it is the attachment `attach_id`.
-    fn port_mut(&mut self, cid: u64, attach_id: u64) -> Option<&mut Port> {
+    pub(crate) fn port_mut(&mut self, cid: u64, attach_id: u64) -> Option<&mut Port> {
         self.ports
             .get_mut(&cid)
             .filter(|p| p.attach_id == attach_id)
@@ -153,7 +182,8 @@ impl Inner {
     }
 
     pub fn notify(&mut self, cid: u64, attach_id: u64, queue: u16) {
-        if self.port_mut(cid, attach_id).is_none() {
+        // While frozen, the queues are handled at the thaw.
+        if self.frozen > 0 || self.port_mut(cid, attach_id).is_none() {
             return;
         }
         match queue {
@@ -164,7 +194,10 @@ impl Inner {
     }
 
     /// Takes every packet from `cid`'s TX queue and routes it.
-    fn process_tx(&mut self, cid: u64) {
+    pub(crate) fn process_tx(&mut self, cid: u64) {
+        if self.frozen > 0 {
+            return;
+        }
         let mut packets = Vec::new();
         {
             let Some(port) = self.ports.get_mut(&cid) else {
@@ -387,6 +420,9 @@ impl Inner {
     /// Moves `cid`'s backlog into its RX queue as far as buffers allow. While packets wait,
     /// the guest is asked to notify when it adds RX buffers; otherwise it is asked not to.
     pub(crate) fn drain_rx(&mut self, cid: u64) {
+        if self.frozen > 0 {
+            return;
+        }
         let (Some(port), Some(backlog)) =
             (self.ports.get_mut(&cid), self.state.backlogs.get_mut(&cid))
         else {

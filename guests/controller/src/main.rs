@@ -9,6 +9,13 @@
 //! The job table and dispatch logic is `duplex_link::controller::Controller`; this file
 //! moves its messages.
 //!
+//! Coordinated snapshot: the monitor's `PrepareSnapshot` is forwarded to the engine like
+//! any other request (the logic answers it); a host's `RequestSnapshot` makes this
+//! firmware write the guest ABI's `SNAPSHOT_REQUEST` register
+//! (`duplex_runtime::sysctl::request_snapshot`) and print
+//! `controller: snapshot requested (reboot=<b>)`. Nothing else changes: the monitor
+//! pauses the partitions at its cut, and what is in flight then is part of the set.
+//!
 //! Without a vsock device it only beats, and says so.
 
 #![no_std]
@@ -25,7 +32,7 @@ use duplex_link::controller::{Action, ClientId, Controller};
 use duplex_link::{FromEngine, HostRequest, DEFAULT_ENGINE_CID, JOB_PORT, LINK_PORT};
 use duplex_runtime::time::{self, rdtsc, sleep_until, Instant};
 use duplex_runtime::vsock::{self, Vsock, VsockAddr, VsockEvent, VsockEventType};
-use duplex_runtime::{heartbeat, println, BootInfo};
+use duplex_runtime::{heartbeat, println, sysctl, BootInfo};
 
 use common::{ms_from_now, Beat, Conn};
 
@@ -205,10 +212,13 @@ impl Firmware {
         let link = match &self.link {
             EngineLink::Idle { retry_at } => Some(*retry_at),
             EngineLink::Connecting { deadline, .. } => Some(*deadline),
-            EngineLink::Up { heard, .. } => self
-                .ctl
-                .awaiting_engine()
-                .then(|| heard.saturating_add(silence_ticks())),
+            EngineLink::Up { conn, heard } => {
+                let silence = self
+                    .ctl
+                    .awaiting_engine()
+                    .then(|| heard.saturating_add(silence_ticks()));
+                silence.into_iter().chain(conn.deadline()).min()
+            }
         };
         self.clients
             .iter()
@@ -420,6 +430,10 @@ impl Firmware {
                     }
                 }
                 Action::Log(line) => println!("controller: {line}"),
+                Action::RequestSnapshot { reboot } => {
+                    println!("controller: snapshot requested (reboot={reboot})");
+                    sysctl::request_snapshot(reboot);
+                }
             }
         }
     }

@@ -11,6 +11,11 @@
 //! jam"` until `ClearJam`). `engine heartbeat N` every `heartbeat_ms` (default 1000) ms
 //! throughout. The protocol logic is `duplex_link::engine::Engine`.
 //!
+//! Coordinated snapshot: `PrepareSnapshot` is answered like every other message, in order
+//! (so every page before it is done), approved unless jammed or warming up. The
+//! heartbeat counter, `pages_printed`, the toner and the calibration area live in ordinary
+//! memory, so after a restore from a snapshot set they simply go on.
+//!
 //! Without a vsock device it still calibrates and beats, and says so.
 
 #![no_std]

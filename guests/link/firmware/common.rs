@@ -8,6 +8,12 @@
 //! ([`PeerCredit`]). The firmware feeds it every event of its connection
 //! ([`Conn::on_event`]), reads what arrived ([`Conn::drain`] then [`Conn::next_message`]),
 //! queues replies ([`Conn::send`]) and calls [`Conn::flush`] each turn of its loop.
+//!
+//! Sending follows [`PeerCredit::plan`] (as `vsockecho` does): whole packets when the
+//! peer has room, a worthwhile part of its credit otherwise, nothing while it is short
+//! (the connection is then blocked until the peer's next credit update), and a credit
+//! request only after the peer has been quiet for [`CREDIT_REQUEST_AFTER_MS`] — which is
+//! why a blocked connection has a [`Conn::deadline`].
 
 // Each firmware uses a different subset.
 #![allow(dead_code)]
@@ -20,8 +26,8 @@ use duplex_link::{FrameDecoder, FrameError};
 use duplex_runtime::println;
 use duplex_runtime::time::{self, rdtsc};
 use duplex_runtime::vsock::{
-    PeerCredit, SocketError, VirtioError, Vsock, VsockAddr, VsockEvent, DEFAULT_CONNECTION_BUFFER,
-    MAX_PACKET_DATA,
+    PeerCredit, SendPlan, SocketError, VirtioError, Vsock, VsockAddr, VsockEvent,
+    CREDIT_REQUEST_AFTER_MS, DEFAULT_CONNECTION_BUFFER, MAX_PACKET_DATA,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -53,12 +59,14 @@ struct VsockSink<'a> {
 }
 
 impl Sink for VsockSink<'_> {
-    fn limit(&self) -> usize {
-        match self.credit.free() as usize {
-            // Credit unknown or used up as far as we know: let the driver decide (a refused
-            // send makes it ask the peer for a credit update).
-            0 => MAX_PACKET_DATA,
-            free => free.min(MAX_PACKET_DATA),
+    fn limit(&mut self, want: usize) -> usize {
+        let want = want.min(MAX_PACKET_DATA);
+        match self.credit.plan(want) {
+            SendPlan::Send(n) => n,
+            SendPlan::Wait => 0,
+            // The full-size attempt fails, and makes the manager ask the peer for credit
+            // (or succeeds if the manager knows of credit this bookkeeping missed).
+            SendPlan::RequestCredit => want,
         }
     }
 
@@ -123,6 +131,8 @@ pub struct Conn<In> {
     credit: PeerCredit,
     decoder: FrameDecoder<In>,
     outbox: Outbox,
+    /// The last flush left bytes waiting for the peer's credit.
+    blocked: bool,
     /// The connection is gone (the manager dropped it, or a send or recv failed).
     pub gone: bool,
     /// Shut down once the outbox is empty; input is dropped meanwhile.
@@ -140,6 +150,7 @@ impl<In: DeserializeOwned> Conn<In> {
             credit: PeerCredit::new(DEFAULT_CONNECTION_BUFFER),
             decoder: FrameDecoder::new(),
             outbox: Outbox::new(),
+            blocked: false,
             gone: false,
             closing: false,
             shut_deadline: None,
@@ -229,6 +240,7 @@ impl<In: DeserializeOwned> Conn<In> {
             return false;
         }
         let before = self.outbox.pending();
+        self.blocked = false;
         if before > 0 {
             let mut sink = VsockSink {
                 vsock,
@@ -236,8 +248,10 @@ impl<In: DeserializeOwned> Conn<In> {
                 port: self.port,
                 credit: &mut self.credit,
             };
-            if self.outbox.flush(&mut sink) == Flush::Failed {
-                self.gone = true;
+            match self.outbox.flush(&mut sink) {
+                Flush::Done => {}
+                Flush::Blocked => self.blocked = true,
+                Flush::Failed => self.gone = true,
             }
         }
         if self.closing && !self.gone && self.outbox.is_empty() {
@@ -258,10 +272,18 @@ impl<In: DeserializeOwned> Conn<In> {
         self.outbox.pending() < before
     }
 
-    /// When [`Conn::flush`] next has something to do by the clock (the shutdown grace
-    /// period), as a TSC deadline.
+    /// When [`Conn::flush`] next has something to do by the clock, as a TSC deadline: the
+    /// end of the shutdown grace period, or, while blocked on credit, the moment
+    /// [`PeerCredit::plan`] may ask the peer for credit.
     pub fn deadline(&self) -> Option<u64> {
-        self.shut_deadline.filter(|_| !self.gone)
+        if self.gone {
+            return None;
+        }
+        let credit = self.blocked.then(|| ms_from_now(CREDIT_REQUEST_AFTER_MS));
+        match (self.shut_deadline, credit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Drops the connection now (a reset to the peer).

@@ -11,6 +11,12 @@
 //!   status and sends no page until the answer says the engine is not in `error`.
 //! * Every host request gets exactly one reply, in request order per client, even when
 //!   some answers wait for the engine.
+//! * Coordinated snapshot: `PrepareSnapshot` from a host (the monitor) goes to the engine
+//!   behind the pages already sent; the engine's approval (`SnapshotReady`) or denial
+//!   (`Error` 409 with its reason) is the reply. Nothing is held: pages keep going out, and
+//!   what is in flight when the monitor pauses the partitions is part of the snapshot set.
+//!   `RequestSnapshot` from a host makes the firmware raise the request itself
+//!   ([`Action::RequestSnapshot`]).
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
@@ -48,6 +54,12 @@ pub enum Action {
     EngineReady,
     /// A line worth printing on the console.
     Log(String),
+    /// Ask the monitor for a coordinated snapshot (the guest ABI's `SNAPSHOT_REQUEST`
+    /// register); with `reboot`, the device restarts from the set once it is written.
+    RequestSnapshot {
+        /// Restart from the snapshot set.
+        reboot: bool,
+    },
 }
 
 /// The engine link as the controller sees it.
@@ -85,6 +97,20 @@ enum Waiting {
     Status {
         reply: Option<(ClientId, u64)>,
     },
+    /// `PrepareSnapshot`; the approval or denial fills a client's reply slot, if any.
+    Snapshot {
+        reply: Option<(ClientId, u64)>,
+    },
+}
+
+impl Waiting {
+    /// The client reply slot this request fills, if any.
+    fn reply_mut(&mut self) -> Option<&mut Option<(ClientId, u64)>> {
+        match self {
+            Waiting::Page { .. } => None,
+            Waiting::Status { reply } | Waiting::Snapshot { reply } => Some(reply),
+        }
+    }
 }
 
 /// Replies of one client, kept in request order.
@@ -228,6 +254,27 @@ impl Controller {
                 };
                 self.fill(client, seq, reply, &mut out);
             }
+            HostRequest::PrepareSnapshot => {
+                if self.link == Link::Down {
+                    let reply = error(error_code::ENGINE_UNAVAILABLE, ENGINE_NOT_CONNECTED.into());
+                    self.fill(client, seq, reply, &mut out);
+                } else {
+                    out.push(Action::Log("snapshot: asking the engine to prepare".into()));
+                    self.waiting.push_back(Waiting::Snapshot {
+                        reply: Some((client, seq)),
+                    });
+                    out.push(Action::Engine(ToEngine::PrepareSnapshot));
+                }
+            }
+            HostRequest::RequestSnapshot { reboot } => {
+                let reply = if self.link == Link::Down {
+                    error(error_code::ENGINE_UNAVAILABLE, ENGINE_NOT_CONNECTED.into())
+                } else {
+                    out.push(Action::RequestSnapshot { reboot });
+                    HostReply::Engine(self.engine_info())
+                };
+                self.fill(client, seq, reply, &mut out);
+            }
             HostRequest::InjectJam | HostRequest::ClearJam => {
                 if self.link == Link::Down {
                     let reply = error(error_code::ENGINE_UNAVAILABLE, ENGINE_NOT_CONNECTED.into());
@@ -267,7 +314,7 @@ impl Controller {
     pub fn on_host_closed(&mut self, client: ClientId) {
         self.clients.remove(&client);
         for w in self.waiting.iter_mut() {
-            if let Waiting::Status { reply } = w {
+            if let Some(reply) = w.reply_mut() {
                 if reply.is_some_and(|(c, _)| c == client) {
                     *reply = None;
                 }
@@ -295,11 +342,8 @@ impl Controller {
         self.link = Link::Down;
         self.hold = false;
         self.engine.error = Some(ENGINE_NOT_CONNECTED.to_string());
-        for w in core::mem::take(&mut self.waiting) {
-            if let Waiting::Status {
-                reply: Some((client, seq)),
-            } = w
-            {
+        for mut w in core::mem::take(&mut self.waiting) {
+            if let Some(Some((client, seq))) = w.reply_mut().map(|r| r.take()) {
                 let reply = error(error_code::ENGINE_UNAVAILABLE, ENGINE_RESET.into());
                 self.fill(client, seq, reply, &mut out);
             }
@@ -374,6 +418,37 @@ impl Controller {
                 self.hold = false;
                 if let Some((client, seq)) = reply {
                     self.fill(client, seq, HostReply::Engine(info), &mut out);
+                }
+            }
+            FromEngine::SnapshotApproved { pages_printed } => {
+                let Some(reply) = self.take_snapshot(&mut out) else {
+                    return out;
+                };
+                self.engine.pages_printed = pages_printed;
+                let jobs_queued = u32::try_from(self.active.len()).unwrap_or(u32::MAX);
+                out.push(Action::Log(format!(
+                    "snapshot: engine approved at {pages_printed} pages, {jobs_queued} jobs queued"
+                )));
+                if let Some((client, seq)) = reply {
+                    let reply = HostReply::SnapshotReady {
+                        engine_pages_printed: pages_printed,
+                        jobs_queued,
+                    };
+                    self.fill(client, seq, reply, &mut out);
+                }
+            }
+            FromEngine::SnapshotDenied { reason } => {
+                let Some(reply) = self.take_snapshot(&mut out) else {
+                    return out;
+                };
+                out.push(Action::Log(format!("snapshot: engine denied: {reason}")));
+                if let Some((client, seq)) = reply {
+                    self.fill(
+                        client,
+                        seq,
+                        error(error_code::SNAPSHOT_DENIED, reason),
+                        &mut out,
+                    );
                 }
             }
         }
@@ -453,6 +528,24 @@ impl Controller {
     fn ask_engine(&mut self, msg: ToEngine, reply: Option<(ClientId, u64)>, out: &mut Vec<Action>) {
         self.waiting.push_back(Waiting::Status { reply });
         out.push(Action::Engine(msg));
+    }
+
+    /// Removes the oldest waiting `PrepareSnapshot`; its reply slot, or `None` (and a log
+    /// line) if none was sent.
+    fn take_snapshot(&mut self, out: &mut Vec<Action>) -> Option<Option<(ClientId, u64)>> {
+        let pos = self
+            .waiting
+            .iter()
+            .position(|w| matches!(w, Waiting::Snapshot { .. }));
+        match pos.and_then(|p| self.waiting.remove(p)) {
+            Some(Waiting::Snapshot { reply }) => Some(reply),
+            _ => {
+                out.push(Action::Log(
+                    "engine answered a snapshot request that was not sent".into(),
+                ));
+                None
+            }
+        }
     }
 
     /// Removes the waiting page `(job, page)`; false (and a log line) if it was not sent.
@@ -612,6 +705,8 @@ mod tests {
         replies: Vec<(ClientId, HostReply)>,
         closed: Vec<ClientId>,
         ready_seen: usize,
+        /// `reboot` of each [`Action::RequestSnapshot`].
+        snapshot_requests: Vec<bool>,
     }
 
     impl Rig {
@@ -625,6 +720,7 @@ mod tests {
                 replies: Vec::new(),
                 closed: Vec::new(),
                 ready_seen: 0,
+                snapshot_requests: Vec::new(),
             }
         }
 
@@ -636,6 +732,7 @@ mod tests {
                     Action::Engine(m) => self.to_engine.push_back(m),
                     Action::EngineReady => self.ready_seen += 1,
                     Action::Log(_) => {}
+                    Action::RequestSnapshot { reboot } => self.snapshot_requests.push(reboot),
                 }
             }
         }
@@ -978,6 +1075,209 @@ mod tests {
         r.host(2, submit(1, 1));
         r.run_engine(None);
         assert_eq!(r.c.job(1).unwrap().state, JobState::Done);
+    }
+
+    #[test]
+    fn snapshot_is_ready_only_after_the_pages_sent_before_it_and_printing_goes_on() {
+        let mut r = Rig::new();
+        r.connect();
+        r.run_engine(None);
+        r.host(1, submit(5, 7)); // pages 0 and 1 go out
+        r.take_replies();
+        r.host(9, HostRequest::PrepareSnapshot);
+        assert_eq!(r.to_engine.len(), 3);
+        assert_eq!(r.to_engine.back(), Some(&ToEngine::PrepareSnapshot));
+        assert!(r.c.awaiting_engine());
+        // Page 0 answered: page 2 goes out behind the request; no reply yet.
+        r.run_engine(Some(1));
+        assert!(r.take_replies().is_empty());
+        assert!(matches!(
+            r.to_engine.back(),
+            Some(ToEngine::Print { page: 2, .. })
+        ));
+        // Page 1 answered: still no reply.
+        r.run_engine(Some(1));
+        assert!(r.take_replies().is_empty());
+        // The approval counts both pages sent before the request, and no later one.
+        r.run_engine(Some(1));
+        assert_eq!(
+            r.take_replies(),
+            vec![(
+                9,
+                HostReply::SnapshotReady {
+                    engine_pages_printed: 2,
+                    jobs_queued: 1
+                }
+            )]
+        );
+        assert_eq!(r.c.engine_info().pages_printed, 2);
+        // Nothing was held: the job finishes, and no guest-side request was raised.
+        r.run_engine(None);
+        let job = r.c.job(1).unwrap();
+        assert_eq!(job.state, JobState::Done);
+        assert_eq!(
+            job.checksums,
+            (0..5)
+                .map(|p| expected_page_checksum(7, p, 32, 16))
+                .collect::<Vec<_>>()
+        );
+        assert!(r.snapshot_requests.is_empty());
+        assert!(!r.c.awaiting_engine());
+    }
+
+    #[test]
+    fn snapshot_is_denied_while_jammed_with_the_engines_reason() {
+        let mut r = Rig::new();
+        r.connect();
+        r.run_engine(None);
+        r.host(1, HostRequest::InjectJam);
+        r.run_engine(None);
+        r.take_replies();
+        r.host(1, HostRequest::PrepareSnapshot);
+        r.run_engine(None);
+        assert_eq!(
+            r.take_replies(),
+            vec![(
+                1,
+                HostReply::Error {
+                    code: error_code::SNAPSHOT_DENIED,
+                    message: "paper jam".into()
+                }
+            )]
+        );
+        // A denial changes nothing: the link stays up, and once cleared it approves.
+        assert_eq!(r.c.link(), Link::Ready);
+        r.host(1, HostRequest::ClearJam);
+        r.host(1, HostRequest::PrepareSnapshot);
+        r.run_engine(None);
+        let replies = r.take_replies();
+        assert!(
+            matches!(replies[0], (1, HostReply::Engine(_))),
+            "{replies:?}"
+        );
+        assert_eq!(
+            replies[1],
+            (
+                1,
+                HostReply::SnapshotReady {
+                    engine_pages_printed: 0,
+                    jobs_queued: 0
+                }
+            )
+        );
+    }
+
+    #[test]
+    fn snapshot_without_the_engine_is_503() {
+        let mut r = Rig::new();
+        r.host(1, HostRequest::PrepareSnapshot);
+        r.host(1, HostRequest::RequestSnapshot { reboot: true });
+        let replies = r.take_replies();
+        assert_eq!(replies.len(), 2);
+        assert!(replies.iter().all(|rep| matches!(
+            rep,
+            (
+                1,
+                HostReply::Error {
+                    code: error_code::ENGINE_UNAVAILABLE,
+                    ..
+                }
+            )
+        )));
+        assert!(r.to_engine.is_empty());
+        assert!(r.snapshot_requests.is_empty());
+        // The link resets while the engine prepares: 503, and the job printing fails as
+        // on any reset.
+        r.connect();
+        r.run_engine(None);
+        r.host(1, submit(3, 1));
+        r.host(1, HostRequest::PrepareSnapshot);
+        r.take_replies();
+        r.to_engine.clear();
+        let a = r.c.on_engine_reset();
+        r.apply(a);
+        assert_eq!(
+            r.take_replies(),
+            vec![(
+                1,
+                HostReply::Error {
+                    code: error_code::ENGINE_UNAVAILABLE,
+                    message: ENGINE_RESET.into()
+                }
+            )]
+        );
+        assert_eq!(r.c.job(1).unwrap().state, JobState::Failed);
+        // A client that goes away while the engine prepares gets nothing, and the answer
+        // is still consumed (the next status request is answered).
+        r.connect();
+        r.host(2, HostRequest::PrepareSnapshot);
+        r.c.on_host_closed(2);
+        r.host(3, HostRequest::EngineStatus);
+        r.run_engine(None);
+        let replies = r.take_replies();
+        assert!(
+            matches!(replies.as_slice(), [(3, HostReply::Engine(_))]),
+            "{replies:?}"
+        );
+        assert!(!r.c.awaiting_engine());
+    }
+
+    #[test]
+    fn snapshot_replies_keep_request_order_per_client() {
+        let mut r = Rig::new();
+        r.connect();
+        r.run_engine(None);
+        r.take_replies();
+        r.host(1, HostRequest::PrepareSnapshot); // waits for the engine
+        r.host(1, HostRequest::JobStatus { id: None }); // immediate, but behind it
+        r.host(2, HostRequest::JobStatus { id: None }); // other client: not held up
+        r.host(1, HostRequest::EngineStatus); // waits for the engine, after the snapshot
+        assert_eq!(r.take_replies(), vec![(2, HostReply::Jobs(vec![]))]);
+        r.run_engine(Some(1));
+        let replies = r.take_replies();
+        assert_eq!(
+            replies,
+            vec![
+                (
+                    1,
+                    HostReply::SnapshotReady {
+                        engine_pages_printed: 0,
+                        jobs_queued: 0
+                    }
+                ),
+                (1, HostReply::Jobs(vec![])),
+            ]
+        );
+        r.run_engine(None);
+        let replies = r.take_replies();
+        assert!(matches!(replies.as_slice(), [(1, HostReply::Engine(_))]));
+    }
+
+    #[test]
+    fn request_snapshot_raises_the_request_and_answers_at_once() {
+        let mut r = Rig::new();
+        r.connect();
+        r.run_engine(None);
+        r.take_replies();
+        let a =
+            r.c.on_host(5, HostRequest::RequestSnapshot { reboot: true });
+        assert!(matches!(
+            a.as_slice(),
+            [
+                Action::RequestSnapshot { reboot: true },
+                Action::Reply(5, HostReply::Engine(_))
+            ]
+        ));
+        r.apply(a);
+        r.host(5, HostRequest::RequestSnapshot { reboot: false });
+        assert_eq!(r.snapshot_requests, vec![true, false]);
+        // Nothing goes to the engine: the monitor runs the protocol (PrepareSnapshot).
+        assert!(r.to_engine.is_empty());
+        let replies = r.take_replies();
+        let [(5, HostReply::Engine(info)), (5, HostReply::Engine(_))] = replies.as_slice() else {
+            panic!("{replies:?}")
+        };
+        assert_eq!(info.state, EngineState::Ready);
     }
 
     #[test]

@@ -8,6 +8,12 @@
 //!                              v  |
 //!                             error                    (every Print → PageFailed "paper jam")
 //! ```
+//!
+//! `PrepareSnapshot` (the coordinated snapshot) is approved in `ready` and `printing` and
+//! denied otherwise, with the reason (`paper jam`, `warming up`). The engine answers its
+//! messages one at a time, in order, so when it answers `PrepareSnapshot` every page sent
+//! before it has been printed and answered: that is its safe point. Nothing changes state;
+//! the counters live in ordinary memory and go on from the snapshot after a restore.
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -133,6 +139,27 @@ impl Engine {
             }
             // The firmware faults before handing `Crash` here; as logic it is `Status`.
             ToEngine::Crash => FromEngine::Status(self.info(now_ms)),
+            ToEngine::PrepareSnapshot => match self.snapshot_refusal() {
+                None => FromEngine::SnapshotApproved {
+                    pages_printed: self.pages_printed,
+                },
+                Some(reason) => FromEngine::SnapshotDenied {
+                    reason: reason.to_string(),
+                },
+            },
+        }
+    }
+
+    /// Why the engine must not be snapshotted now (`None`: it may). A jammed engine is
+    /// refused so that a device never starts from a set that needs a service call; one
+    /// still calibrating, so that a restore skips the calibration.
+    pub fn snapshot_refusal(&self) -> Option<&'static str> {
+        if !self.ready {
+            Some(WARMING_UP)
+        } else if self.jammed {
+            Some(PAPER_JAM)
+        } else {
+            None
         }
     }
 
@@ -256,6 +283,50 @@ mod tests {
         assert_eq!(e.toner_pct(), 0);
         assert!(matches!(e.handle(tiny(0), 0), FromEngine::PageDone { .. }));
         assert_eq!(e.info(0).toner_pct, 0);
+    }
+
+    #[test]
+    fn snapshot_is_approved_when_ready_or_printing_and_denied_otherwise() {
+        let mut e = Engine::new(gamma_table());
+        assert_eq!(
+            e.handle(ToEngine::PrepareSnapshot, 0),
+            FromEngine::SnapshotDenied {
+                reason: "warming up".into()
+            }
+        );
+        e.calibrated();
+        assert_eq!(
+            e.handle(ToEngine::PrepareSnapshot, 0),
+            FromEngine::SnapshotApproved { pages_printed: 0 }
+        );
+        assert!(matches!(
+            e.handle(print(1, 0), 100),
+            FromEngine::PageDone { .. }
+        ));
+        assert_eq!(e.state(200), EngineState::Printing);
+        assert_eq!(
+            e.handle(ToEngine::PrepareSnapshot, 200),
+            FromEngine::SnapshotApproved { pages_printed: 1 }
+        );
+        e.handle(ToEngine::Jam, 300);
+        assert_eq!(
+            e.handle(ToEngine::PrepareSnapshot, 300),
+            FromEngine::SnapshotDenied {
+                reason: "paper jam".into()
+            }
+        );
+        // Asking changes nothing: still jammed, same counters; cleared, it approves.
+        assert_eq!(e.state(300), EngineState::Error);
+        e.handle(ToEngine::ClearJam, 400);
+        assert_eq!(
+            e.handle(ToEngine::PrepareSnapshot, 400),
+            FromEngine::SnapshotApproved { pages_printed: 1 }
+        );
+        assert!(matches!(
+            e.handle(print(1, 1), 500),
+            FromEngine::PageDone { .. }
+        ));
+        assert_eq!(e.pages_printed(), 2);
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub mod error_code {
     pub const MALFORMED_FRAME: u16 = 400;
     /// `JobStatus` named a job the controller does not know (never existed or forgotten).
     pub const UNKNOWN_JOB: u16 = 404;
+    /// `PrepareSnapshot`: the engine refused to be snapshotted now; the message is its
+    /// reason (`paper jam`, `warming up`).
+    pub const SNAPSHOT_DENIED: u16 = 409;
     /// `SubmitJob` parameters out of range (pages, width, height).
     pub const INVALID_JOB: u16 = 422;
     /// [`super::MAX_ACTIVE_JOBS`] jobs are already queued or printing.
@@ -80,6 +83,22 @@ pub enum HostRequest {
     /// an invalid instruction, so the monitor sees a guest fault. Answer: `Engine` (the
     /// state before the crash) or `Error` when the engine is not connected.
     InjectCrash,
+    /// Coordinated snapshot, first step (sent by the monitor): the controller asks the
+    /// engine to reach a safe point. Answer: `SnapshotReady` once the engine approved (after
+    /// every page sent to it before), or `Error` [`error_code::SNAPSHOT_DENIED`] with the
+    /// engine's reason, or [`error_code::ENGINE_UNAVAILABLE`] when the engine link is down.
+    /// Nothing is held: printing goes on, and whatever is in flight when the monitor
+    /// pauses the partitions is part of the snapshot set.
+    PrepareSnapshot,
+    /// Asks the controller to raise a snapshot request itself (the guest-raised request,
+    /// the `SNAPSHOT_REQUEST` register of the guest ABI); the monitor then runs the
+    /// coordinated snapshot. Answer: `Engine` (the engine status as the controller knows
+    /// it) once the request is raised, or `Error` [`error_code::ENGINE_UNAVAILABLE`] when
+    /// the engine is not connected (it could not approve).
+    RequestSnapshot {
+        /// Restart the device from the snapshot set once it is written.
+        reboot: bool,
+    },
 }
 
 /// Controller → host, on the job port: exactly one reply per request, in request order.
@@ -101,6 +120,14 @@ pub enum HostReply {
         code: u16,
         /// Human-readable detail.
         message: String,
+    },
+    /// The answer to `PrepareSnapshot`: the engine is at a safe point and approved.
+    SnapshotReady {
+        /// The engine's `pages_printed` when it approved (every page sent before the
+        /// `PrepareSnapshot` is counted).
+        engine_pages_printed: u64,
+        /// Jobs queued or printing at the controller when the approval arrived.
+        jobs_queued: u32,
     },
 }
 
@@ -207,7 +234,8 @@ impl fmt::Display for EngineState {
 }
 
 /// Controller → engine, on the link port. Each message gets exactly one reply, in order:
-/// `Print` → `PageDone` or `PageFailed`; `Status`, `Jam`, `ClearJam` → `Status`.
+/// `Print` → `PageDone` or `PageFailed`; `Status`, `Jam`, `ClearJam` → `Status`;
+/// `PrepareSnapshot` → `SnapshotApproved` or `SnapshotDenied`; `Crash` → none.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ToEngine {
@@ -232,6 +260,9 @@ pub enum ToEngine {
     ClearJam,
     /// Fault on purpose (test hook): no reply; the engine partition crashes.
     Crash,
+    /// Reach a safe point for a snapshot: answered, in order after every earlier message
+    /// (so every page before it is printed), with `SnapshotApproved` or `SnapshotDenied`.
+    PrepareSnapshot,
 }
 
 /// Engine → controller, on the link port.
@@ -261,4 +292,15 @@ pub enum FromEngine {
     },
     /// Status, the answer to `Status`, `Jam` and `ClearJam`.
     Status(EngineInfo),
+    /// The answer to `PrepareSnapshot`: the engine is at a safe point (every earlier page
+    /// answered) and may be snapshotted.
+    SnapshotApproved {
+        /// Pages printed since the engine's cold start.
+        pages_printed: u64,
+    },
+    /// The answer to `PrepareSnapshot`: the engine must not be snapshotted now.
+    SnapshotDenied {
+        /// Why: `paper jam`, `warming up`.
+        reason: String,
+    },
 }

@@ -5,8 +5,10 @@
 //! peer for a credit update). An [`Outbox`] keeps whatever has not gone out yet, so a
 //! 64 KiB `Print` frame crosses a link with a 1 KiB receive buffer in many packets: the
 //! firmware calls [`Outbox::flush`] again after each event from the peer (a credit update
-//! in particular). The connection is a [`Sink`]: it says how long a packet is worth trying
-//! and sends one.
+//! in particular). The connection is a [`Sink`]: it decides how much is worth sending now
+//! (the firmware's sink follows the runtime's `PeerCredit::plan`: whole packets or
+//! worthwhile parts of the peer's credit, nothing while it is short, and a credit request
+//! only after the peer has been quiet for a while) and sends one packet.
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
@@ -14,10 +16,6 @@ use alloc::vec::Vec;
 use serde::Serialize;
 
 use crate::frame::encode;
-
-/// Chunks are not split below this many bytes when the peer is short of credit (a tail
-/// shorter than this still goes out whole).
-pub const MIN_CHUNK: usize = 64;
 
 /// What a send of one chunk did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,10 +30,10 @@ pub enum SendOutcome {
 
 /// Where an [`Outbox`] sends its bytes: one connection.
 pub trait Sink {
-    /// The longest packet worth trying now (the peer's credit as last known, capped at the
-    /// transport's packet size; when the credit is thought to be zero, the packet size:
-    /// the transport knows better and a refused try costs nothing).
-    fn limit(&self) -> usize;
+    /// How many of the next `want` (≥ 1) queued bytes to send now as one packet: at most
+    /// `want` (and at most the transport's packet size); 0 when nothing is worth trying now
+    /// (the peer is short of credit: wait for its next credit update).
+    fn limit(&mut self, want: usize) -> usize;
     /// Sends one packet, all of `data` or nothing.
     fn send(&mut self, data: &[u8]) -> SendOutcome;
 }
@@ -98,21 +96,20 @@ impl Outbox {
         self.pending = 0;
     }
 
-    /// Sends queued bytes through `sink`, one packet of at most [`Sink::limit`] bytes at
-    /// a time (small frames are coalesced into one packet). When the peer refuses a packet
-    /// for lack of credit it is halved, down to [`MIN_CHUNK`], before giving up until the
-    /// next call.
+    /// Sends queued bytes through `sink`, one packet of [`Sink::limit`] bytes at a time
+    /// (small frames are coalesced into one packet), until everything is sent, the sink
+    /// says to wait (limit 0), or the peer refuses a packet for lack of credit: then
+    /// [`Flush::Blocked`] until the next call (no smaller retry: the refusal has asked the
+    /// peer for a credit update).
     pub fn flush(&mut self, sink: &mut impl Sink) -> Flush {
-        let mut limit = sink.limit().max(1);
         while self.pending > 0 {
-            let len = self.pending.min(limit);
+            let len = sink.limit(self.pending).min(self.pending);
+            if len == 0 {
+                return Flush::Blocked;
+            }
             self.gather(len);
             match sink.send(&self.scratch) {
-                SendOutcome::Sent => {
-                    self.consume(len);
-                    limit = sink.limit().max(1);
-                }
-                SendOutcome::NoCredit if len > MIN_CHUNK => limit = (len / 2).max(MIN_CHUNK),
+                SendOutcome::Sent => self.consume(len),
                 SendOutcome::NoCredit => return Flush::Blocked,
                 SendOutcome::Failed => {
                     self.clear();
@@ -164,22 +161,45 @@ mod tests {
     use super::*;
     use alloc::vec;
 
-    /// A peer with a receive buffer of `cap` bytes that the application drains on demand.
+    /// A peer with a receive buffer of `cap` bytes that the application drains on demand;
+    /// the sender knows its credit exactly and sends packets of at most 4 KiB, or waits
+    /// while less than `min_part` bytes of credit are free and the packet would not fit.
     struct Peer {
         cap: usize,
         unread: usize,
         received: Vec<u8>,
         packets: usize,
         max_packet: usize,
-        /// What the sender believes the credit is (None: it does not know, 0).
-        known_free: Option<usize>,
+        min_part: usize,
+        /// `want` of every `limit` call.
+        asked: Vec<usize>,
+    }
+
+    impl Peer {
+        fn new(cap: usize, min_part: usize) -> Self {
+            Peer {
+                cap,
+                unread: 0,
+                received: Vec::new(),
+                packets: 0,
+                max_packet: 0,
+                min_part,
+                asked: Vec::new(),
+            }
+        }
     }
 
     impl Sink for Peer {
-        fn limit(&self) -> usize {
-            match self.known_free {
-                Some(f) if f > 0 => f.min(4096),
-                _ => 4096,
+        fn limit(&mut self, want: usize) -> usize {
+            self.asked.push(want);
+            let want = want.min(4096);
+            let free = self.cap - self.unread;
+            if free >= want {
+                want
+            } else if free >= self.min_part {
+                free
+            } else {
+                0
             }
         }
 
@@ -201,14 +221,7 @@ mod tests {
         let mut out = Outbox::new();
         out.push_bytes(frame.clone());
         out.push_bytes(vec![1, 2, 3]);
-        let mut peer = Peer {
-            cap: 1000,
-            unread: 0,
-            received: Vec::new(),
-            packets: 0,
-            max_packet: 0,
-            known_free: None,
-        };
+        let mut peer = Peer::new(1000, 250);
         let mut rounds = 0;
         loop {
             match out.flush(&mut peer) {
@@ -227,26 +240,38 @@ mod tests {
         assert_eq!(&peer.received[70_000..], &[1, 2, 3]);
         assert!(peer.max_packet <= 1000);
         assert!(out.is_empty());
-        // Halving stops at MIN_CHUNK: the packets are not tiny.
-        assert!(
-            peer.packets < 70_003 / MIN_CHUNK,
-            "{} packets",
-            peer.packets
-        );
+        // Every packet but the last filled the peer's buffer: no slivers.
+        assert_eq!(peer.packets, 71);
+        assert_eq!(rounds, 70);
+        // The sink is asked about everything pending, and decides the packet size.
+        assert_eq!(peer.asked[0], 70_003);
+    }
+
+    #[test]
+    fn slivers_of_credit_wait_for_more() {
+        let mut out = Outbox::new();
+        out.push_bytes(vec![5; 3000]);
+        let mut peer = Peer::new(1000, 250);
+        peer.unread = 900; // 100 bytes free: not worth a packet
+        assert_eq!(out.flush(&mut peer), Flush::Blocked);
+        assert_eq!(peer.packets, 0);
+        assert_eq!(out.pending(), 3000);
+        peer.unread = 700; // 300 free: worth it
+        assert_eq!(out.flush(&mut peer), Flush::Blocked);
+        assert_eq!((peer.packets, peer.received.len()), (1, 300));
+        // A tail that fits goes out whole, however small.
+        let mut out = Outbox::new();
+        out.push_bytes(vec![6; 40]);
+        peer.unread = 950; // 50 free
+        assert_eq!(out.flush(&mut peer), Flush::Done);
+        assert_eq!(peer.received.len(), 340);
     }
 
     #[test]
     fn known_credit_is_used_exactly() {
         let mut out = Outbox::new();
         out.push_bytes(vec![7; 10_000]);
-        let mut peer = Peer {
-            cap: 3000,
-            unread: 0,
-            received: Vec::new(),
-            packets: 0,
-            max_packet: 0,
-            known_free: Some(3000),
-        };
+        let mut peer = Peer::new(3000, 1);
         assert_eq!(out.flush(&mut peer), Flush::Blocked);
         assert_eq!(peer.packets, 1);
         assert_eq!(peer.received.len(), 3000);
@@ -259,8 +284,8 @@ mod tests {
     struct Any<F: FnMut(&[u8]) -> SendOutcome>(usize, F);
 
     impl<F: FnMut(&[u8]) -> SendOutcome> Sink for Any<F> {
-        fn limit(&self) -> usize {
-            self.0
+        fn limit(&mut self, want: usize) -> usize {
+            want.min(self.0)
         }
         fn send(&mut self, data: &[u8]) -> SendOutcome {
             (self.1)(data)
@@ -304,11 +329,22 @@ mod tests {
     fn blocked_keeps_bytes_for_later() {
         let mut out = Outbox::new();
         out.push_bytes(vec![9; 50]);
+        // A refused packet is tried once per flush, not again in smaller pieces.
+        let mut tries = 0;
         assert_eq!(
-            out.flush(&mut Any(64, |_: &[u8]| SendOutcome::NoCredit)),
+            out.flush(&mut Any(64, |_: &[u8]| {
+                tries += 1;
+                SendOutcome::NoCredit
+            })),
             Flush::Blocked
         );
+        assert_eq!(tries, 1);
         assert_eq!(out.pending(), 50);
+        // A sink that says "wait" is not sent to at all.
+        assert_eq!(
+            out.flush(&mut Any(0, |_: &[u8]| unreachable!())),
+            Flush::Blocked
+        );
         let mut got = Vec::new();
         assert_eq!(
             out.flush(&mut Any(64, |c: &[u8]| {

@@ -31,6 +31,10 @@ fn host_requests() -> Vec<HostRequest> {
         HostRequest::EngineStatus,
         HostRequest::InjectJam,
         HostRequest::ClearJam,
+        HostRequest::InjectCrash,
+        HostRequest::PrepareSnapshot,
+        HostRequest::RequestSnapshot { reboot: false },
+        HostRequest::RequestSnapshot { reboot: true },
     ]
 }
 
@@ -69,6 +73,14 @@ fn host_replies() -> Vec<HostReply> {
             code: error_code::QUEUE_FULL,
             message: "queue full".into(),
         },
+        HostReply::SnapshotReady {
+            engine_pages_printed: u64::MAX,
+            jobs_queued: u32::MAX,
+        },
+        HostReply::Error {
+            code: error_code::SNAPSHOT_DENIED,
+            message: "paper jam".into(),
+        },
     ]
 }
 
@@ -84,6 +96,8 @@ fn to_engine() -> Vec<ToEngine> {
         ToEngine::Status,
         ToEngine::Jam,
         ToEngine::ClearJam,
+        ToEngine::Crash,
+        ToEngine::PrepareSnapshot,
     ]
 }
 
@@ -107,6 +121,13 @@ fn from_engine() -> Vec<FromEngine> {
             toner_pct: 0,
             error: None,
         }),
+        FromEngine::SnapshotApproved { pages_printed: 0 },
+        FromEngine::SnapshotApproved {
+            pages_printed: u64::MAX,
+        },
+        FromEngine::SnapshotDenied {
+            reason: "paper jam".into(),
+        },
     ]
 }
 
@@ -175,6 +196,50 @@ fn wire_format_is_pinned() {
             message: "no".into()
         }),
         [6, 0, 0, 0, 3, 0x94, 0x03, 2, b'n', b'o']
+    );
+}
+
+#[test]
+fn snapshot_messages_are_appended_at_the_end_of_each_enum() {
+    // Host → controller: InjectCrash is 5, PrepareSnapshot 6, RequestSnapshot 7.
+    assert_eq!(encode(&HostRequest::InjectCrash), [1, 0, 0, 0, 5]);
+    assert_eq!(encode(&HostRequest::PrepareSnapshot), [1, 0, 0, 0, 6]);
+    assert_eq!(
+        encode(&HostRequest::RequestSnapshot { reboot: true }),
+        [2, 0, 0, 0, 7, 1]
+    );
+    assert_eq!(
+        encode(&HostRequest::RequestSnapshot { reboot: false }),
+        [2, 0, 0, 0, 7, 0]
+    );
+    // Controller → host: SnapshotReady is 4; a denial is Error (3) with code 409.
+    assert_eq!(
+        encode(&HostReply::SnapshotReady {
+            engine_pages_printed: 300,
+            jobs_queued: 2
+        }),
+        [4, 0, 0, 0, 4, 0xac, 0x02, 2]
+    );
+    assert_eq!(
+        encode(&HostReply::Error {
+            code: error_code::SNAPSHOT_DENIED,
+            message: "paper jam".into()
+        }),
+        [13, 0, 0, 0, 3, 0x99, 0x03, 9, b'p', b'a', b'p', b'e', b'r', b' ', b'j', b'a', b'm']
+    );
+    // Controller → engine: Crash is 4, PrepareSnapshot 5.
+    assert_eq!(encode(&ToEngine::Crash), [1, 0, 0, 0, 4]);
+    assert_eq!(encode(&ToEngine::PrepareSnapshot), [1, 0, 0, 0, 5]);
+    // Engine → controller: SnapshotApproved is 4, SnapshotDenied 5.
+    assert_eq!(
+        encode(&FromEngine::SnapshotApproved { pages_printed: 300 }),
+        [3, 0, 0, 0, 4, 0xac, 0x02]
+    );
+    assert_eq!(
+        encode(&FromEngine::SnapshotDenied {
+            reason: "paper jam".into()
+        }),
+        [11, 0, 0, 0, 5, 9, b'p', b'a', b'p', b'e', b'r', b' ', b'j', b'a', b'm']
     );
 }
 

@@ -24,6 +24,15 @@ mod reg {
     pub const FAULT_RIP: usize = 0x30;
     pub const FAULT_COMMIT: usize = 0x38;
     pub const PANIC: usize = 0x40;
+    pub const SNAPSHOT_REQUEST: usize = 0x48;
+}
+
+/// Values of the `SNAPSHOT_REQUEST` register.
+pub mod snapshot_request {
+    /// Take a coordinated snapshot of the device and write it to the save destination.
+    pub const SNAPSHOT: u32 = 1;
+    /// As [`SNAPSHOT`], then restart the device from the set just written.
+    pub const SNAPSHOT_AND_REBOOT: u32 = 2;
 }
 
 fn read32(offset: usize) -> u32 {
@@ -86,6 +95,21 @@ pub fn power_off(status: u32) -> ! {
 pub fn reboot() -> ! {
     write32(reg::REBOOT, 1);
     park()
+}
+
+/// Asks the monitor for a coordinated snapshot of the device (every partition, one cut),
+/// written to its configured save destination; with `reboot`, the device then restarts from
+/// that set. The write returns at once: the monitor runs the protocol while this partition
+/// keeps running (the controller must go on answering its link, which is how the monitor
+/// asks it to prepare), and at the cut every partition is paused. See
+/// `docs/guest-abi.md`, "Coordinated snapshot".
+pub fn request_snapshot(reboot: bool) {
+    let value = if reboot {
+        snapshot_request::SNAPSHOT_AND_REBOOT
+    } else {
+        snapshot_request::SNAPSHOT
+    };
+    write32(reg::SNAPSHOT_REQUEST, value);
 }
 
 /// Reports a CPU exception; the partition becomes `crashed`. Works from ring 0 and ring 3.

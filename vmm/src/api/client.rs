@@ -66,6 +66,17 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = DEFAULT_CONSOLE_LINES)]
         lines: usize,
     },
+    /// Take a coordinated snapshot of every partition into a set directory.
+    Snapshot {
+        /// The set's directory (written atomically; an existing set there is replaced).
+        dest: String,
+    },
+    /// Tear every partition down and start all of them from a snapshot set.
+    Reboot {
+        /// The set (default: the config's `snapshot.dir`).
+        #[arg(long)]
+        from: Option<String>,
+    },
     /// Send one raw request line, as written (for testing the protocol).
     Raw {
         /// The request line, e.g. '{"cmd":"status","id":1}'.
@@ -98,6 +109,8 @@ impl CtlCommand {
                 partition: partition.clone(),
                 lines: *lines,
             },
+            CtlCommand::Snapshot { dest } => Command::Snapshot { dest: dest.clone() },
+            CtlCommand::Reboot { from } => Command::Reboot { from: from.clone() },
             CtlCommand::Raw { .. } => return None,
         })
     }

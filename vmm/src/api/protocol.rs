@@ -35,6 +35,11 @@ pub enum Command {
     Shutdown,
     /// The last `lines` lines of a partition's console.
     Console { partition: String, lines: usize },
+    /// Take a coordinated snapshot of every partition into the set directory `dest`.
+    Snapshot { dest: String },
+    /// Tear every partition down and start all of them from the set `from` (default: the
+    /// config's `snapshot.dir`), in this process; with `snapshot`, take that snapshot first.
+    Reboot { from: Option<String> },
 }
 
 impl Command {
@@ -48,6 +53,8 @@ impl Command {
             Command::Start { .. } => "start",
             Command::Shutdown => "shutdown",
             Command::Console { .. } => "console",
+            Command::Snapshot { .. } => "snapshot",
+            Command::Reboot { .. } => "reboot",
         }
     }
 
@@ -70,6 +77,14 @@ impl Command {
             Command::Console { partition, lines } => {
                 obj.insert("partition".into(), partition.as_str().into());
                 obj.insert("lines".into(), (*lines).into());
+            }
+            Command::Snapshot { dest } => {
+                obj.insert("dest".into(), dest.as_str().into());
+            }
+            Command::Reboot { from } => {
+                if let Some(f) = from {
+                    obj.insert("from".into(), f.as_str().into());
+                }
             }
         }
         Value::Object(obj)
@@ -99,6 +114,14 @@ pub enum ErrorCode {
     InternalError,
     /// The monitor is shutting down and takes no more commands.
     ShuttingDown,
+    /// The engine (asked through the controller) refused to reach a safe point; nothing
+    /// was written and every partition keeps running.
+    SnapshotDenied,
+    /// Taking or writing the snapshot failed; partitions were resumed, no set was written.
+    SnapshotFailed,
+    /// The snapshot set cannot be restored (checksum, version, truncated, config mismatch,
+    /// missing partition); nothing was torn down.
+    InvalidSnapshot,
 }
 
 impl ErrorCode {
@@ -114,6 +137,9 @@ impl ErrorCode {
             ErrorCode::NotUtf8 => "not_utf8",
             ErrorCode::InternalError => "internal_error",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::SnapshotDenied => "snapshot_denied",
+            ErrorCode::SnapshotFailed => "snapshot_failed",
+            ErrorCode::InvalidSnapshot => "invalid_snapshot",
         }
     }
 }
@@ -261,6 +287,8 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, ApiError> {
         "status" | "pause" | "resume" | "stop" | "start" => &["partition"],
         "shutdown" => &[],
         "console" => &["partition", "lines"],
+        "snapshot" => &["dest"],
+        "reboot" => &["from"],
         _ => {
             return Err(ApiError::new(
                 ErrorCode::UnknownCommand,
@@ -289,6 +317,14 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, ApiError> {
             partition: required(partition)?,
         },
         "shutdown" => Command::Shutdown,
+        "snapshot" => Command::Snapshot {
+            dest: optional_string(&obj, "dest")?.ok_or_else(|| {
+                invalid("command \"snapshot\" needs a \"dest\" argument (a directory)")
+            })?,
+        },
+        "reboot" => Command::Reboot {
+            from: optional_string(&obj, "from")?,
+        },
         _ => Command::Console {
             partition: required(partition)?,
             lines: console_lines(&obj)?,

@@ -42,6 +42,17 @@ pub struct DeviceConfig {
     pub device: Option<String>,
     /// The partitions, at least one; names are unique.
     pub partitions: Vec<PartitionConfig>,
+    /// Where snapshots go when a guest asks for one (and `reboot` looks by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotConfig>,
+}
+
+/// The device's save destination (see `docs/snapshot-format.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// The set's directory (written atomically; relative to the config file's directory).
+    pub dir: PathBuf,
 }
 
 /// One partition: a guest kernel with its memory, vCPUs, command line and console.
@@ -233,6 +244,11 @@ impl DeviceConfig {
     /// the config file at `config_path`.
     pub fn resolve_paths(&mut self, config_path: &Path) {
         let base = config_path.parent().unwrap_or_else(|| Path::new(""));
+        if let Some(s) = self.snapshot.as_mut() {
+            if s.dir.is_relative() {
+                s.dir = base.join(&s.dir);
+            }
+        }
         for partition in &mut self.partitions {
             if partition.kernel.is_relative() {
                 partition.kernel = base.join(&partition.kernel);

@@ -2,7 +2,10 @@
 //! vCPU threads, console and control page. It can be started (cold boot), paused,
 //! resumed and stopped; how its last run ended is kept for `status`.
 
+mod build;
 pub mod shared;
+pub mod snapshot;
+pub mod state;
 pub mod vcpu;
 
 use std::sync::mpsc::Sender;
@@ -10,23 +13,18 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::Serialize;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::Killable;
 
-use duplex_devices::console::{Console, ConsoleHandle, ConsoleOutput};
-use duplex_devices::sysctl::Sysctl;
-use duplex_devices::virtio::Interrupt;
+use duplex_devices::console::{ConsoleHandle, ConsoleOutput};
 use duplex_devices::vsock::VsockSwitch;
 
-use crate::boot::{self, BootError};
+use crate::boot::BootError;
 use crate::config::{ConsoleSink, PartitionConfig};
-use crate::layout;
 use shared::{CrashInfo, ExitCounts, Outcome, Shared, Want};
-use vcpu::{Devices, Ended, VcpuRunner};
+use vcpu::{Devices, Ended, PartitionEvent, VcpuRunner};
 
 /// How long pause and stop wait for vCPU threads to come out of the guest.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -80,6 +78,15 @@ pub enum PartitionError {
     /// The partition has a vsock device but the monitor has no switch.
     #[error("partition {name}: has a vsock device but the monitor has no vsock switch")]
     NoSwitch { name: String },
+    /// Saving or restoring KVM state failed.
+    #[error("partition {name}: {source}")]
+    State {
+        name: String,
+        source: state::StateError,
+    },
+    /// A saved state does not fit this partition.
+    #[error("partition {name}: cannot restore: {message}")]
+    Restore { name: String, message: String },
     /// vCPUs did not come out of the guest in time.
     #[error("partition {name}: vCPUs did not stop within {0:?}", PARK_TIMEOUT)]
     Timeout { name: String },
@@ -116,8 +123,10 @@ impl std::fmt::Display for State {
 
 /// One run of a partition: the VM and its threads.
 struct Run {
-    _vm: VmFd,
+    vm: VmFd,
     mem: GuestMemoryMmap,
+    vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
+    devices: Arc<Devices>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
     started: Instant,
@@ -226,163 +235,89 @@ impl Partition {
         }
     }
 
-    fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PartitionError + '_ {
-        move |source| PartitionError::Kvm {
-            name: self.config.name.clone(),
-            what,
-            source,
-        }
-    }
-
     /// Cold-boots the partition: a new VM, memory, kernel, devices and vCPU threads.
     pub fn start(
         &mut self,
         kvm: &Kvm,
         switch: Option<&VsockSwitch>,
-        ended: &Sender<Ended>,
+        ended: &Sender<PartitionEvent>,
     ) -> Result<(), PartitionError> {
         match self.state() {
             State::Created | State::Stopped | State::Crashed => {}
             _ => return Err(self.invalid("start")),
         }
         self.reap();
-        let name = self.config.name.clone();
-        let bytes = self.config.memory_mib << 20;
-        let ram = layout::ram_ranges(bytes);
-        let ranges: Vec<(GuestAddress, usize)> = ram
-            .iter()
-            .map(|&(s, l)| (GuestAddress(s), l as usize))
-            .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| PartitionError::Memory {
-            name: name.clone(),
-            mib: self.config.memory_mib,
-            message: e.to_string(),
-        })?;
-        let mut cmdline = self.config.cmdline.clone();
-        if self.config.vsock.is_some() {
-            if !cmdline.is_empty() {
-                cmdline.push(' ');
-            }
-            cmdline.push_str(&layout::vsock_cmdline_entry());
+        let built = build::build(
+            &self.config,
+            &self.console,
+            kvm,
+            switch,
+            build::Source::Cold,
+        )?;
+        self.launch(built, ended)
+    }
+
+    /// Starts the partition from a snapshot: `mem` is its restored memory. The vCPUs are
+    /// left parked (state `paused`); [`Partition::resume`] lets them run.
+    pub fn restore(
+        &mut self,
+        kvm: &Kvm,
+        switch: Option<&VsockSwitch>,
+        ended: &Sender<PartitionEvent>,
+        mem: GuestMemoryMmap,
+        state: &snapshot::PartitionState,
+    ) -> Result<(), PartitionError> {
+        if matches!(self.state(), State::Running | State::Paused) {
+            return Err(self.invalid("be restored while it runs"));
         }
-        let entry =
-            boot::load_kernel(&mem, &self.config.kernel, &cmdline, &ram).map_err(|source| {
-                PartitionError::Boot {
-                    name: name.clone(),
-                    source,
-                }
-            })?;
-
-        let vm = kvm.create_vm().map_err(self.kvm_err("creating the VM"))?;
-        vm.set_tss_address(layout::KVM_TSS_ADDR)
-            .map_err(self.kvm_err("setting the TSS address"))?;
-        vm.create_irq_chip()
-            .map_err(self.kvm_err("creating the irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit)
-            .map_err(self.kvm_err("creating the PIT"))?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|e| PartitionError::Memory {
-                    name: name.clone(),
-                    mib: self.config.memory_mib,
-                    message: e.to_string(),
-                })?;
-            let slot_region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the Run keeps
-            // for as long as the VM exists, and the slots do not overlap.
-            unsafe { vm.set_user_memory_region(slot_region) }
-                .map_err(self.kvm_err("registering guest memory"))?;
-        }
-
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PartitionError::Kvm {
-            name: name.clone(),
-            what: "creating the console eventfd",
-            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-        })?;
-        vm.register_irqfd(&irq, layout::CONSOLE_GSI)
-            .map_err(self.kvm_err("wiring the console interrupt"))?;
-
-        let cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(self.kvm_err("reading supported CPUID"))?;
-        let mut vcpus = Vec::new();
-        for id in 0..self.config.vcpus {
-            let vcpu = vm
-                .create_vcpu(u64::from(id))
-                .map_err(self.kvm_err("creating a vCPU"))?;
-            vcpu.set_cpuid2(&cpuid)
-                .map_err(self.kvm_err("setting CPUID"))?;
-            if id == 0 {
-                vcpu::set_boot_state(&vcpu, entry)
-                    .map_err(self.kvm_err("setting boot registers"))?;
-            }
-            vcpus.push(vcpu);
-        }
-        let tsc_khz = vcpus
-            .first()
-            .and_then(|v| v.get_tsc_khz().ok())
-            .map_or(0, u64::from);
-
-        let shared = Arc::new(Shared::new(vcpus.len()));
-        let vsock = match (&self.config.vsock, switch) {
-            (None, _) => None,
-            (Some(_), None) => return Err(PartitionError::NoSwitch { name }),
-            (Some(v), Some(switch)) => {
-                let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PartitionError::Kvm {
-                    name: name.clone(),
-                    what: "creating the vsock eventfd",
-                    source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-                })?;
-                vm.register_irqfd(&irqfd, layout::VSOCK_GSI)
-                    .map_err(self.kvm_err("wiring the vsock interrupt"))?;
-                let waker = Arc::downgrade(&shared);
-                let wake = Arc::new(move || {
-                    if let Some(s) = waker.upgrade() {
-                        s.wake_guest();
-                    }
+        self.reap();
+        let source = build::Source::Restore { mem, state };
+        let built = build::build(&self.config, &self.console, kvm, switch, source)?;
+        self.launch(built, ended)?;
+        if let Some(run) = &self.run {
+            if !run.shared.wait_parked(PARK_TIMEOUT, || {}) {
+                return Err(PartitionError::Timeout {
+                    name: self.config.name.clone(),
                 });
-                let mmio = switch
-                    .attach(
-                        v.cid,
-                        &name,
-                        mem.clone(),
-                        Interrupt::new(irqfd, wake),
-                        v.uds.clone(),
-                    )
-                    .map_err(|source| PartitionError::Vsock {
-                        name: name.clone(),
-                        source,
-                    })?;
-                Some((mmio, switch.clone(), v.cid))
             }
-        };
-        let (vsock_mmio, vsock_attached) = match vsock {
-            Some((mmio, switch, cid)) => (Some(mmio), Some((switch, cid))),
-            None => (None, None),
-        };
-        let devices = Arc::new(Devices {
-            console: Mutex::new(Console::new(irq, self.console.clone())),
-            sysctl: Mutex::new(Sysctl::new(tsc_khz)),
-            console_log: self.console.clone(),
-            vsock: vsock_mmio,
-        });
+        }
+        Ok(())
+    }
+
+    /// Tears the current run down without telling its vsock peers (they are being
+    /// replaced by a restore too).
+    pub fn teardown_quiet(&mut self) {
+        if let Some(run) = &mut self.run {
+            if let Some((switch, cid)) = run.vsock.take() {
+                switch.detach_quiet(cid);
+            }
+            run.shared.finish(Outcome::Stopped);
+        }
+        self.reap();
+    }
+
+    /// Starts the vCPU threads of a built VM.
+    fn launch(
+        &mut self,
+        built: build::Built,
+        ended: &Sender<PartitionEvent>,
+    ) -> Result<(), PartitionError> {
+        let name = self.config.name.clone();
         self.boots += 1;
         let boot = self.boots;
+        let build::Built {
+            vm,
+            mem,
+            vcpus,
+            devices,
+            shared,
+            vsock,
+            tsc_khz,
+        } = built;
         let mut threads = Vec::new();
-        for (i, vcpu) in vcpus.into_iter().enumerate() {
+        for (i, vcpu) in vcpus.iter().enumerate() {
             let runner = VcpuRunner {
-                vcpu,
+                vcpu: vcpu.clone(),
                 shared: shared.clone(),
                 devices: devices.clone(),
                 tsc_khz,
@@ -400,7 +335,7 @@ impl Partition {
                 Err(source) => {
                     shared.finish(Outcome::Stopped);
                     kick_all(&threads);
-                    if let Some((switch, cid)) = &vsock_attached {
+                    if let Some((switch, cid)) = &vsock {
                         switch.detach(*cid);
                     }
                     return Err(PartitionError::Thread { name, source });
@@ -409,13 +344,15 @@ impl Partition {
         }
         self.last = None;
         self.run = Some(Run {
-            _vm: vm,
+            vm,
             mem,
+            vcpus,
+            devices,
             threads,
             shared,
             started: Instant::now(),
             boot,
-            vsock: vsock_attached,
+            vsock,
         });
         Ok(())
     }

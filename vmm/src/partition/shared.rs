@@ -139,6 +139,14 @@ impl Shared {
         }
     }
 
+    /// A control block whose vCPU threads park as soon as they start (a restore: every
+    /// partition is resumed together once all are built).
+    pub fn new_paused(vcpus: usize) -> Self {
+        let s = Shared::new(vcpus);
+        s.lock().want = Want::Pause;
+        s
+    }
+
     /// Locks the control block (it is plain data, so a poisoned lock is recovered).
     pub fn lock(&self) -> MutexGuard<'_, Control> {
         self.ctl.lock().unwrap_or_else(|p| p.into_inner())
@@ -156,12 +164,25 @@ impl Shared {
 
     /// Called by a vCPU thread before each KVM_RUN: parks while paused; false means leave.
     pub fn wait_runnable(&self) -> bool {
+        self.wait_runnable_then(|| {})
+    }
+
+    /// Like [`Shared::wait_runnable`], calling `before_park` (without the lock held) each
+    /// time the thread is about to park, e.g. to complete a pending I/O exit so that the
+    /// parked vCPU's state can be saved.
+    pub fn wait_runnable_then(&self, mut before_park: impl FnMut()) -> bool {
         let mut c = self.lock();
         loop {
             match c.want {
                 Want::Run => return true,
                 Want::Stop => return false,
                 Want::Pause => {
+                    drop(c);
+                    before_park();
+                    c = self.lock();
+                    if c.want != Want::Pause {
+                        continue;
+                    }
                     c.parked += 1;
                     self.cv.notify_all();
                     while c.want == Want::Pause {

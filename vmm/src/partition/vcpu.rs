@@ -29,13 +29,27 @@ pub struct Devices {
     pub vsock: Option<VsockMmio>,
 }
 
-/// Tells the monitor that a run of partition `name` ended.
-#[derive(Debug, Clone)]
+/// Identifies one run of a partition (so a late message about an old run is ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ended {
     /// The partition.
     pub name: String,
-    /// Which boot of it (so a late message about an old run is ignored).
+    /// Which boot of it.
     pub boot: u64,
+}
+
+/// What a partition's vCPU threads tell the monitor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionEvent {
+    /// The run ended (its outcome is in the partition's shared state).
+    Ended(Ended),
+    /// The guest asked for a coordinated snapshot (guest ABI `SNAPSHOT_REQUEST`).
+    SnapshotRequest {
+        /// The run that asked.
+        run: Ended,
+        /// Reboot from the snapshot once it is saved.
+        reboot: bool,
+    },
 }
 
 const IA32_TSC: u32 = 0x10;
@@ -127,8 +141,8 @@ fn guest_tsc(vcpu: &VcpuFd) -> Option<u64> {
 
 /// Everything one vCPU thread owns.
 pub struct VcpuRunner {
-    /// The vCPU.
-    pub vcpu: VcpuFd,
+    /// The vCPU (locked while it runs; the monitor uses it while the vCPU is parked).
+    pub vcpu: Arc<Mutex<VcpuFd>>,
     /// The partition's run control.
     pub shared: Arc<Shared>,
     /// The partition's devices.
@@ -136,7 +150,7 @@ pub struct VcpuRunner {
     /// The TSC frequency in kHz (for guest sleeps).
     pub tsc_khz: u64,
     /// Where to say that the run ended.
-    pub ended: Sender<Ended>,
+    pub ended: Sender<PartitionEvent>,
     /// Identifies the run in [`Ended`].
     pub id: Ended,
 }
@@ -146,6 +160,7 @@ enum Next {
     Continue,
     Sleep(u64),
     End(Outcome),
+    SnapshotRequest(bool),
     Crash {
         reason: String,
         vector: Option<u64>,
@@ -162,11 +177,13 @@ impl VcpuRunner {
         }
         self.shared.thread_left();
         // The monitor may be gone during shutdown; nothing to tell then.
-        let _ = self.ended.send(self.id.clone());
+        let _ = self.ended.send(PartitionEvent::Ended(self.id.clone()));
     }
 
     fn run_loop(&mut self) {
-        while self.shared.wait_runnable() {
+        let vcpu = self.vcpu.clone();
+        let park = || super::state::complete_pending_io(&mut lock(&vcpu));
+        while self.shared.wait_runnable_then(park) {
             let next = self.run_once();
             match next {
                 Next::Continue => {}
@@ -177,13 +194,21 @@ impl VcpuRunner {
                     vector,
                     rip,
                 } => self.crash(reason, vector, rip),
+                Next::SnapshotRequest(reboot) => {
+                    // The monitor runs the protocol on its own thread; the guest goes on.
+                    let _ = self.ended.send(PartitionEvent::SnapshotRequest {
+                        run: self.id.clone(),
+                        reboot,
+                    });
+                }
             }
         }
     }
 
     fn run_once(&mut self) -> Next {
         let exits = &self.shared.exits;
-        match self.vcpu.run() {
+        let mut vcpu = lock(&self.vcpu);
+        match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 exits.count(&exits.io);
                 if let Some(off) = console_port(port) {
@@ -278,7 +303,7 @@ impl VcpuRunner {
     }
 
     fn sleep_until(&self, deadline: u64) {
-        let Some(now) = guest_tsc(&self.vcpu) else {
+        let Some(now) = guest_tsc(&lock(&self.vcpu)) else {
             return;
         };
         if deadline <= now || self.tsc_khz == 0 {
@@ -290,7 +315,7 @@ impl VcpuRunner {
     }
 
     fn crash(&self, reason: String, vector: Option<u64>, rip: Option<u64>) {
-        let rip = rip.or_else(|| self.vcpu.get_regs().ok().map(|r| r.rip));
+        let rip = rip.or_else(|| lock(&self.vcpu).get_regs().ok().map(|r| r.rip));
         let console_tail = {
             let mut log = self.devices.console_log.lock();
             log.flush_partial();
@@ -360,6 +385,7 @@ fn mmio_write(devices: &Devices, addr: u64, data: &[u8]) -> Next {
             vector: Some(report.vector),
             rip: Some(report.rip),
         },
+        SysctlAction::SnapshotRequest { reboot } => Next::SnapshotRequest(reboot),
         SysctlAction::Panic(code) => Next::Crash {
             reason: format!("guest panic (code {code})"),
             vector: None,

@@ -10,20 +10,20 @@ use crate::vsock::{VsockError, HOST_BUF_ALLOC};
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn host_connect(uds: &std::path::Path) -> UnixStream {
+pub(super) fn host_connect(uds: &std::path::Path) -> UnixStream {
     let s = UnixStream::connect(uds).expect("connect to uds");
     s.set_read_timeout(Some(WAIT)).unwrap();
     s
 }
 
-fn read_line(s: &UnixStream) -> String {
+pub(super) fn read_line(s: &UnixStream) -> String {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).unwrap();
     line
 }
 
 /// Reads until EOF (or an error after the data, e.g. a reset).
-fn read_all(mut s: &UnixStream) -> Vec<u8> {
+pub(super) fn read_all(mut s: &UnixStream) -> Vec<u8> {
     let mut v = Vec::new();
     let mut buf = [0u8; 4096];
     while let Ok(n) = s.read(&mut buf) {
@@ -37,7 +37,11 @@ fn read_all(mut s: &UnixStream) -> Vec<u8> {
 
 /// A host program connects with `CONNECT port` and the guest accepts: returns the host
 /// stream and the host endpoint the guest sees.
-fn connected(g: &mut MockGuest, uds: &std::path::Path, port: u32) -> (UnixStream, Endpoint) {
+pub(super) fn connected(
+    g: &mut MockGuest,
+    uds: &std::path::Path,
+    port: u32,
+) -> (UnixStream, Endpoint) {
     let mut host = host_connect(uds);
     host.write_all(format!("CONNECT {port}\n").as_bytes())
         .unwrap();

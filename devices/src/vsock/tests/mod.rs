@@ -8,6 +8,8 @@
 
 mod driver_tests;
 mod host_tests;
+mod persist_host_tests;
+mod persist_tests;
 mod switch_tests;
 
 use std::collections::HashMap;
@@ -28,7 +30,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::packet::{Endpoint, Hdr, HDR_SIZE};
-use super::{VsockMmio, VsockSwitch, QUEUE_SIZE};
+use super::{VsockError, VsockMmio, VsockMmioArgs, VsockMmioState, VsockSwitch, QUEUE_SIZE};
+use crate::persist::Persist;
 use crate::virtio::mmio::reg;
 use crate::virtio::Interrupt;
 
@@ -74,6 +77,20 @@ pub(super) fn irq() -> Interrupt {
     Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), Arc::new(|| {}))
 }
 
+/// An interrupt whose wake-ups are counted and whose irqfd can be read.
+fn counted_irq() -> (Interrupt, Arc<AtomicUsize>, EventFd) {
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let w = wakes.clone();
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let irq = Interrupt::new(
+        irqfd.try_clone().unwrap(),
+        Arc::new(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        }),
+    );
+    (irq, wakes, irqfd)
+}
+
 /// Polls `cond` until it holds or `timeout` passes.
 pub(super) fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
@@ -96,6 +113,17 @@ pub(super) fn temp_dir(name: &str) -> PathBuf {
 
 /// Guest buffers `(address, length)` of a descriptor chain.
 type Bufs = Vec<(u64, u32)>;
+
+/// A mock guest's memory and driver state at one moment: what a snapshot restores besides
+/// its devices.
+pub(super) struct GuestImage {
+    mem: Vec<u8>,
+    free: Vec<Vec<u16>>,
+    chains: Vec<HashMap<u16, (Vec<u16>, Bufs)>>,
+    used_seen: [u16; 3],
+    next_buf: u64,
+    empty_rx: usize,
+}
 
 /// A partition's guest driver, simulated.
 pub(super) struct MockGuest {
@@ -131,15 +159,7 @@ impl MockGuest {
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
         ));
-        let wakes = Arc::new(AtomicUsize::new(0));
-        let w = wakes.clone();
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let irq = Interrupt::new(
-            irqfd.try_clone().unwrap(),
-            Arc::new(move || {
-                w.fetch_add(1, Ordering::SeqCst);
-            }),
-        );
+        let (irq, wakes, irqfd) = counted_irq();
         let mmio = switch
             .attach(cid, &format!("p{cid}"), mem.clone(), irq, uds)
             .expect("attach");
@@ -163,6 +183,58 @@ impl MockGuest {
             recycle: true,
             empty_rx: 0,
         }
+    }
+
+    /// Its memory and driver state now.
+    pub fn image(&self) -> GuestImage {
+        let mut mem = vec![0u8; MEM_SIZE];
+        self.mem.read_slice(&mut mem, GuestAddress(0)).unwrap();
+        GuestImage {
+            mem,
+            free: self.free.clone(),
+            chains: self.chains.clone(),
+            used_seen: self.used_seen,
+            next_buf: self.next_buf,
+            empty_rx: self.empty_rx,
+        }
+    }
+
+    /// Puts memory and driver state back as they were in `img`.
+    pub fn load_image(&mut self, img: &GuestImage) {
+        self.mem.write_slice(&img.mem, GuestAddress(0)).unwrap();
+        self.free = img.free.clone();
+        self.chains = img.chains.clone();
+        self.used_seen = img.used_seen;
+        self.next_buf = img.next_buf;
+        self.empty_rx = img.empty_rx;
+    }
+
+    /// The device's saved state.
+    pub fn save(&self) -> VsockMmioState {
+        self.mmio.save()
+    }
+
+    /// Restores the device from `state` on `switch` (the memory is this guest's, as it is);
+    /// the guest's driver goes on with the restored device.
+    pub fn restore_on(
+        &mut self,
+        switch: &VsockSwitch,
+        state: &VsockMmioState,
+        uds: Option<PathBuf>,
+    ) -> Result<(), VsockError> {
+        let (irq, wakes, irqfd) = counted_irq();
+        let args = VsockMmioArgs {
+            switch: switch.clone(),
+            cid: self.cid,
+            name: format!("p{}", self.cid),
+            mem: self.mem.clone(),
+            irq,
+            uds,
+        };
+        self.mmio = VsockMmio::restore(args, state)?;
+        self.wakes = wakes;
+        self.irqfd = irqfd;
+        Ok(())
     }
 
     pub fn reg_read(&self, offset: u64) -> u32 {

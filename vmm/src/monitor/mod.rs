@@ -2,6 +2,8 @@
 //! supervisor that reacts when a partition's run ends (reaping it, or cold-booting it
 //! again on a guest reboot request).
 
+pub mod snapshot;
+
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -13,7 +15,7 @@ use crate::api::protocol::{ApiError, Command, ErrorCode};
 use crate::api::server::ControlHandler;
 use crate::config::DeviceConfig;
 use crate::partition::shared::Outcome;
-use crate::partition::vcpu::Ended;
+use crate::partition::vcpu::{Ended, PartitionEvent};
 use crate::partition::{self, Partition, PartitionError, State};
 use duplex_devices::vsock::{VsockError, VsockSwitch};
 
@@ -37,16 +39,20 @@ pub enum MonitorError {
 /// All partitions of one device.
 pub struct Monitor {
     kvm: Kvm,
+    config: DeviceConfig,
+    snapshot_lock: Mutex<()>,
+    restored_from: Mutex<Option<Value>>,
+    fallback: Mutex<Option<String>>,
     device: Option<String>,
     partitions: Vec<Mutex<Partition>>,
     vsock: Option<VsockSwitch>,
-    ended: Mutex<Sender<Ended>>,
+    ended: Mutex<Sender<PartitionEvent>>,
     shutdown: Mutex<bool>,
     shutdown_cv: Condvar,
     started: Instant,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -68,6 +74,10 @@ impl Monitor {
         let (tx, rx) = channel();
         let monitor = Arc::new(Monitor {
             kvm,
+            config: config.clone(),
+            snapshot_lock: Mutex::new(()),
+            restored_from: Mutex::new(None),
+            fallback: Mutex::new(None),
             device: config.device.clone(),
             partitions,
             vsock,
@@ -132,6 +142,8 @@ impl Monitor {
             "device": self.device,
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "partitions": list,
+            "restored_from": lock(&self.restored_from).clone(),
+            "fallback": lock(&self.fallback).clone(),
             "vsock": self.vsock.as_ref().map(|v| serde_json::to_value(v.stats()).unwrap_or(Value::Null)),
         }))
     }
@@ -186,6 +198,11 @@ impl Monitor {
         Ok(json!({ "partition": name, "lines": tail }))
     }
 
+    /// Records why a restore was not done and the device booted cold instead.
+    pub fn set_fallback(&self, reason: String) {
+        *lock(&self.fallback) = Some(reason);
+    }
+
     /// Asks the monitor to shut down (the main thread waits for this).
     pub fn request_shutdown(&self) {
         *lock(&self.shutdown) = true;
@@ -222,6 +239,41 @@ impl Monitor {
         self.find(name).ok().map(|p| f(&lock(p)))
     }
 
+    /// A guest asked for a coordinated snapshot: taken on a thread of its own (the
+    /// controller must go on running to answer the quiesce), into the config's
+    /// `snapshot.dir`; with `reboot`, the device then reboots from it.
+    fn on_snapshot_request(self: &Arc<Self>, run: &Ended, reboot: bool) {
+        let Some(dir) = self.config.snapshot.as_ref().map(|s| s.dir.clone()) else {
+            log::warn!(
+                "partition {} asked for a snapshot, but the config has no snapshot.dir",
+                run.name
+            );
+            return;
+        };
+        let me = Arc::downgrade(self);
+        let name = run.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let Some(m) = me.upgrade() else { return };
+                match m.snapshot(&dir, reboot) {
+                    Ok(v) => {
+                        log::info!("snapshot requested by {name} saved: {v}");
+                        if reboot {
+                            match m.restore_from(&dir, duplex_snapshot::LoadMode::Lazy, true) {
+                                Ok(v) => log::info!("rebooted from {}: {v}", dir.display()),
+                                Err(e) => log::error!("reboot from {}: {e}", dir.display()),
+                            }
+                        }
+                    }
+                    Err(e) => log::error!("snapshot requested by {name} failed: {e}"),
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("starting the snapshot thread: {e}");
+        }
+    }
+
     fn on_ended(&self, ended: &Ended) {
         let Ok(p) = self.find(&ended.name) else {
             return;
@@ -250,12 +302,15 @@ impl Monitor {
     }
 }
 
-fn supervise(monitor: std::sync::Weak<Monitor>, rx: Receiver<Ended>) {
+fn supervise(monitor: std::sync::Weak<Monitor>, rx: Receiver<PartitionEvent>) {
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(ended) => match monitor.upgrade() {
-                Some(m) => m.on_ended(&ended),
-                None => return,
+            Ok(event) => match (monitor.upgrade(), event) {
+                (None, _) => return,
+                (Some(m), PartitionEvent::Ended(ended)) => m.on_ended(&ended),
+                (Some(m), PartitionEvent::SnapshotRequest { run, reboot }) => {
+                    m.on_snapshot_request(&run, reboot)
+                }
             },
             Err(RecvTimeoutError::Timeout) => {
                 if monitor.strong_count() == 0 {
@@ -265,6 +320,17 @@ fn supervise(monitor: std::sync::Weak<Monitor>, rx: Receiver<Ended>) {
             Err(RecvTimeoutError::Disconnected) => return,
         }
     }
+}
+
+fn snapshot_error(e: snapshot::SnapshotFailure) -> ApiError {
+    use snapshot::SnapshotFailure as F;
+    let code = match &e {
+        F::Denied(_) => ErrorCode::SnapshotDenied,
+        F::NotRunning { .. } | F::Busy => ErrorCode::InvalidState,
+        F::Invalid { .. } => ErrorCode::InvalidSnapshot,
+        F::Quiesce(_) | F::Failed(_) => ErrorCode::SnapshotFailed,
+    };
+    ApiError::new(code, e.to_string())
 }
 
 fn api_error(e: PartitionError) -> ApiError {
@@ -291,6 +357,23 @@ impl ControlHandler for Monitor {
             Command::Stop { partition } => self.stop(&partition),
             Command::Start { partition } => self.start(&partition),
             Command::Console { partition, lines } => self.console(&partition, lines),
+            Command::Snapshot { dest } => self
+                .snapshot(std::path::Path::new(&dest), false)
+                .map_err(snapshot_error),
+            Command::Reboot { from } => {
+                let dir = match (from, &self.config.snapshot) {
+                    (Some(f), _) => std::path::PathBuf::from(f),
+                    (None, Some(s)) => s.dir.clone(),
+                    (None, None) => {
+                        return Err(ApiError::new(
+                            ErrorCode::InvalidRequest,
+                            "reboot needs \"from\": the config has no snapshot.dir",
+                        ))
+                    }
+                };
+                self.restore_from(&dir, duplex_snapshot::LoadMode::Lazy, true)
+                    .map_err(snapshot_error)
+            }
             Command::Shutdown => {
                 self.request_shutdown();
                 Ok(json!({ "shutting_down": true }))

@@ -1,0 +1,273 @@
+//! Restoring a partition's guest memory from a set: lazily (each RAM region a private
+//! mapping of the memory file, pages fault in from the page cache on first touch) or
+//! eagerly (anonymous memory filled from the file's data extents). For an incremental
+//! chain the full set at its root is loaded first and the newer sets' pages are copied
+//! over it, each page from the newest set that holds it.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use vm_memory::bitmap::NewBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::manifest::{PartitionEntry, RamRegion};
+use crate::memfile::PageBits;
+use crate::set::open_checked;
+use crate::sys::{self, PAGE};
+use crate::{SnapshotError, SnapshotSet};
+
+/// How `load_memory` brings guest memory back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadMode {
+    /// Each RAM region is a `MAP_PRIVATE | MAP_NORESERVE` mapping of the memory file: nothing
+    /// is read up front, pages fault in from the page cache on first touch, guest writes stay
+    /// private (the file is never modified). For an incremental chain, the root full set is
+    /// mapped and the newer pages are copied in (those pages become private copies).
+    Lazy,
+    /// Anonymous memory, filled by reading the memory files' data extents up front.
+    Eager,
+}
+
+/// Where a partition's memory file regions land in guest memory.
+struct Layout<'a> {
+    ram: &'a [RamRegion],
+    offsets: Vec<u64>,
+}
+
+impl Layout<'_> {
+    /// Splits the file range `[off, off + len)` into `(gpa, file offset, length)` pieces that
+    /// each lie in one RAM region.
+    fn pieces(&self, mut off: u64, len: u64) -> Vec<(u64, u64, u64)> {
+        let end = off + len;
+        let mut v = Vec::new();
+        for (r, &ro) in self.ram.iter().zip(&self.offsets) {
+            if off >= end {
+                break;
+            }
+            let rend = ro + r.len;
+            if off >= ro && off < rend {
+                let n = end.min(rend) - off;
+                v.push((r.gpa + (off - ro), off, n));
+                off += n;
+            }
+        }
+        v
+    }
+}
+
+impl SnapshotSet {
+    /// A partition's guest memory, with the guest addresses of the manifest's `ram` entries.
+    /// Checksums are not checked here: call [`SnapshotSet::verify`] first.
+    pub fn load_memory(
+        &self,
+        name: &str,
+        mode: LoadMode,
+    ) -> Result<GuestMemoryMmap, SnapshotError> {
+        self.load_memory_with_bitmap::<()>(name, mode)
+    }
+
+    /// As [`SnapshotSet::load_memory`], with a vm-memory dirty bitmap type `B` on each region
+    /// (pages the loader writes are marked dirty in it).
+    pub fn load_memory_with_bitmap<B: NewBitmap>(
+        &self,
+        name: &str,
+        mode: LoadMode,
+    ) -> Result<GuestMemoryMmap<B>, SnapshotError> {
+        let chain = self.chain();
+        let entries = chain
+            .iter()
+            .map(|s| s.partition_or_err(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (base, base_entry) = match (chain.last(), entries.last()) {
+            (Some(s), Some(e)) => (*s, *e),
+            _ => return Err(self.mem_err(name, "empty chain".into())),
+        };
+        let entry = entries[0];
+        let layout = Layout {
+            ram: &entry.ram,
+            offsets: entry.region_offsets(),
+        };
+        let len = entry.memory_len();
+        let base_file = open_checked(&base.dir, &base_entry.memory_file, len)?;
+        let mem = match mode {
+            LoadMode::Lazy => self.map_private::<B>(name, entry, &layout, base_file)?,
+            LoadMode::Eager => {
+                let ranges: Vec<(GuestAddress, usize)> = entry
+                    .ram
+                    .iter()
+                    .map(|r| (GuestAddress(r.gpa), r.len as usize))
+                    .collect();
+                let mem = GuestMemoryMmap::<B>::from_ranges(&ranges)
+                    .map_err(|e| self.mem_err(name, format!("allocating: {e}")))?;
+                let path = base.dir.join(&base_entry.memory_file);
+                let extents = sys::page_extents(&base_file, 0, len)
+                    .map_err(|e| SnapshotError::io(&path, "finding data extents of", e))?;
+                let mut buf = vec![0u8; 256 * PAGE];
+                for (s, e) in extents {
+                    self.copy_in(name, &mem, &layout, &base_file, &path, s, e - s, &mut buf)?;
+                }
+                mem
+            }
+        };
+        self.overlay(name, &mem, &layout, &chain, &entries)?;
+        Ok(mem)
+    }
+
+    fn mem_err(&self, partition: &str, message: String) -> SnapshotError {
+        SnapshotError::Memory {
+            dir: self.dir.clone(),
+            partition: partition.to_string(),
+            message,
+        }
+    }
+
+    fn map_private<B: NewBitmap>(
+        &self,
+        name: &str,
+        entry: &PartitionEntry,
+        layout: &Layout,
+        file: File,
+    ) -> Result<GuestMemoryMmap<B>, SnapshotError> {
+        let file = Arc::new(file);
+        let mut regions = Vec::with_capacity(entry.ram.len());
+        for (r, &off) in entry.ram.iter().zip(&layout.offsets) {
+            let len = r.len as usize;
+            let region = MmapRegionBuilder::new_with_bitmap(len, B::with_len(len))
+                .with_file_offset(FileOffset::from_arc(file.clone(), off))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| {
+                    self.mem_err(name, format!("mapping region at gpa {:#x}: {e}", r.gpa))
+                })?;
+            let region = GuestRegionMmap::new(region, GuestAddress(r.gpa)).ok_or_else(|| {
+                self.mem_err(name, format!("region at gpa {:#x} overflows", r.gpa))
+            })?;
+            regions.push(region);
+        }
+        GuestMemoryMmap::from_regions(regions).map_err(|e| self.mem_err(name, format!("{e}")))
+    }
+
+    /// Copies the file range `[off, off + len)` of `file` into guest memory.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_in<B: NewBitmap>(
+        &self,
+        name: &str,
+        mem: &GuestMemoryMmap<B>,
+        layout: &Layout,
+        file: &File,
+        path: &std::path::Path,
+        off: u64,
+        len: u64,
+        buf: &mut [u8],
+    ) -> Result<(), SnapshotError> {
+        for (gpa, foff, n) in layout.pieces(off, len) {
+            let mut done = 0u64;
+            while done < n {
+                let k = ((n - done) as usize).min(buf.len());
+                file.read_exact_at(&mut buf[..k], foff + done)
+                    .map_err(|e| SnapshotError::io(path, "reading", e))?;
+                mem.write_slice(&buf[..k], GuestAddress(gpa + done))
+                    .map_err(|e| self.mem_err(name, format!("writing gpa {gpa:#x}: {e}")))?;
+                done += k as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the pages of the chain's incremental sets over the root's memory, each page
+    /// from the newest set that holds it; a page a set holds as zero (a hole in its file)
+    /// is zeroed if the memory below has data there.
+    fn overlay<B: NewBitmap>(
+        &self,
+        name: &str,
+        mem: &GuestMemoryMmap<B>,
+        layout: &Layout,
+        chain: &[&SnapshotSet],
+        entries: &[&PartitionEntry],
+    ) -> Result<(), SnapshotError> {
+        let n = chain.len();
+        if n < 2 {
+            return Ok(());
+        }
+        let len = entries[0].memory_len();
+        let pages = len / PAGE as u64;
+        let mut claimed = PageBits::new(pages);
+        let mut buf = vec![0u8; 256 * PAGE];
+        let mut page = vec![0u8; PAGE];
+        let zero = vec![0u8; PAGE];
+        for (set, entry) in chain[..n - 1].iter().zip(&entries[..n - 1]) {
+            let present = set.present_pages(name)?.ok_or_else(|| {
+                SnapshotError::manifest(&set.dir, format!("partition {name:?} has no pages file"))
+            })?;
+            let file = open_checked(&set.dir, &entry.memory_file, len)?;
+            let path = set.dir.join(&entry.memory_file);
+            let extents = sys::page_extents(&file, 0, len)
+                .map_err(|e| SnapshotError::io(&path, "finding data extents of", e))?;
+            let mut ext = 0usize;
+            let mut run: Option<(u64, u64)> = None; // data pages to copy: (first, count)
+            for p in 0..pages {
+                let take = present.get(p) && !claimed.get(p);
+                let off = p * PAGE as u64;
+                while ext < extents.len() && extents[ext].1 <= off {
+                    ext += 1;
+                }
+                let data = take && ext < extents.len() && extents[ext].0 <= off;
+                match run {
+                    Some((first, count)) if data && first + count == p => {
+                        run = Some((first, count + 1))
+                    }
+                    _ => {
+                        if let Some((first, count)) = run.take() {
+                            self.copy_in(
+                                name,
+                                mem,
+                                layout,
+                                &file,
+                                &path,
+                                first * PAGE as u64,
+                                count * PAGE as u64,
+                                &mut buf,
+                            )?;
+                        }
+                        if data {
+                            run = Some((p, 1));
+                        }
+                    }
+                }
+                if !take {
+                    continue;
+                }
+                claimed.set(p);
+                if !data {
+                    // Held as zero by this set: clear whatever the older sets left.
+                    for (gpa, _, _) in layout.pieces(off, PAGE as u64) {
+                        mem.read_slice(&mut page, GuestAddress(gpa)).map_err(|e| {
+                            self.mem_err(name, format!("reading gpa {gpa:#x}: {e}"))
+                        })?;
+                        if !sys::is_zero(&page) {
+                            mem.write_slice(&zero, GuestAddress(gpa)).map_err(|e| {
+                                self.mem_err(name, format!("writing gpa {gpa:#x}: {e}"))
+                            })?;
+                        }
+                    }
+                }
+            }
+            if let Some((first, count)) = run {
+                self.copy_in(
+                    name,
+                    mem,
+                    layout,
+                    &file,
+                    &path,
+                    first * PAGE as u64,
+                    count * PAGE as u64,
+                    &mut buf,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}

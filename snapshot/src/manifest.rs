@@ -1,0 +1,410 @@
+//! `manifest.json`: what a snapshot set holds, how it is sealed with its own CRC-32, and
+//! the checks every manifest must pass before any other file of the set is trusted
+//! (see `docs/snapshot-format.md`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::sys::PAGE;
+use crate::SnapshotError;
+
+/// The format version this crate writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The manifest's file name inside a set directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The start of the manifest's last member; its value is the CRC-32 of every byte before it.
+const TRAILER_HEAD: &[u8] = b"  \"manifest_crc32\": \"";
+/// The end of the file after the 8 hex digits of the CRC.
+const TRAILER_TAIL: &[u8] = b"\"\n}\n";
+const TRAILER_LEN: usize = TRAILER_HEAD.len() + 8 + TRAILER_TAIL.len();
+
+/// The deepest parent chain `open` follows (a guard against cycles and runaway chains).
+pub const MAX_CHAIN: usize = 64;
+
+/// The contents of `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// 32 lowercase hex digits (16 random bytes), unique per set.
+    pub set_id: String,
+    /// When the set was committed, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The device config the set was taken from, as the monitor gave it (opaque here).
+    pub device_config: Value,
+    /// The partitions, in the order they were written.
+    pub partitions: Vec<PartitionEntry>,
+    /// The parent set, for an incremental set.
+    #[serde(default)]
+    pub parent: Option<ParentRef>,
+    /// Every other file of the set: file name → length and CRC-32.
+    pub files: BTreeMap<String, FileEntry>,
+    /// Whatever the monitor wants to keep with the set (timings...), opaque here.
+    #[serde(default)]
+    pub extra: Value,
+}
+
+/// One partition of a set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionEntry {
+    /// The partition's name (also the stem of its file names).
+    pub name: String,
+    /// `<name>.mem`: guest RAM, the regions of `ram` concatenated.
+    pub memory_file: String,
+    /// `<name>.state`: the monitor's opaque vCPU/VM/device state.
+    pub state_file: String,
+    /// `<name>.pages` (incremental sets only): which pages of the memory file this set holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages_file: Option<String>,
+    /// Guest RAM regions, in the order they appear in the memory file.
+    pub ram: Vec<RamRegion>,
+    /// Bytes of page data actually written to the memory file (the rest are holes).
+    pub memory_bytes_written: u64,
+    /// True if the memory file holds only the pages dirtied since the parent set.
+    pub incremental: bool,
+}
+
+/// One guest RAM region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamRegion {
+    /// Guest-physical start address (page aligned).
+    pub gpa: u64,
+    /// Length in bytes (a multiple of 4096).
+    pub len: u64,
+}
+
+/// The parent of an incremental set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// The parent's `set_id`; `open` refuses a parent with another id.
+    pub set_id: String,
+    /// Where the parent is: relative to this set's directory, or absolute.
+    pub path: String,
+}
+
+/// A file's recorded length and checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Length in bytes (the apparent length, holes included).
+    pub len: u64,
+    /// CRC-32 (IEEE, as crc32fast computes it); for memory files see the format doc.
+    pub crc32: u32,
+}
+
+impl PartitionEntry {
+    /// Total RAM bytes, which is also the memory file's length.
+    pub fn memory_len(&self) -> u64 {
+        self.ram.iter().map(|r| r.len).sum()
+    }
+
+    /// Each region's offset in the memory file, in `ram` order.
+    pub fn region_offsets(&self) -> Vec<u64> {
+        let mut off = 0;
+        self.ram
+            .iter()
+            .map(|r| {
+                let o = off;
+                off += r.len;
+                o
+            })
+            .collect()
+    }
+
+    /// Every file this partition has in the set.
+    pub fn file_names(&self) -> Vec<&str> {
+        let mut v = vec![self.memory_file.as_str(), self.state_file.as_str()];
+        if let Some(p) = &self.pages_file {
+            v.push(p);
+        }
+        v
+    }
+}
+
+/// Checks that `name` can be a partition name (it becomes part of file names).
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with('.') {
+        return Err(format!(
+            "partition name {name:?} is not 1 to 64 characters of A-Z a-z 0-9 _ - . not starting \
+             with a dot"
+        ));
+    }
+    Ok(())
+}
+
+fn is_set_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Serializes and seals a manifest: pretty JSON whose last member, `manifest_crc32`, holds
+/// the CRC-32 of every byte of the file before that member's line, as 8 lowercase hex digits.
+pub fn seal(m: &Manifest) -> Result<Vec<u8>, serde_json::Error> {
+    let mut v = serde_json::to_vec_pretty(m)?;
+    // to_vec_pretty of a non-empty struct ends with "\n}".
+    v.truncate(v.len().saturating_sub(2));
+    v.extend_from_slice(b",\n");
+    let crc = crc32fast::hash(&v);
+    v.extend_from_slice(TRAILER_HEAD);
+    v.extend_from_slice(format!("{crc:08x}").as_bytes());
+    v.extend_from_slice(TRAILER_TAIL);
+    Ok(v)
+}
+
+/// The stored CRC if `bytes` ends with a well-formed trailer, with the length it covers.
+fn trailer(bytes: &[u8]) -> Option<(u32, usize)> {
+    let n = bytes.len().checked_sub(TRAILER_LEN)?;
+    let t = &bytes[n..];
+    if !t.starts_with(TRAILER_HEAD) || !t.ends_with(TRAILER_TAIL) {
+        return None;
+    }
+    let hex = std::str::from_utf8(&t[TRAILER_HEAD.len()..TRAILER_HEAD.len() + 8]).ok()?;
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(hex, 16).ok().map(|crc| (crc, n))
+}
+
+/// Reads a manifest from the bytes of `dir/manifest.json`: checks its seal, its version,
+/// its fields and their consistency.
+pub fn unseal(dir: &Path, bytes: &[u8]) -> Result<Manifest, SnapshotError> {
+    let sealed = trailer(bytes);
+    if let Some((stored, n)) = sealed {
+        let found = crc32fast::hash(&bytes[..n]);
+        if found != stored {
+            return Err(SnapshotError::Checksum {
+                dir: dir.to_path_buf(),
+                file: MANIFEST_FILE.to_string(),
+                expected: stored,
+                found,
+            });
+        }
+    }
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| SnapshotError::manifest(dir, format!("not valid JSON: {e}")))?;
+    let version = value
+        .get("format_version")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| {
+            SnapshotError::manifest(dir, "field format_version is missing or not a number")
+        })?;
+    if version != u64::from(FORMAT_VERSION) {
+        return Err(SnapshotError::Version {
+            dir: dir.to_path_buf(),
+            found: version,
+            expected: FORMAT_VERSION,
+        });
+    }
+    if sealed.is_none() {
+        return Err(SnapshotError::manifest(
+            dir,
+            "the closing member \"manifest_crc32\": \"<8 hex digits>\" is missing or malformed \
+             (the manifest was edited or cut short)",
+        ));
+    }
+    let m: Manifest =
+        serde_json::from_value(value).map_err(|e| SnapshotError::manifest(dir, format!("{e}")))?;
+    validate(dir, &m)?;
+    Ok(m)
+}
+
+/// The length of a pages file for a memory file of `pages` pages.
+pub fn pages_file_len(pages: u64) -> u64 {
+    crate::memfile::PAGES_HEADER_LEN as u64 + pages.div_ceil(8)
+}
+
+/// Checks a manifest's internal consistency (not the files on disk).
+pub fn validate(dir: &Path, m: &Manifest) -> Result<(), SnapshotError> {
+    let bad = |msg: String| SnapshotError::manifest(dir, msg);
+    if !is_set_id(&m.set_id) {
+        return Err(bad(format!(
+            "field set_id {:?} is not 1 to 64 hex digits",
+            m.set_id
+        )));
+    }
+    if m.partitions.is_empty() {
+        return Err(bad("field partitions is empty".into()));
+    }
+    if let Some(p) = &m.parent {
+        if !is_set_id(&p.set_id) {
+            return Err(bad(format!(
+                "field parent.set_id {:?} is not 1 to 64 hex digits",
+                p.set_id
+            )));
+        }
+        if p.path.is_empty() {
+            return Err(bad("field parent.path is empty".into()));
+        }
+    }
+    let mut names = BTreeSet::new();
+    let mut listed = BTreeSet::new();
+    for p in &m.partitions {
+        let at = |msg: String| bad(format!("partition {:?}: {msg}", p.name));
+        check_name(&p.name).map_err(|e| bad(format!("partitions: {e}")))?;
+        if !names.insert(p.name.as_str()) {
+            return Err(at("listed twice".into()));
+        }
+        let expect = |field: &str, got: &str, want: String| {
+            if got != want {
+                Err(at(format!("field {field} is {got:?}, must be {want:?}")))
+            } else {
+                Ok(())
+            }
+        };
+        expect("memory_file", &p.memory_file, format!("{}.mem", p.name))?;
+        expect("state_file", &p.state_file, format!("{}.state", p.name))?;
+        if p.incremental != m.parent.is_some() {
+            return Err(at(format!(
+                "field incremental is {} but the set {} a parent",
+                p.incremental,
+                if m.parent.is_some() { "has" } else { "has no" }
+            )));
+        }
+        match (&p.pages_file, p.incremental) {
+            (Some(f), true) => expect("pages_file", f, format!("{}.pages", p.name))?,
+            (None, false) => {}
+            (Some(_), false) => return Err(at("a full set has no pages_file".into())),
+            (None, true) => return Err(at("an incremental set needs pages_file".into())),
+        }
+        if p.ram.is_empty() {
+            return Err(at("field ram is empty".into()));
+        }
+        let mut end_prev: Option<u64> = None;
+        for (i, r) in p.ram.iter().enumerate() {
+            if r.gpa % PAGE as u64 != 0 || r.len % PAGE as u64 != 0 || r.len == 0 {
+                return Err(at(format!(
+                    "ram[{i}] (gpa {:#x}, len {:#x}) is not page aligned or is empty",
+                    r.gpa, r.len
+                )));
+            }
+            let end = r.gpa.checked_add(r.len).ok_or_else(|| {
+                at(format!(
+                    "ram[{i}] (gpa {:#x}, len {:#x}) overflows",
+                    r.gpa, r.len
+                ))
+            })?;
+            if end_prev.is_some_and(|e| r.gpa < e) {
+                return Err(at(format!(
+                    "ram[{i}] (gpa {:#x}) overlaps or precedes the region before it",
+                    r.gpa
+                )));
+            }
+            end_prev = Some(end);
+        }
+        let mem_len = p.memory_len();
+        if p.memory_bytes_written > mem_len {
+            return Err(at(format!(
+                "field memory_bytes_written {} exceeds the RAM size {mem_len}",
+                p.memory_bytes_written
+            )));
+        }
+        for f in p.file_names() {
+            let e = m
+                .files
+                .get(f)
+                .ok_or_else(|| at(format!("file {f} is not listed in field files")))?;
+            let want = if f == p.memory_file {
+                Some(mem_len)
+            } else if Some(f) == p.pages_file.as_deref() {
+                Some(pages_file_len(mem_len / PAGE as u64))
+            } else {
+                None
+            };
+            if let Some(want) = want.filter(|w| *w != e.len) {
+                return Err(at(format!(
+                    "files[{f:?}].len is {}, must be {want} for this RAM layout",
+                    e.len
+                )));
+            }
+            listed.insert(f);
+        }
+    }
+    if let Some(extra) = m.files.keys().find(|k| !listed.contains(k.as_str())) {
+        return Err(bad(format!(
+            "field files lists {extra:?}, which no partition uses"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let mut files = BTreeMap::new();
+        files.insert(
+            "a.mem".into(),
+            FileEntry {
+                len: 8192,
+                crc32: 1,
+            },
+        );
+        files.insert("a.state".into(), FileEntry { len: 3, crc32: 2 });
+        Manifest {
+            format_version: FORMAT_VERSION,
+            set_id: "00ff".into(),
+            created_unix_ms: 5,
+            device_config: serde_json::json!({"k": [1, 2.5, "x"]}),
+            partitions: vec![PartitionEntry {
+                name: "a".into(),
+                memory_file: "a.mem".into(),
+                state_file: "a.state".into(),
+                pages_file: None,
+                ram: vec![RamRegion { gpa: 0, len: 8192 }],
+                memory_bytes_written: 4096,
+                incremental: false,
+            }],
+            parent: None,
+            files,
+            extra: Value::Null,
+        }
+    }
+
+    #[test]
+    fn seal_round_trips_and_is_json() {
+        let m = sample();
+        let bytes = seal(&m).expect("seal");
+        let v: Value = serde_json::from_slice(&bytes).expect("still JSON");
+        assert!(v["manifest_crc32"].as_str().is_some_and(|s| s.len() == 8));
+        assert_eq!(unseal(Path::new("d"), &bytes).expect("unseal"), m);
+    }
+
+    #[test]
+    fn any_flipped_byte_is_refused() {
+        let bytes = seal(&sample()).expect("seal");
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x01;
+            assert!(
+                unseal(Path::new("d"), &b).is_err(),
+                "flipping byte {i} ({:?}) went unnoticed",
+                bytes[i] as char
+            );
+        }
+    }
+
+    #[test]
+    fn path_traversal_in_file_names_is_refused() {
+        let mut m = sample();
+        m.partitions[0].memory_file = "../../etc/passwd".into();
+        let e = validate(Path::new("d"), &m).expect_err("traversal");
+        assert!(e.to_string().contains("memory_file"), "{e}");
+        let mut m = sample();
+        m.partitions[0].name = "../x".into();
+        assert!(validate(Path::new("d"), &m).is_err());
+    }
+
+    #[test]
+    fn memory_file_length_must_match_ram() {
+        let mut m = sample();
+        m.partitions[0].ram[0].len = 4096;
+        let e = validate(Path::new("d"), &m).expect_err("len");
+        assert!(e.to_string().contains("files[\"a.mem\"].len"), "{e}");
+    }
+}

@@ -1,0 +1,417 @@
+//! Memory files and pages files: writing a partition's guest RAM as a sparse, mappable
+//! file (resident non-zero pages only, found with `mincore`), the memory-file checksum,
+//! and the page-presence bitmap of incremental sets.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::manifest::RamRegion;
+use crate::sys::{self, PAGE};
+use crate::SnapshotError;
+
+/// Magic at the start of a pages file.
+pub const PAGES_MAGIC: &[u8; 8] = b"DPXPAGES";
+/// Bytes before a pages file's bitmap: the magic and the page count (u64 little-endian).
+pub const PAGES_HEADER_LEN: usize = 16;
+/// Pages written per `pwrite` at most (1 MiB).
+const BATCH_PAGES: usize = 256;
+/// Pages whose residency is asked per `mincore` call (128 MiB of guest RAM).
+const CHUNK_PAGES: usize = 32 * 1024;
+
+/// What writing one partition's memory did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MemoryWriteStats {
+    /// Bytes of page data written (the memory file's non-hole bytes).
+    pub bytes_written: u64,
+    /// Pages written (non-zero pages that are in the set).
+    pub pages_written: u64,
+    /// Pages whose content was read (resident, or swapped, or backed by file data; and, for
+    /// an incremental set, dirty). Pages never touched are not read.
+    pub pages_scanned: u64,
+    /// Pages of guest RAM.
+    pub pages_total: u64,
+    /// Pages the set holds: all of them for a full set, the dirty ones for an incremental set.
+    pub pages_present: u64,
+    /// Wall time of the write (without fsync, which commit does).
+    pub elapsed: Duration,
+}
+
+/// One bit per page, bit `i` in word `i / 64` at position `i % 64` (KVM's dirty-log layout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageBits {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl PageBits {
+    /// All clear, for `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        PageBits {
+            words: vec![0; pages.div_ceil(64) as usize],
+            pages,
+        }
+    }
+
+    /// The number of pages.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Whether page `i` is set (false past the end).
+    pub fn get(&self, i: u64) -> bool {
+        self.words
+            .get((i / 64) as usize)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Sets page `i` (ignored past the end).
+    pub fn set(&mut self, i: u64) {
+        if i < self.pages {
+            self.words[(i / 64) as usize] |= 1 << (i % 64);
+        }
+    }
+
+    /// How many pages are set.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The pages file: magic, page count, then the bitmap bytes (page `i` is bit `i % 8` of
+    /// byte `i / 8`).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(PAGES_HEADER_LEN + self.pages.div_ceil(8) as usize);
+        v.extend_from_slice(PAGES_MAGIC);
+        v.extend_from_slice(&self.pages.to_le_bytes());
+        for w in &self.words {
+            v.extend_from_slice(&w.to_le_bytes());
+        }
+        v.truncate(PAGES_HEADER_LEN + self.pages.div_ceil(8) as usize);
+        v
+    }
+
+    /// Reads a pages file that must describe `pages` pages.
+    pub fn decode(bytes: &[u8], pages: u64) -> Result<Self, String> {
+        if bytes.len() < PAGES_HEADER_LEN || &bytes[..8] != PAGES_MAGIC {
+            return Err("does not start with the magic DPXPAGES".into());
+        }
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&bytes[8..16]);
+        let n = u64::from_le_bytes(n);
+        if n != pages {
+            return Err(format!("describes {n} pages, the memory file has {pages}"));
+        }
+        let body = &bytes[PAGES_HEADER_LEN..];
+        if body.len() as u64 != pages.div_ceil(8) {
+            return Err(format!(
+                "bitmap is {} bytes, {pages} pages need {}",
+                body.len(),
+                pages.div_ceil(8)
+            ));
+        }
+        let mut bits = PageBits::new(pages);
+        for (i, chunk) in body.chunks(8).enumerate() {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            bits.words[i] = u64::from_le_bytes(w);
+        }
+        // Bits past the last page must be clear.
+        if pages % 64 != 0 {
+            if let Some(last) = bits.words.last() {
+                if last >> (pages % 64) != 0 {
+                    return Err("bits are set past the last page".into());
+                }
+            }
+        }
+        Ok(bits)
+    }
+}
+
+/// The result of writing one memory file.
+pub(crate) struct Written {
+    pub stats: MemoryWriteStats,
+    pub crc: u32,
+    pub len: u64,
+    pub ram: Vec<RamRegion>,
+    /// For an incremental set: the pages the set holds.
+    pub present: Option<PageBits>,
+}
+
+/// The CRC state of a memory file: pages are fed in file order.
+pub(crate) struct MemCrc(crc32fast::Hasher);
+
+impl MemCrc {
+    pub fn new() -> Self {
+        MemCrc(crc32fast::Hasher::new())
+    }
+
+    /// Adds one page at `offset` (zero pages must not be fed).
+    pub fn page(&mut self, offset: u64, page: &[u8]) {
+        self.0.update(&offset.to_le_bytes());
+        self.0.update(page);
+    }
+
+    pub fn finish(self) -> u32 {
+        self.0.finalize()
+    }
+}
+
+/// Contiguous non-zero pages waiting to be written with one `pwrite`.
+struct Batch<'a> {
+    file: &'a File,
+    path: &'a Path,
+    buf: Vec<u8>,
+    offset: u64,
+}
+
+impl Batch<'_> {
+    fn flush(&mut self) -> Result<(), SnapshotError> {
+        if !self.buf.is_empty() {
+            self.file
+                .write_all_at(&self.buf, self.offset)
+                .map_err(|e| SnapshotError::io(self.path, "writing", e))?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Writes `mem` into `file` (a new, empty file at `path`): a sparse file of the RAM's total
+/// length holding every non-zero page that is in the set, at its offset. `dirty`, one bitmap
+/// per region, makes the set incremental: only dirty pages are in it.
+pub(crate) fn write<B: Bitmap>(
+    path: &Path,
+    file: &File,
+    mem: &GuestMemoryMmap<B>,
+    dirty: Option<&[Vec<u64>]>,
+    usage: &dyn Fn(String) -> SnapshotError,
+) -> Result<Written, SnapshotError> {
+    let started = Instant::now();
+    if sys::host_page_size() != PAGE {
+        return Err(usage(format!(
+            "the host page size is {}, the format needs {PAGE}",
+            sys::host_page_size()
+        )));
+    }
+    let mut ram = Vec::new();
+    for r in mem.iter() {
+        if r.len() % PAGE as u64 != 0 || r.start_addr().0 % PAGE as u64 != 0 {
+            return Err(usage(format!(
+                "guest RAM region at {:#x} of {:#x} bytes is not page aligned",
+                r.start_addr().0,
+                r.len()
+            )));
+        }
+        ram.push(RamRegion {
+            gpa: r.start_addr().0,
+            len: r.len(),
+        });
+    }
+    if let Some(d) = dirty {
+        if d.len() != ram.len() {
+            return Err(usage(format!(
+                "{} dirty bitmaps for {} RAM regions",
+                d.len(),
+                ram.len()
+            )));
+        }
+        for (i, (bm, r)) in d.iter().zip(&ram).enumerate() {
+            let need = (r.len / PAGE as u64).div_ceil(64);
+            if (bm.len() as u64) < need {
+                return Err(usage(format!(
+                    "dirty bitmap {i} has {} words, region {i} of {} pages needs {need}",
+                    bm.len(),
+                    r.len / PAGE as u64
+                )));
+            }
+        }
+    }
+    let len: u64 = ram.iter().map(|r| r.len).sum();
+    file.set_len(len)
+        .map_err(|e| SnapshotError::io(path, "setting the length of", e))?;
+
+    let total_pages = len / PAGE as u64;
+    let mut present = dirty.map(|_| PageBits::new(total_pages));
+    let mut stats = MemoryWriteStats {
+        pages_total: total_pages,
+        ..Default::default()
+    };
+    let mut crc = MemCrc::new();
+    let mut batch = Batch {
+        file,
+        path,
+        buf: Vec::with_capacity(BATCH_PAGES * PAGE),
+        offset: 0,
+    };
+    let swap = sys::swap_active();
+    let mut res = Vec::new();
+    let mut file_base = 0u64;
+
+    for (ri, region) in mem.iter().enumerate() {
+        let pages = (region.len() / PAGE as u64) as usize;
+        let mem_err =
+            |e: vm_memory::GuestMemoryError| usage(format!("region {ri}: host address: {e}"));
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(mem_err)? as usize;
+        // A file-backed region (e.g. a lazily restored set, MAP_PRIVATE of a memory file):
+        // a page that is not resident can still hold the file's data.
+        let backing = match region.file_offset() {
+            Some(fo) => Some(
+                sys::page_extents(fo.file(), fo.start(), fo.start() + region.len())
+                    .map_err(|e| usage(format!("region {ri}: backing file extents: {e}")))?
+                    .into_iter()
+                    .map(|(s, e)| (s - fo.start(), e - fo.start()))
+                    .collect::<Vec<_>>(),
+            ),
+            None => None,
+        };
+        let mut ext = 0usize;
+        let slice = region.as_volatile_slice().map_err(mem_err)?;
+
+        for chunk in (0..pages).step_by(CHUNK_PAGES) {
+            let n = CHUNK_PAGES.min(pages - chunk);
+            sys::resident(host + chunk * PAGE, n, &mut res)
+                .map_err(|e| usage(format!("region {ri}: mincore: {e}")))?;
+            let swapped = if swap {
+                Some(
+                    sys::swapped(host + chunk * PAGE, n)
+                        .map_err(|e| usage(format!("region {ri}: pagemap: {e}")))?,
+                )
+            } else {
+                None
+            };
+            for i in 0..n {
+                let p = chunk + i;
+                let file_page = file_base / PAGE as u64 + p as u64;
+                let off = file_page * PAGE as u64;
+                if let (Some(d), Some(pr)) = (dirty, present.as_mut()) {
+                    if d[ri][p / 64] & (1 << (p % 64)) == 0 {
+                        batch.flush()?;
+                        continue;
+                    }
+                    pr.set(file_page);
+                }
+                let roff = (p * PAGE) as u64;
+                let in_backing = backing.as_ref().is_some_and(|b| {
+                    while ext < b.len() && b[ext].1 <= roff {
+                        ext += 1;
+                    }
+                    ext < b.len() && b[ext].0 <= roff
+                });
+                let candidate =
+                    res[i] & 1 != 0 || swapped.as_ref().is_some_and(|s| s[i]) || (in_backing && false);
+                if !candidate {
+                    // Never touched (or dropped): reads as zero. Not read, not written.
+                    batch.flush()?;
+                    continue;
+                }
+                stats.pages_scanned += 1;
+                let at = batch.buf.len();
+                batch.buf.resize(at + PAGE, 0);
+                let page = slice
+                    .subslice(p * PAGE, PAGE)
+                    .map_err(|e| usage(format!("region {ri}: page {p}: {e}")))?;
+                page.copy_to(&mut batch.buf[at..]);
+                if sys::is_zero(&batch.buf[at..]) {
+                    batch.buf.truncate(at);
+                    batch.flush()?;
+                    continue;
+                }
+                if at == 0 {
+                    batch.offset = off;
+                }
+                crc.page(off, &batch.buf[at..]);
+                stats.pages_written += 1;
+                if batch.buf.len() >= BATCH_PAGES * PAGE {
+                    batch.flush()?;
+                }
+            }
+        }
+        batch.flush()?;
+        file_base += region.len();
+    }
+    batch.flush()?;
+    sys::start_writeback(file);
+    stats.bytes_written = stats.pages_written * PAGE as u64;
+    stats.pages_present = present.as_ref().map_or(total_pages, PageBits::count);
+    stats.elapsed = started.elapsed();
+    Ok(Written {
+        stats,
+        crc: crc.finish(),
+        len,
+        ram,
+        present,
+    })
+}
+
+/// Computes a memory file's checksum from its data extents (every byte if the file system
+/// cannot tell holes), skipping zero pages. Returns the CRC and the bytes read.
+pub(crate) fn checksum(file: &File, len: u64) -> io::Result<(u32, u64)> {
+    let mut crc = MemCrc::new();
+    let mut buf = vec![0u8; BATCH_PAGES * PAGE];
+    let mut read = 0u64;
+    for (s, e) in sys::page_extents(file, 0, len)? {
+        let mut pos = s;
+        while pos < e {
+            let n = ((e - pos) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], pos)?;
+            read += n as u64;
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                if !sys::is_zero(page) {
+                    crc.page(pos + (i * PAGE) as u64, page);
+                }
+            }
+            pos += n as u64;
+        }
+    }
+    Ok((crc.finish(), read))
+}
+
+/// CRC-32 of a whole (small) file, with its length.
+pub(crate) fn whole_file_crc(file: &File) -> io::Result<(u32, u64)> {
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    loop {
+        let n = file.read_at(&mut buf, pos)?;
+        if n == 0 {
+            return Ok((h.finalize(), pos));
+        }
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_bits_round_trip_through_the_pages_file() {
+        let mut b = PageBits::new(130);
+        for i in [0, 1, 63, 64, 129] {
+            b.set(i);
+        }
+        b.set(130); // past the end: ignored
+        assert_eq!(b.count(), 5);
+        let bytes = b.encode();
+        assert_eq!(bytes.len(), PAGES_HEADER_LEN + 17);
+        assert_eq!(bytes[PAGES_HEADER_LEN], 0b11);
+        assert_eq!(bytes[PAGES_HEADER_LEN + 16], 0b10);
+        assert_eq!(PageBits::decode(&bytes, 130).expect("decode"), b);
+        assert!(PageBits::decode(&bytes, 131).is_err());
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert!(PageBits::decode(&bad, 130).is_err());
+        let mut past = bytes;
+        past[PAGES_HEADER_LEN + 16] |= 0x80;
+        assert!(PageBits::decode(&past, 130).is_err());
+    }
+}

@@ -1,0 +1,290 @@
+//! Building one run of a partition: guest memory, the KVM VM (irqchip, PIT, memory slots,
+//! interrupt lines), vCPUs with CPUID, and the devices, either for a cold boot (kernel
+//! loaded, boot registers set) or from a snapshot (state restored).
+
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use duplex_devices::console::{Console, ConsoleArgs, ConsoleHandle};
+use duplex_devices::persist::Persist;
+use duplex_devices::sysctl::Sysctl;
+use duplex_devices::virtio::Interrupt;
+use duplex_devices::vsock::{VsockMmio, VsockSwitch};
+
+use super::shared::Shared;
+use super::snapshot::PartitionState;
+use super::state;
+use super::vcpu::{self, Devices};
+use super::PartitionError;
+use crate::boot;
+use crate::config::PartitionConfig;
+use crate::layout;
+
+/// Where a run starts from.
+pub enum Source<'a> {
+    /// A cold boot from the partition's kernel image.
+    Cold,
+    /// A snapshot: its restored memory and saved state.
+    Restore {
+        mem: GuestMemoryMmap,
+        state: &'a PartitionState,
+    },
+}
+
+/// A VM ready for its vCPU threads.
+pub struct Built {
+    pub vm: VmFd,
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    pub devices: Arc<Devices>,
+    pub shared: Arc<Shared>,
+    /// The vsock switch and CID this run is attached as.
+    pub vsock: Option<(VsockSwitch, u64)>,
+    pub tsc_khz: u64,
+}
+
+struct Ctx<'a> {
+    name: &'a str,
+    mib: u64,
+}
+
+impl Ctx<'_> {
+    fn kvm(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PartitionError + '_ {
+        move |source| PartitionError::Kvm {
+            name: self.name.to_owned(),
+            what,
+            source,
+        }
+    }
+
+    fn memory(&self, message: String) -> PartitionError {
+        PartitionError::Memory {
+            name: self.name.to_owned(),
+            mib: self.mib,
+            message,
+        }
+    }
+
+    fn eventfd(&self, what: &'static str) -> Result<EventFd, PartitionError> {
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PartitionError::Kvm {
+            name: self.name.to_owned(),
+            what,
+            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        })
+    }
+}
+
+/// Fresh anonymous guest memory for `config`.
+pub fn new_memory(config: &PartitionConfig) -> Result<GuestMemoryMmap, PartitionError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(config.memory_mib << 20)
+        .iter()
+        .map(|&(s, l)| (GuestAddress(s), l as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| PartitionError::Memory {
+        name: config.name.clone(),
+        mib: config.memory_mib,
+        message: e.to_string(),
+    })
+}
+
+/// The VM with its irqchip, PIT and memory slots.
+fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, cx: &Ctx) -> Result<VmFd, PartitionError> {
+    let vm = kvm.create_vm().map_err(cx.kvm("creating the VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDR)
+        .map_err(cx.kvm("setting the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(cx.kvm("creating the irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(cx.kvm("creating the PIT"))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| cx.memory(e.to_string()))?;
+        let slot_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the partition's run
+        // keeps for as long as the VM exists, and the slots do not overlap.
+        unsafe { vm.set_user_memory_region(slot_region) }
+            .map_err(cx.kvm("registering guest memory"))?;
+    }
+    Ok(vm)
+}
+
+/// Builds a run of the partition `config` from `source`.
+pub fn build(
+    config: &PartitionConfig,
+    console_log: &ConsoleHandle,
+    kvm: &Kvm,
+    switch: Option<&VsockSwitch>,
+    source: Source,
+) -> Result<Built, PartitionError> {
+    let cx = Ctx {
+        name: &config.name,
+        mib: config.memory_mib,
+    };
+    let name = config.name.clone();
+    let mem = match &source {
+        Source::Cold => new_memory(config)?,
+        Source::Restore { mem, state } => {
+            if state.vcpus.len() != usize::from(config.vcpus) {
+                return Err(PartitionError::Restore {
+                    name,
+                    message: format!(
+                        "the state has {} vCPUs, the config {}",
+                        state.vcpus.len(),
+                        config.vcpus
+                    ),
+                });
+            }
+            mem.clone()
+        }
+    };
+    let entry = match &source {
+        Source::Cold => {
+            let mut cmdline = config.cmdline.clone();
+            if config.vsock.is_some() {
+                if !cmdline.is_empty() {
+                    cmdline.push(' ');
+                }
+                cmdline.push_str(&layout::vsock_cmdline_entry());
+            }
+            let ram = layout::ram_ranges(config.memory_mib << 20);
+            Some(
+                boot::load_kernel(&mem, &config.kernel, &cmdline, &ram).map_err(|source| {
+                    PartitionError::Boot {
+                        name: name.clone(),
+                        source,
+                    }
+                })?,
+            )
+        }
+        Source::Restore { .. } => None,
+    };
+
+    let vm = create_vm(kvm, &mem, &cx)?;
+    let restore_err = |source| PartitionError::State {
+        name: name.clone(),
+        source,
+    };
+    if let Source::Restore { state, .. } = &source {
+        state::restore_vm(&vm, &state.vm).map_err(restore_err)?;
+    }
+    let console_irq = cx.eventfd("creating the console eventfd")?;
+    vm.register_irqfd(&console_irq, layout::CONSOLE_GSI)
+        .map_err(cx.kvm("wiring the console interrupt"))?;
+
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(cx.kvm("reading supported CPUID"))?;
+    let mut vcpus = Vec::new();
+    for id in 0..config.vcpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(id))
+            .map_err(cx.kvm("creating a vCPU"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(cx.kvm("setting CPUID"))?;
+        if let (0, Some(entry)) = (id, entry) {
+            vcpu::set_boot_state(&vcpu, entry).map_err(cx.kvm("setting boot registers"))?;
+        }
+        if let Source::Restore { state, .. } = &source {
+            if let Some(s) = state.vcpus.get(usize::from(id)) {
+                state::restore_vcpu(&vcpu, s).map_err(restore_err)?;
+            }
+        }
+        vcpus.push(vcpu);
+    }
+    let tsc_khz = vcpus
+        .first()
+        .and_then(|v| v.get_tsc_khz().ok())
+        .map_or(0, u64::from);
+
+    let shared = Arc::new(match source {
+        Source::Cold => Shared::new(vcpus.len()),
+        Source::Restore { .. } => Shared::new_paused(vcpus.len()),
+    });
+    let vsock = match (&config.vsock, switch) {
+        (None, _) => None,
+        (Some(_), None) => return Err(PartitionError::NoSwitch { name }),
+        (Some(v), Some(switch)) => {
+            let irqfd = cx.eventfd("creating the vsock eventfd")?;
+            vm.register_irqfd(&irqfd, layout::VSOCK_GSI)
+                .map_err(cx.kvm("wiring the vsock interrupt"))?;
+            let waker = Arc::downgrade(&shared);
+            let wake = Arc::new(move || {
+                if let Some(s) = waker.upgrade() {
+                    s.wake_guest();
+                }
+            });
+            let irq = Interrupt::new(irqfd, wake);
+            let mmio: VsockMmio = match &source {
+                Source::Cold => switch.attach(v.cid, &name, mem.clone(), irq, v.uds.clone()),
+                Source::Restore { state, .. } => match &state.devices.vsock {
+                    Some(saved) => {
+                        switch.attach_restored(v.cid, &name, mem.clone(), irq, v.uds.clone(), saved)
+                    }
+                    None => {
+                        return Err(PartitionError::Restore {
+                            name,
+                            message: "the config has a vsock device, the state none".into(),
+                        })
+                    }
+                },
+            }
+            .map_err(|source| PartitionError::Vsock {
+                name: name.clone(),
+                source,
+            })?;
+            Some((mmio, switch.clone(), v.cid))
+        }
+    };
+    let (vsock_mmio, vsock_attached) = match vsock {
+        Some((mmio, switch, cid)) => (Some(mmio), Some((switch, cid))),
+        None => (None, None),
+    };
+    let (console, sysctl) = match &source {
+        Source::Cold => (
+            Console::new(console_irq, console_log.clone()),
+            Sysctl::new(tsc_khz),
+        ),
+        Source::Restore { state, .. } => (
+            Console::restore(
+                ConsoleArgs {
+                    irq: console_irq,
+                    handle: console_log.clone(),
+                },
+                &state.devices.console,
+            )
+            .map_err(|e| PartitionError::Restore {
+                name: name.clone(),
+                message: format!("console: {e}"),
+            })?,
+            state.devices.sysctl.clone(),
+        ),
+    };
+    let devices = Arc::new(Devices {
+        console: Mutex::new(console),
+        sysctl: Mutex::new(sysctl),
+        console_log: console_log.clone(),
+        vsock: vsock_mmio,
+    });
+    Ok(Built {
+        vm,
+        mem,
+        vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+        devices,
+        shared,
+        vsock: vsock_attached,
+        tsc_khz,
+    })
+}
