@@ -122,7 +122,7 @@ impl PageBits {
             bits.words[i] = u64::from_le_bytes(w);
         }
         // Bits past the last page must be clear.
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             if let Some(last) = bits.words.last() {
                 if last >> (pages % 64) != 0 {
                     return Err("bits are set past the last page".into());
@@ -306,7 +306,7 @@ pub(crate) fn write<B: Bitmap>(
                     ext < b.len() && b[ext].0 <= roff
                 });
                 let candidate =
-                    res[i] & 1 != 0 || swapped.as_ref().is_some_and(|s| s[i]) || (in_backing && false);
+                    res[i] & 1 != 0 || swapped.as_ref().is_some_and(|s| s[i]) || in_backing;
                 if !candidate {
                     // Never touched (or dropped): reads as zero. Not read, not written.
                     batch.flush()?;

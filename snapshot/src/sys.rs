@@ -191,7 +191,9 @@ pub fn try_lock(file: &File) -> io::Result<bool> {
 /// True if every byte of `buf` is zero.
 pub fn is_zero(buf: &[u8]) -> bool {
     let mut chunks = buf.chunks_exact(64);
-    let body = (&mut chunks).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0);
+    let body = chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0);
     body && chunks.remainder().iter().all(|&b| b == 0)
 }
 

@@ -107,6 +107,11 @@ impl Device {
 
     /// Boots a device from a config file.
     pub fn boot_file(cfg: &Path, dir: TempDir) -> Device {
+        Device::boot_file_with(cfg, dir, &[])
+    }
+
+    /// Boots a device from a config file, with more `duplex run` arguments.
+    pub fn boot_file_with(cfg: &Path, dir: TempDir, extra: &[String]) -> Device {
         let sock = dir.0.join("api.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
             .arg("run")
@@ -114,6 +119,7 @@ impl Device {
             .arg(cfg)
             .arg("--api-sock")
             .arg(&sock)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

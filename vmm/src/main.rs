@@ -77,8 +77,6 @@ fn run(args: &RunArgs) -> Result<(), String> {
         vmm_sys_util::signal::register_signal_handler(sig, on_signal)
             .map_err(|e| format!("installing the handler of signal {sig}: {e}"))?;
     }
-    let handler: Arc<dyn duplex_vmm::api::server::ControlHandler> = monitor.clone();
-    let server = ApiServer::bind(&args.api_sock, handler).map_err(|e| e.to_string())?;
     match &args.restore {
         None => monitor.start_all().map_err(|e| e.to_string())?,
         Some(dir) => {
@@ -98,6 +96,8 @@ fn run(args: &RunArgs) -> Result<(), String> {
             }
         }
     }
+    let handler: Arc<dyn duplex_vmm::api::server::ControlHandler> = monitor.clone();
+    let server = ApiServer::bind(&args.api_sock, handler).map_err(|e| e.to_string())?;
     log::info!(
         "device {} up: {} partition(s) started in {:.1} ms; control socket {}",
         config.device.as_deref().unwrap_or("(unnamed)"),

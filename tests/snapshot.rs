@@ -1,0 +1,349 @@
+//! End-to-end: coordinated snapshot of the reference device (engine + controller) and
+//! restore, in a new process and in-process, through the real monitor and guests.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use duplex_link::{expected_page_checksum, HostReply, HostRequest, JobState};
+use duplex_vmm::job::JobClient;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(60);
+
+/// The printer's config, with its bridge socket and save destination in `dir`.
+fn printer_config(dir: &Path) -> Value {
+    let mut engine = partition(
+        "engine",
+        "engine",
+        "engine",
+        96,
+        "calib_mib=16 heartbeat_ms=100",
+    );
+    engine["vsock"] = json!({"cid": 3});
+    let mut controller = partition(
+        "controller",
+        "controller",
+        "controller",
+        64,
+        "engine_cid=3 heartbeat_ms=100",
+    );
+    controller["vsock"] = json!({"cid": 4, "uds": dir.join("controller.vsock")});
+    json!({
+        "device": "printer",
+        "partitions": [engine, controller],
+        "snapshot": {"dir": dir.join("set")},
+    })
+}
+
+/// Boots from `cfg` written in `dir`, optionally restoring.
+fn boot_in(dir: &Path, cfg: &Value, restore: Option<&Path>, extra: &[&str]) -> Device {
+    let file = dir.join("device.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(cfg).expect("json")).expect("write");
+    let mut args: Vec<String> = Vec::new();
+    if let Some(r) = restore {
+        args.push("--restore".into());
+        args.push(r.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Device::boot_file_with(&file, TempDir::new("snapdev"), &args)
+}
+
+fn wait_ready(dev: &Device) {
+    dev.wait_line("engine", "READY", T);
+    dev.wait_line("controller", "READY", T);
+}
+
+fn uds(dir: &Path) -> PathBuf {
+    dir.join("controller.vsock")
+}
+
+fn engine_pages(c: &mut JobClient) -> u64 {
+    match c.call(&HostRequest::EngineStatus).expect("engine status") {
+        HostReply::Engine(info) => info.pages_printed,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn kvm_restore_in_a_new_process_continues_jobs_counters_and_connections() {
+    require_kvm();
+    let dir = TempDir::new("snap-new");
+    let cfg = printer_config(&dir.0);
+    let set = dir.0.join("set");
+    let mut dev = boot_in(&dir.0, &cfg, None, &[]);
+    wait_ready(&dev);
+    let mut c = JobClient::connect(&uds(&dir.0)).expect("connect");
+    let first = c.submit(4, 11, 128, 128).expect("submit");
+    c.wait(first, T).expect("first job");
+    // A long job, in flight at the snapshot.
+    let long = c.submit(3_000, 12, 64, 64).expect("submit");
+    let deadline = Instant::now() + T;
+    while c.jobs(Some(long)).expect("status")[0].pages_done < 10 {
+        assert!(Instant::now() < deadline, "the long job never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let snap = dev.ok(json!({"cmd": "snapshot", "dest": set}));
+    assert_eq!(snap["partitions"], 2, "{snap}");
+    assert!(
+        snap["quiesce"]["engine_pages_printed"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 14,
+        "{snap}"
+    );
+    for phase in ["quiesce", "pause", "capture", "write", "fsync", "resume"] {
+        assert!(snap["timings_ms"][phase].is_number(), "{phase} in {snap}");
+    }
+    let beat_at_snapshot = dev.heartbeat("engine").expect("beat");
+    assert!(dev.shutdown().success());
+
+    for boot in 0..3 {
+        // Golden image: every boot from the set reaches the same state.
+        let mut dev = boot_in(&dir.0, &cfg, Some(&set), &[]);
+        let st = dev.ok(json!({"cmd": "status"}));
+        assert_eq!(st["restored_from"]["set"], json!(set), "{st}");
+        for p in st["partitions"].as_array().expect("list") {
+            assert_eq!(p["state"], "running", "{p}");
+        }
+        // No cold boot: no banner, no calibration, the heartbeat goes on from where it was.
+        let h = dev.wait_heartbeat("engine", beat_at_snapshot + 1, T);
+        let beats: Vec<u64> = dev
+            .console("engine")
+            .iter()
+            .filter_map(|l| {
+                l.strip_prefix("engine heartbeat ")
+                    .and_then(|n| n.parse().ok())
+            })
+            .collect();
+        assert!(
+            beats[0] <= beat_at_snapshot + 1 && beats[0] > 1,
+            "boot {boot}: {beats:?}"
+        );
+        assert!(h > beat_at_snapshot);
+        assert!(!dev
+            .console("engine")
+            .iter()
+            .any(|l| l.contains("calibrated")));
+        // The job in flight completes exactly once; the controller never reconnected.
+        let mut c = JobClient::connect(&uds(&dir.0)).expect("connect after restore");
+        let job = c.wait(long, T).expect("the long job finishes");
+        assert_eq!(job.state, JobState::Done, "{job:?}");
+        let expected: Vec<u32> = (0..3_000)
+            .map(|p| expected_page_checksum(12, p, 64, 64))
+            .collect();
+        assert_eq!(job.checksums, expected, "every page once, in order");
+        assert_eq!(
+            engine_pages(&mut c),
+            3_004,
+            "each page printed exactly once"
+        );
+        assert_eq!(c.jobs(Some(first)).expect("first")[0].state, JobState::Done);
+        assert!(
+            !dev.console("controller")
+                .iter()
+                .any(|l| l.contains("engine link connected")),
+            "the controller-engine connection survived the restore"
+        );
+        let next = c.submit(2, 13, 64, 64).expect("submit after restore");
+        assert_eq!(next, 3, "job ids continue");
+        assert_eq!(c.wait(next, T).expect("done").state, JobState::Done);
+        assert!(dev.shutdown().success());
+    }
+}
+
+#[test]
+fn kvm_in_process_reboot_keeps_host_connections() {
+    require_kvm();
+    let dir = TempDir::new("snap-reboot");
+    let cfg = printer_config(&dir.0);
+    let mut dev = boot_in(&dir.0, &cfg, None, &[]);
+    wait_ready(&dev);
+    let mut c = JobClient::connect(&uds(&dir.0)).expect("connect");
+    let id = c.submit(3, 21, 64, 64).expect("submit");
+    c.wait(id, T).expect("done");
+    let set = dir.0.join("set");
+    dev.ok(json!({"cmd": "snapshot", "dest": set}));
+    // After the snapshot the device goes on, on another connection: a job the reboot
+    // will forget. (A connection used after the cut cannot match the restored guest: the
+    // reboot resets it; one left alone since the cut is kept.)
+    let mut other = JobClient::connect(&uds(&dir.0)).expect("connect");
+    let later = other.submit(1, 22, 64, 64).expect("submit");
+    other.wait(later, T).expect("done");
+    let r = dev.ok(json!({"cmd": "reboot"}));
+    assert!(r["timings_ms"]["restore"].is_number(), "{r}");
+    assert!(
+        other.jobs(None).is_err(),
+        "a connection opened after the cut is reset"
+    );
+    // The host connection from before the cut works after the reboot, without reconnecting.
+    let jobs = c.jobs(None).expect("the connection survived the reboot");
+    assert_eq!(jobs.len(), 1, "back at the snapshot: {jobs:?}");
+    assert_eq!(jobs[0].id, id);
+    let again = c.submit(1, 23, 64, 64).expect("submit after reboot");
+    assert_eq!(again, later, "ids continue from the snapshot");
+    assert_eq!(c.wait(again, T).expect("done").state, JobState::Done);
+    assert!(dev.shutdown().success());
+}
+
+#[test]
+fn kvm_engine_denies_while_jammed_and_nothing_is_written() {
+    require_kvm();
+    let dir = TempDir::new("snap-jam");
+    let cfg = printer_config(&dir.0);
+    let mut dev = boot_in(&dir.0, &cfg, None, &[]);
+    wait_ready(&dev);
+    let mut c = JobClient::connect(&uds(&dir.0)).expect("connect");
+    c.call(&HostRequest::InjectJam).expect("jam");
+    let set = dir.0.join("set");
+    let r = dev.request(json!({"cmd": "snapshot", "dest": set}));
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["error"]["code"], "snapshot_denied", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("paper jam"),
+        "{r}"
+    );
+    assert!(!set.exists(), "nothing written");
+    let st = dev.ok(json!({"cmd": "status"}));
+    for p in st["partitions"].as_array().expect("list") {
+        assert_eq!(p["state"], "running", "{p}");
+    }
+    c.call(&HostRequest::ClearJam).expect("clear");
+    dev.ok(json!({"cmd": "snapshot", "dest": set}));
+    assert!(set.join("manifest.json").exists());
+    assert!(dev.shutdown().success());
+}
+
+/// Copies a set directory.
+fn copy_set(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read set") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+fn flip_byte(file: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).expect("read");
+    b[0] ^= 0x40;
+    f.write_all_at(&b, offset).expect("write");
+}
+
+/// The offset of the first non-zero page of a memory file.
+fn first_data_page(file: &Path) -> u64 {
+    let bytes = std::fs::read(file).expect("read");
+    bytes
+        .chunks(4096)
+        .position(|p| p.iter().any(|&b| b != 0))
+        .expect("a data page") as u64
+        * 4096
+}
+
+#[test]
+fn kvm_every_corruption_is_refused_and_fallback_boots_cold() {
+    require_kvm();
+    let dir = TempDir::new("snap-bad");
+    let cfg = printer_config(&dir.0);
+    let set = dir.0.join("set");
+    let mut dev = boot_in(&dir.0, &cfg, None, &[]);
+    wait_ready(&dev);
+    dev.ok(json!({"cmd": "snapshot", "dest": set}));
+    assert!(dev.shutdown().success());
+
+    let mut bigger = cfg.clone();
+    bigger["partitions"][0]["memory_mib"] = json!(128);
+    let mut fewer = cfg.clone();
+    fewer["partitions"].as_array_mut().expect("list").pop();
+    fewer["partitions"][0]["vsock"] = json!({"cid": 3});
+    type Damage = fn(&Path);
+    let cases: Vec<(&str, Damage, Option<Value>, &str)> = vec![
+        (
+            "manifest byte",
+            |s| flip_byte(&s.join("manifest.json"), 40),
+            None,
+            "manifest",
+        ),
+        (
+            "state byte",
+            |s| flip_byte(&s.join("engine.state"), 100),
+            None,
+            "engine.state",
+        ),
+        (
+            "memory byte",
+            |s| {
+                let f = s.join("controller.mem");
+                flip_byte(&f, first_data_page(&f) + 7)
+            },
+            None,
+            "controller.mem",
+        ),
+        (
+            "truncated memory",
+            |s| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(s.join("engine.mem"))
+                    .expect("open");
+                f.set_len(4096 * 10).expect("truncate");
+            },
+            None,
+            "engine.mem",
+        ),
+        (
+            "missing state",
+            |s| std::fs::remove_file(s.join("controller.state")).expect("rm"),
+            None,
+            "controller.state",
+        ),
+        ("other memory size", |_| {}, Some(bigger), "memory_mib"),
+        ("missing partition", |_| {}, Some(fewer), "controller"),
+    ];
+    for (i, (what, damage, config, needle)) in cases.into_iter().enumerate() {
+        let bad = dir.0.join(format!("bad{i}"));
+        copy_set(&set, &bad);
+        damage(&bad);
+        let config = config.unwrap_or_else(|| cfg.clone());
+        let file = dir.0.join(format!("bad{i}.json"));
+        std::fs::write(&file, serde_json::to_vec(&config).expect("json")).expect("write");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+            .arg("run")
+            .arg("--config")
+            .arg(&file)
+            .arg("--api-sock")
+            .arg(dir.0.join(format!("bad{i}.sock")))
+            .arg("--restore")
+            .arg(&bad)
+            .args(["--seconds", "5"])
+            .output()
+            .expect("duplex run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: a damaged set was accepted");
+        assert!(
+            err.contains(needle),
+            "{what}: the refusal should name {needle}: {err}"
+        );
+        if i == 2 {
+            // With --fallback cold the device comes up cold and says why.
+            let mut dev = boot_in(&dir.0, &config, Some(&bad), &["--fallback", "cold"]);
+            let st = dev.ok(json!({"cmd": "status"}));
+            let why = st["fallback"].as_str().unwrap_or("");
+            assert!(why.contains(needle), "status names the reason: {st}");
+            assert_eq!(st["restored_from"], Value::Null);
+            dev.wait_line("engine", "calibrated", T);
+            assert!(dev.shutdown().success());
+        }
+    }
+}
