@@ -347,3 +347,168 @@ fn kvm_every_corruption_is_refused_and_fallback_boots_cold() {
         }
     }
 }
+
+#[test]
+fn kvm_the_controller_itself_can_raise_the_snapshot_and_reboot() {
+    require_kvm();
+    let dir = TempDir::new("snap-guest");
+    let cfg = printer_config(&dir.0);
+    let set = dir.0.join("set");
+    let mut dev = boot_in(&dir.0, &cfg, None, &[]);
+    wait_ready(&dev);
+    let mut c = JobClient::connect(&uds(&dir.0)).expect("connect");
+    let id = c.submit(2, 31, 64, 64).expect("submit");
+    c.wait(id, T).expect("done");
+    c.call(&HostRequest::RequestSnapshot { reboot: false })
+        .expect("request");
+    dev.wait_line("controller", "snapshot requested (reboot=false)", T);
+    let deadline = Instant::now() + T;
+    while !set.join("manifest.json").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the guest-raised snapshot was never written"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args(["snapshot", "verify"])
+        .arg(&set)
+        .output()
+        .expect("duplex snapshot verify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Snapshot and reboot from it, raised by the guest.
+    c.call(&HostRequest::RequestSnapshot { reboot: true })
+        .expect("request");
+    let deadline = Instant::now() + T;
+    loop {
+        let st = dev.ok(json!({"cmd": "status"}));
+        if !st["restored_from"].is_null() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reboot from the guest-raised snapshot: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = JobClient::connect(&uds(&dir.0)).expect("connect after the reboot");
+    assert_eq!(c.jobs(Some(id)).expect("job")[0].state, JobState::Done);
+    assert!(dev.shutdown().success());
+}
+
+/// A small deterministic generator for kill points.
+fn next_rand(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn kvm_kill_during_a_save_always_leaves_a_valid_set() {
+    require_kvm();
+    let dir = TempDir::new("snap-kill");
+    let cfg = printer_config(&dir.0);
+    let set = dir.0.join("set");
+    let mut dev = boot_in(&dir.0, &cfg, None, &[]);
+    wait_ready(&dev);
+    let first = dev.ok(json!({"cmd": "snapshot", "dest": set}));
+    let save_ms = first["timings_ms"]["total"]
+        .as_f64()
+        .expect("total")
+        .max(5.0);
+    let mut ids = vec![first["set_id"].as_str().expect("id").to_owned()];
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..20 {
+        // Start a save, and kill the monitor somewhere inside it (or just after).
+        let sock = dev.sock.clone();
+        let dest = set.clone();
+        let saver = std::thread::spawn(move || {
+            let mut conn = Conn::new(&sock);
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                conn.request(&json!({"cmd": "snapshot", "dest": dest}))
+            }));
+        });
+        let wait_us = next_rand(&mut rng) % ((save_ms * 1500.0) as u64);
+        std::thread::sleep(Duration::from_micros(wait_us));
+        // SAFETY: sending SIGKILL to the monitor child process this test started.
+        unsafe { libc::kill(dev.pid() as i32, libc::SIGKILL) };
+        let _ = dev.wait_exit(T);
+        let _ = saver.join();
+        let opened = duplex_snapshot::SnapshotSet::open(&set)
+            .unwrap_or_else(|e| panic!("round {round} (kill after {wait_us} us): {e}"));
+        opened
+            .verify()
+            .unwrap_or_else(|e| panic!("round {round} (kill after {wait_us} us): {e}"));
+        ids.push(opened.manifest.set_id.clone());
+        // The set still restores.
+        if round % 5 == 4 {
+            let mut r = boot_in(&dir.0, &cfg, Some(&set), &[]);
+            assert_eq!(r.status_of("engine")["state"], "running");
+            assert!(r.shutdown().success());
+        }
+        dev = boot_in(&dir.0, &cfg, None, &[]);
+        wait_ready(&dev);
+    }
+    ids.dedup();
+    eprintln!(
+        "distinct sets seen at the destination over 21 saves: {}",
+        ids.len()
+    );
+    assert!(dev.shutdown().success());
+}
+
+#[test]
+fn kvm_a_full_filesystem_fails_the_save_cleanly() {
+    require_kvm();
+    let dir = TempDir::new("snap-full");
+    let small = dir.0.join("small");
+    std::fs::create_dir_all(&small).expect("mkdir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .expect("mount");
+    assert!(
+        mounted.success(),
+        "this test needs root to mount a small tmpfs"
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let cfg = printer_config(&dir.0);
+    let mut dev = boot_in(&dir.0, &cfg, None, &[]);
+    wait_ready(&dev);
+    let dest = small.join("set");
+    let r = dev.request(json!({"cmd": "snapshot", "dest": dest}));
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["error"]["code"], "snapshot_failed", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("space"),
+        "{r}"
+    );
+    assert!(!dest.exists(), "nothing at the destination");
+    let leftovers: Vec<_> = std::fs::read_dir(&small).expect("ls").collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary files removed: {leftovers:?}"
+    );
+    // Nothing lost: the partitions run on and still print.
+    let mut c = JobClient::connect(&uds(&dir.0)).expect("connect");
+    let id = c.submit(2, 41, 64, 64).expect("submit");
+    assert_eq!(c.wait(id, T).expect("done").state, JobState::Done);
+    let ok = dev.ok(json!({"cmd": "snapshot", "dest": dir.0.join("set")}));
+    assert_eq!(ok["partitions"], 2);
+    assert!(dev.shutdown().success());
+}

@@ -138,7 +138,8 @@ impl Sysctl {
             | reg::POWER_OFF
             | reg::REBOOT
             | reg::FAULT_COMMIT
-            | reg::PANIC => Some(4),
+            | reg::PANIC
+            | reg::SNAPSHOT_REQUEST => Some(4),
             reg::TSC_KHZ
             | reg::WAIT_UNTIL
             | reg::FAULT_VECTOR

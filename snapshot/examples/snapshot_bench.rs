@@ -46,7 +46,7 @@ fn touch(mem: &GuestMemoryMmap, pages: &[u64]) -> Duration {
 fn run(base: &Path, label: &str, pages: &[u64]) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "\n== {label}: 1 GiB guest, {} MiB touched",
-        pages.len() as u64 * PAGE >> 20
+        (pages.len() as u64 * PAGE) >> 20
     );
     let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GIB)])?;
     let mut buf = vec![0u8; PAGE as usize];
@@ -104,14 +104,25 @@ fn run(base: &Path, label: &str, pages: &[u64]) -> Result<(), Box<dyn std::error
             evict(&dest);
         }
         let t = Instant::now();
+        let pre = set.load_memory("engine", LoadMode::LazyPrefetch)?;
+        let pmap = t.elapsed();
+        let pfirst = touch(&pre, pages);
+        drop(pre);
+        if cold {
+            evict(&dest);
+        }
+        let t = Instant::now();
         let eager = set.load_memory("engine", LoadMode::Eager)?;
         let load = t.elapsed();
         let after = touch(&eager, pages);
         let kind = if cold { "cold" } else { "warm" };
         println!(
-            "{kind}: lazy map {} + first touch of the touched pages {} | eager load {} + touch {}",
+            "{kind}: lazy map {} + first touch of the touched pages {} | lazy+prefetch map {} + \
+             first touch {} | eager load {} + touch {}",
             ms(map),
             ms(first),
+            ms(pmap),
+            ms(pfirst),
             ms(load),
             ms(after)
         );

@@ -26,6 +26,10 @@ pub enum LoadMode {
     /// private (the file is never modified). For an incremental chain, the root full set is
     /// mapped and the newer pages are copied in (those pages become private copies).
     Lazy,
+    /// As `Lazy`, and a short-lived background thread asks the kernel to read the memory
+    /// file's data extents into the page cache (`POSIX_FADV_WILLNEED`), so that the guest's
+    /// first touches find their pages there instead of each waiting for a disk read.
+    LazyPrefetch,
     /// Anonymous memory, filled by reading the memory files' data extents up front.
     Eager,
 }
@@ -91,8 +95,27 @@ impl SnapshotSet {
         };
         let len = entry.memory_len();
         let base_file = open_checked(&base.dir, &base_entry.memory_file, len)?;
+        // For a chain mapped lazily, the pages the overlay replaces are read from the base
+        // file first (copy on write): prefetch them.
+        let base_for_overlay = match mode {
+            LoadMode::Eager => None,
+            _ if chain.len() > 1 => base_file.try_clone().ok(),
+            _ => None,
+        };
         let mem = match mode {
             LoadMode::Lazy => self.map_private::<B>(name, entry, &layout, base_file)?,
+            LoadMode::LazyPrefetch => {
+                let path = base.dir.join(&base_entry.memory_file);
+                let extents = sys::page_extents(&base_file, 0, len)
+                    .map_err(|e| SnapshotError::io(&path, "finding data extents of", e))?;
+                if let Ok(f) = base_file.try_clone() {
+                    // Best effort: without the thread, pages are read on first touch.
+                    let _ = std::thread::Builder::new()
+                        .name("snapshot-prefetch".into())
+                        .spawn(move || sys::prefetch(&f, &extents));
+                }
+                self.map_private::<B>(name, entry, &layout, base_file)?
+            }
             LoadMode::Eager => {
                 let ranges: Vec<(GuestAddress, usize)> = entry
                     .ram
@@ -104,6 +127,7 @@ impl SnapshotSet {
                 let path = base.dir.join(&base_entry.memory_file);
                 let extents = sys::page_extents(&base_file, 0, len)
                     .map_err(|e| SnapshotError::io(&path, "finding data extents of", e))?;
+                sys::prefetch(&base_file, &extents);
                 let mut buf = vec![0u8; 256 * PAGE];
                 for (s, e) in extents {
                     self.copy_in(name, &mem, &layout, &base_file, &path, s, e - s, &mut buf)?;
@@ -111,7 +135,7 @@ impl SnapshotSet {
                 mem
             }
         };
-        self.overlay(name, &mem, &layout, &chain, &entries)?;
+        self.overlay(name, &mem, &layout, &chain, &entries, base_for_overlay)?;
         Ok(mem)
     }
 
@@ -187,6 +211,7 @@ impl SnapshotSet {
         layout: &Layout,
         chain: &[&SnapshotSet],
         entries: &[&PartitionEntry],
+        base: Option<File>,
     ) -> Result<(), SnapshotError> {
         let n = chain.len();
         if n < 2 {
@@ -194,22 +219,38 @@ impl SnapshotSet {
         }
         let len = entries[0].memory_len();
         let pages = len / PAGE as u64;
+        // Which pages each incremental set provides: those it holds that no newer set holds.
         let mut claimed = PageBits::new(pages);
-        let mut buf = vec![0u8; 256 * PAGE];
-        let mut page = vec![0u8; PAGE];
-        let zero = vec![0u8; PAGE];
-        for (set, entry) in chain[..n - 1].iter().zip(&entries[..n - 1]) {
+        let mut mine = Vec::with_capacity(n - 1);
+        for set in &chain[..n - 1] {
             let present = set.present_pages(name)?.ok_or_else(|| {
                 SnapshotError::manifest(&set.dir, format!("partition {name:?} has no pages file"))
             })?;
+            let mut m = PageBits::new(pages);
+            for p in 0..pages {
+                if present.get(p) && !claimed.get(p) {
+                    claimed.set(p);
+                    m.set(p);
+                }
+            }
+            mine.push(m);
+        }
+        if let Some(base) = &base {
+            sys::prefetch(base, &claimed.byte_runs());
+        }
+        let mut buf = vec![0u8; 256 * PAGE];
+        let mut page = vec![0u8; PAGE];
+        let zero = vec![0u8; PAGE];
+        for ((set, entry), mine) in chain[..n - 1].iter().zip(&entries[..n - 1]).zip(&mine) {
             let file = open_checked(&set.dir, &entry.memory_file, len)?;
+            sys::prefetch(&file, &mine.byte_runs());
             let path = set.dir.join(&entry.memory_file);
             let extents = sys::page_extents(&file, 0, len)
                 .map_err(|e| SnapshotError::io(&path, "finding data extents of", e))?;
             let mut ext = 0usize;
             let mut run: Option<(u64, u64)> = None; // data pages to copy: (first, count)
             for p in 0..pages {
-                let take = present.get(p) && !claimed.get(p);
+                let take = mine.get(p);
                 let off = p * PAGE as u64;
                 while ext < extents.len() && extents[ext].1 <= off {
                     ext += 1;
@@ -240,7 +281,6 @@ impl SnapshotSet {
                 if !take {
                     continue;
                 }
-                claimed.set(p);
                 if !data {
                     // Held as zero by this set: clear whatever the older sets left.
                     for (gpa, _, _) in layout.pieces(off, PAGE as u64) {

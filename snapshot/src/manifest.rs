@@ -22,6 +22,10 @@ const TRAILER_HEAD: &[u8] = b"  \"manifest_crc32\": \"";
 const TRAILER_TAIL: &[u8] = b"\"\n}\n";
 const TRAILER_LEN: usize = TRAILER_HEAD.len() + 8 + TRAILER_TAIL.len();
 
+/// The largest guest RAM of one partition a manifest may describe (1 TiB): a bound on what
+/// a crafted manifest can make a reader allocate.
+pub const MAX_RAM: u64 = 1 << 40;
+
 /// The deepest parent chain `open` follows (a guard against cycles and runaway chains).
 pub const MAX_CHAIN: usize = 64;
 
@@ -296,7 +300,15 @@ pub fn validate(dir: &Path, m: &Manifest) -> Result<(), SnapshotError> {
             }
             end_prev = Some(end);
         }
-        let mem_len = p.memory_len();
+        let mem_len = p.ram.iter().try_fold(0u64, |a, r| a.checked_add(r.len));
+        let mem_len = match mem_len {
+            Some(l) if l <= MAX_RAM => l,
+            _ => {
+                return Err(at(format!(
+                    "field ram adds up to more than {MAX_RAM} bytes"
+                )))
+            }
+        };
         if p.memory_bytes_written > mem_len {
             return Err(at(format!(
                 "field memory_bytes_written {} exceeds the RAM size {mem_len}",

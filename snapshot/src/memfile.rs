@@ -83,6 +83,19 @@ impl PageBits {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// The set pages as byte ranges `(start, end)` of the memory file, runs merged.
+    pub fn byte_runs(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = Vec::new();
+        for p in (0..self.pages).filter(|&p| self.get(p)) {
+            let (s, e) = (p * PAGE as u64, (p + 1) * PAGE as u64);
+            match v.last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => v.push((s, e)),
+            }
+        }
+        v
+    }
+
     /// The pages file: magic, page count, then the bitmap bytes (page `i` is bit `i % 8` of
     /// byte `i / 8`).
     pub fn encode(&self) -> Vec<u8> {
@@ -338,7 +351,6 @@ pub(crate) fn write<B: Bitmap>(
         file_base += region.len();
     }
     batch.flush()?;
-    sys::start_writeback(file);
     stats.bytes_written = stats.pages_written * PAGE as u64;
     stats.pages_present = present.as_ref().map_or(total_pages, PageBits::count);
     stats.elapsed = started.elapsed();
@@ -357,7 +369,9 @@ pub(crate) fn checksum(file: &File, len: u64) -> io::Result<(u32, u64)> {
     let mut crc = MemCrc::new();
     let mut buf = vec![0u8; BATCH_PAGES * PAGE];
     let mut read = 0u64;
-    for (s, e) in sys::page_extents(file, 0, len)? {
+    let extents = sys::page_extents(file, 0, len)?;
+    sys::prefetch(file, &extents);
+    for (s, e) in extents {
         let mut pos = s;
         while pos < e {
             let n = ((e - pos) as usize).min(buf.len());
@@ -401,6 +415,11 @@ mod tests {
         }
         b.set(130); // past the end: ignored
         assert_eq!(b.count(), 5);
+        let p = PAGE as u64;
+        assert_eq!(
+            b.byte_runs(),
+            vec![(0, 2 * p), (63 * p, 65 * p), (129 * p, 130 * p)]
+        );
         let bytes = b.encode();
         assert_eq!(bytes.len(), PAGES_HEADER_LEN + 17);
         assert_eq!(bytes[PAGES_HEADER_LEN], 0b11);

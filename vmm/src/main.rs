@@ -32,12 +32,58 @@ enum Cmd {
     /// Submit print jobs to the controller and read job and engine status (through the
     /// controller's vsock host bridge).
     Job(duplex_vmm::job::JobArgs),
+    /// Inspect, verify or merge snapshot sets.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Validate a device config (JSON syntax, fields, kernels) without booting it.
     Check {
         /// The device config file.
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Print a set's manifest summary as JSON.
+    Inspect {
+        /// The set's directory.
+        dir: PathBuf,
+    },
+    /// Check every file of a set (and its parents) against its checksum.
+    Verify {
+        /// The set's directory.
+        dir: PathBuf,
+    },
+    /// Flatten an incremental set and its parents into one full set.
+    Merge {
+        /// The (child) set.
+        dir: PathBuf,
+        /// Where the full set goes (written atomically).
+        dest: PathBuf,
+    },
+}
+
+fn snapshot_cmd(cmd: &SnapshotCmd) -> Result<serde_json::Value, String> {
+    match cmd {
+        SnapshotCmd::Inspect { dir } => duplex_snapshot::inspect(dir).map_err(|e| e.to_string()),
+        SnapshotCmd::Verify { dir } => {
+            let set = duplex_snapshot::SnapshotSet::open(dir).map_err(|e| e.to_string())?;
+            let v = set.verify().map_err(|e| e.to_string())?;
+            Ok(serde_json::json!({
+                "set": dir,
+                "set_id": set.manifest.set_id,
+                "ok": true,
+                "sets": v.sets,
+                "files": v.files,
+                "bytes_read": v.bytes_read,
+                "ms": v.elapsed.as_secs_f64() * 1e3,
+            }))
+        }
+        SnapshotCmd::Merge { dir, dest } => duplex_snapshot::merge(dir, dest)
+            .map(|()| serde_json::json!({ "merged": dir, "into": dest }))
+            .map_err(|e| e.to_string()),
+    }
 }
 
 #[derive(clap::Args)]
@@ -141,6 +187,8 @@ fn main() -> ExitCode {
         Cmd::Job(args) => duplex_vmm::job::run_job(args)
             .map(|v| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()))
             .map_err(|e| e.to_string()),
+        Cmd::Snapshot(cmd) => snapshot_cmd(cmd)
+            .map(|v| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())),
         Cmd::Check { config } => DeviceConfig::load(config)
             .map(|c| {
                 for p in &c.partitions {

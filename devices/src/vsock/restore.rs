@@ -198,7 +198,6 @@ impl Inner {
 
     /// Attaches a restored partition whose device has the live `queues` (`None`: not
     /// started). Its backlog from the restored state is kept.
-    #[allow(clippy::too_many_arguments)]
     pub fn attach_restored(
         &mut self,
         cid: u64,

@@ -36,7 +36,8 @@ pub enum HostOrigin {
 /// The host side of a connection: the switch is the vsock endpoint for the host socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostLink {
-    /// The host socket's id in the bridge (not meaningful across a restore).
+    /// The host socket's id in the bridge: unique in the monitor process, so that a restore
+    /// in the same process finds the socket again (ids from another process match nothing).
     pub token: u64,
     pub origin: HostOrigin,
     /// Our receive buffer, advertised to the guest.
@@ -53,8 +54,10 @@ pub struct HostLink {
     /// Bytes sent to the guest.
     pub tx_cnt: u32,
     /// Bytes from the guest not yet accepted by the host socket (≤ `buf_alloc`).
+    #[serde(with = "hex_bytes")]
     pub to_host: VecDeque<u8>,
     /// Bytes the host wrote along with its `CONNECT` line, sent once connected.
+    #[serde(with = "hex_bytes")]
     pub early_data: Vec<u8>,
     /// The host stopped sending (read EOF); SHUTDOWN(SEND) went to the guest.
     pub host_eof: bool,
@@ -275,6 +278,82 @@ mod conn_table {
     }
 }
 
+/// Byte buffers of the state as hex strings (a JSON array of numbers is two to four times
+/// bigger). Reading refuses anything but an even number of hex digits.
+pub(crate) mod hex_bytes {
+    use std::collections::VecDeque;
+
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// A byte buffer that can be written and read as hex.
+    pub trait Buf: Sized {
+        fn each(&self) -> impl Iterator<Item = u8> + '_;
+        fn len(&self) -> usize;
+        fn from_vec(v: Vec<u8>) -> Self;
+    }
+
+    impl Buf for Vec<u8> {
+        fn each(&self) -> impl Iterator<Item = u8> + '_ {
+            self.iter().copied()
+        }
+        fn len(&self) -> usize {
+            Vec::len(self)
+        }
+        fn from_vec(v: Vec<u8>) -> Self {
+            v
+        }
+    }
+
+    impl Buf for VecDeque<u8> {
+        fn each(&self) -> impl Iterator<Item = u8> + '_ {
+            self.iter().copied()
+        }
+        fn len(&self) -> usize {
+            VecDeque::len(self)
+        }
+        fn from_vec(v: Vec<u8>) -> Self {
+            v.into()
+        }
+    }
+
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+    pub fn serialize<B: Buf, S: Serializer>(b: &B, s: S) -> Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(b.len() * 2);
+        for x in b.each() {
+            out.push(char::from(DIGITS[usize::from(x >> 4)]));
+            out.push(char::from(DIGITS[usize::from(x & 0xf)]));
+        }
+        s.serialize_str(&out)
+    }
+
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+
+    pub fn deserialize<'de, B: Buf, D: Deserializer<'de>>(d: D) -> Result<B, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() % 2 != 0 {
+            return Err(D::Error::custom("hex bytes: odd number of digits"));
+        }
+        s.as_bytes()
+            .chunks_exact(2)
+            .map(|pair| match pair {
+                [h, l] => nibble(*h).zip(nibble(*l)).map(|(h, l)| (h << 4) | l),
+                _ => None,
+            })
+            .collect::<Option<Vec<u8>>>()
+            .map(B::from_vec)
+            .ok_or_else(|| D::Error::custom("hex bytes: not a hex digit"))
+    }
+}
+
 /// One attached partition in [`VsockStats`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortStats {
@@ -352,6 +431,8 @@ mod tests {
         ));
         s.counters.rst_sent = 2;
         let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#""to_host":"616263""#), "{json}");
+        assert!(json.contains(r#""data":"78797a""#), "{json}");
         let back: SwitchState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s);
         assert_eq!(
@@ -360,5 +441,15 @@ mod tests {
         );
         assert_eq!(back.conns_of(3), 1);
         assert_eq!(back.conns_of(4), 0);
+        for bad in ["61626", "6x", "[1,2]"] {
+            let broken = json.replace("616263", bad);
+            assert!(
+                serde_json::from_str::<SwitchState>(&broken).is_err(),
+                "{bad}"
+            );
+        }
+        let upper = json.replace("78797a", "78797A");
+        let back: SwitchState = serde_json::from_str(&upper).unwrap();
+        assert_eq!(back, s);
     }
 }

@@ -108,7 +108,7 @@ fn chain_restores_like_a_full_set_and_merge_flattens_it() {
     let v = g.verify().expect("verify chain");
     assert_eq!(v.sets, 3);
     assert_eq!(g.read_state("engine").expect("state"), b"s2");
-    for mode in [LoadMode::Lazy, LoadMode::Eager] {
+    for mode in [LoadMode::Lazy, LoadMode::LazyPrefetch, LoadMode::Eager] {
         let back = g.load_memory("engine", mode).expect("load");
         assert_eq!(diff(&full_mem, &back), Vec::<u64>::new(), "{mode:?}");
     }

@@ -243,6 +243,10 @@ impl Monitor {
     /// controller must go on running to answer the quiesce), into the config's
     /// `snapshot.dir`; with `reboot`, the device then reboots from it.
     fn on_snapshot_request(self: &Arc<Self>, run: &Ended, reboot: bool) {
+        log::info!(
+            "partition {} asks for a snapshot (reboot: {reboot})",
+            run.name
+        );
         let Some(dir) = self.config.snapshot.as_ref().map(|s| s.dir.clone()) else {
             log::warn!(
                 "partition {} asked for a snapshot, but the config has no snapshot.dir",

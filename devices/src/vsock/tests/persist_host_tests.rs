@@ -301,3 +301,38 @@ fn host_bytes_written_while_frozen_are_delivered_once_after_an_in_process_restor
     assert_eq!(shut.0.flags & SHUTDOWN_F_SEND, SHUTDOWN_F_SEND);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn host_bytes_that_moved_after_the_cut_reset_the_connection_instead_of_vanishing() {
+    let dir = temp_dir("persist-moved");
+    let uds = dir.join("a.vsock");
+    let mut rig = Rig::new(&[(3, Some(uds.clone()))]);
+    let g = &mut rig.guests[0];
+    g.add_rx(16, 4096);
+    let (mut h1, hep1) = connected(g, &uds, 80);
+    let frozen = rig.sw.freeze();
+    let state = rig.save();
+    let image = rig.guests[0].image();
+    drop(frozen);
+    // Not frozen any more: the bridge reads these bytes and the guest takes them.
+    h1.write_all(b"late").unwrap();
+    let g = &mut rig.guests[0];
+    assert_eq!(rw_from(&recv_until(g, |g| !g.is_empty()), hep1), b"late");
+    // The reboot restores a guest that never saw them: the connection cannot go on.
+    let frozen = rig.sw.freeze();
+    rig.sw.detach_quiet(3);
+    rig.guests[0].load_image(&image);
+    rig.sw.restore_state(&state.switch, true).unwrap();
+    let sw = rig.sw.clone();
+    rig.guests[0]
+        .restore_on(&sw, &state.devices[0], Some(uds.clone()))
+        .unwrap();
+    drop(frozen);
+    let g = &mut rig.guests[0];
+    let got = recv_until(g, |g| !g.is_empty());
+    assert_eq!(ops_from(&got, hep1), vec![op::RST]);
+    h1.set_read_timeout(Some(WAIT)).unwrap();
+    assert!(read_all(&h1).is_empty(), "the host program reads EOF");
+    assert_eq!(rig.sw.stats().connections, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
