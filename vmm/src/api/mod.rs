@@ -87,6 +87,8 @@ pub(crate) mod fake {
                         (0..lines.min(3)).map(|i| format!("line {i}")).collect();
                     Ok(json!({ "partition": partition, "lines": lines }))
                 }
+                Command::Snapshot { dest } => Ok(json!({ "set": dest })),
+                Command::Reboot { from } => Ok(json!({ "set": from })),
                 Command::Status { .. } => {
                     let list: Vec<Value> = selected
                         .iter()
@@ -172,7 +174,10 @@ mod tests {
             (r#"{"id":1}"#, "invalid_request"),
             (r#"{"cmd":5}"#, "invalid_request"),
             (r#"{"cmd":null}"#, "invalid_request"),
-            (r#"{"cmd":"reboot"}"#, "unknown_command"),
+            (r#"{"cmd":"reboot-now"}"#, "unknown_command"),
+            (r#"{"cmd":"snapshot"}"#, "invalid_request"),
+            (r#"{"cmd":"snapshot","dest":5}"#, "invalid_request"),
+            (r#"{"cmd":"reboot","from":["a"]}"#, "invalid_request"),
             (r#"{"cmd":"STATUS"}"#, "unknown_command"),
             (r#"{"cmd":"status","partition":7}"#, "invalid_request"),
             (r#"{"cmd":"status","bogus":1}"#, "invalid_request"),

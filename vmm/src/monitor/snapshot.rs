@@ -290,6 +290,9 @@ impl Monitor {
         let t_open = t0.elapsed();
 
         let t = Instant::now();
+        // Frozen from the teardown until every partition is attached again, so the host
+        // bridge leaves host sockets alone in between (they are kept, not reset).
+        let freeze = self.vsock.as_ref().map(|s| s.freeze());
         for p in &self.partitions {
             lock(p).teardown_quiet();
         }
@@ -309,6 +312,7 @@ impl Monitor {
         }
         let t_restore = t.elapsed();
         let t = Instant::now();
+        drop(freeze);
         for p in &self.partitions {
             let _ = lock(p).resume();
         }
