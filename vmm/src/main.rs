@@ -129,7 +129,7 @@ fn run(args: &RunArgs) -> Result<(), String> {
             let mode = if args.eager {
                 duplex_snapshot::LoadMode::Eager
             } else {
-                duplex_snapshot::LoadMode::Lazy
+                duplex_snapshot::LoadMode::LazyPrefetch
             };
             match monitor.restore_from(dir, mode, false) {
                 Ok(v) => log::info!("restored from {}: {v}", dir.display()),

@@ -302,13 +302,39 @@ impl Monitor {
                 .map_err(|e| invalid(e.to_string()))?;
         }
         let ended = lock(&self.ended).clone();
-        for (p, state) in self.partitions.iter().zip(&states) {
-            let mut p = lock(p);
-            let mem = set
-                .load_memory(p.name(), mode)
-                .map_err(|e| invalid(e.to_string()))?;
-            p.restore(&self.kvm, self.vsock.as_ref(), &ended, mem, state)
-                .map_err(|e| SnapshotFailure::Failed(e.to_string()))?;
+        // Partitions are built in parallel: each is a VM of its own.
+        let set = &set;
+        let results: Vec<Result<(), SnapshotFailure>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .partitions
+                .iter()
+                .zip(&states)
+                .map(|(p, state)| {
+                    let ended = ended.clone();
+                    scope.spawn(move || {
+                        let mut p = lock(p);
+                        let mem = set.load_memory(p.name(), mode).map_err(|e| {
+                            SnapshotFailure::Invalid {
+                                dir: dir.to_owned(),
+                                reason: e.to_string(),
+                            }
+                        })?;
+                        p.restore(&self.kvm, self.vsock.as_ref(), &ended, mem, state)
+                            .map_err(|e| SnapshotFailure::Failed(e.to_string()))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SnapshotFailure::Failed("a restore thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        for r in results {
+            r?;
         }
         let t_restore = t.elapsed();
         let t = Instant::now();
