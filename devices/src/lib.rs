@@ -15,3 +15,9 @@ pub mod persist;
 pub mod sysctl;
 pub mod virtio;
 pub mod vsock;
+
+/// Guest memory as every device and the monitor see it: vm-memory's mmap backend with a
+/// dirty bitmap, so that writes the monitor's own devices make into guest memory (virtio
+/// rings and buffers) are tracked for incremental snapshots, next to KVM's dirty log of the
+/// guest's own writes.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

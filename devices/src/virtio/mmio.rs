@@ -12,6 +12,7 @@
 //!
 //! Snapshots of the registers and queue setup: [`MmioState`] (in `mmio_persist.rs`).
 
+use crate::GuestMemoryMmap;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::{
@@ -19,7 +20,6 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::{ActivateError, Interrupt, VirtioDevice};
 

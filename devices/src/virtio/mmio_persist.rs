@@ -8,6 +8,7 @@
 //! what virtio-queue accepts (`Queue::try_from`), the rings of a ready queue of a started
 //! device are inside guest memory, and a started device has a consistent status.
 
+use crate::GuestMemoryMmap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,6 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::{MmioError, MmioTransport};
 use crate::persist::Persist;

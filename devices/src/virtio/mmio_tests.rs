@@ -1,5 +1,6 @@
 //! Tests of the virtio-mmio transport's register behaviour with a recording fake device.
 
+use crate::GuestMemoryMmap;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::{
@@ -7,7 +8,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
 use virtio_queue::{Queue, QueueState};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;

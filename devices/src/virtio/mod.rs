@@ -8,12 +8,13 @@
 
 pub mod mmio;
 
+use crate::GuestMemoryMmap;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 
 /// `InterruptStatus` bit: the device used a buffer in one of its queues.

@@ -28,12 +28,13 @@ mod uds;
 #[cfg(test)]
 mod tests;
 
+use crate::GuestMemoryMmap;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::virtio::mmio::{MmioError, MmioTransport};

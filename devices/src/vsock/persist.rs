@@ -9,11 +9,11 @@
 //! `restore_state`, then `attach_restored` for each partition, with its guest memory
 //! already restored.
 
+use crate::GuestMemoryMmap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 
 use super::{SwitchState, VsockDevice, VsockError, VsockMmio, VsockSwitch, QUEUE_SIZES};
 use crate::persist::Persist;

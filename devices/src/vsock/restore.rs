@@ -3,12 +3,12 @@
 //! before a restore, attaching restored partitions with their live queues, and the freeze
 //! that keeps guest memory still while a cut is taken. The public API is in `persist`.
 
+use crate::GuestMemoryMmap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use super::host::{Phase, ERR_UNAVAILABLE, MAX_CONNECT_LINE};
 use super::packet::{op, Pending, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};

@@ -2,6 +2,7 @@
 //! into RX queues with per-destination backlogs, and the resets that keep peers from hanging
 //! when a partition goes away. Host connections are handled in `hostlink` and `host`.
 
+use crate::GuestMemoryMmap;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +10,6 @@ use std::time::Duration;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
-use vm_memory::GuestMemoryMmap;
 
 use super::host::Bridge;
 use super::packet::{op, Endpoint, Hdr, Pending, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};

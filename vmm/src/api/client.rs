@@ -70,6 +70,10 @@ pub enum CtlCommand {
     Snapshot {
         /// The set's directory (written atomically; an existing set there is replaced).
         dest: String,
+        /// Write only the pages changed since this set (the last one this device took or
+        /// was restored from).
+        #[arg(long)]
+        parent: Option<String>,
     },
     /// Tear every partition down and start all of them from a snapshot set.
     Reboot {
@@ -109,7 +113,10 @@ impl CtlCommand {
                 partition: partition.clone(),
                 lines: *lines,
             },
-            CtlCommand::Snapshot { dest } => Command::Snapshot { dest: dest.clone() },
+            CtlCommand::Snapshot { dest, parent } => Command::Snapshot {
+                dest: dest.clone(),
+                parent: parent.clone(),
+            },
             CtlCommand::Reboot { from } => Command::Reboot { from: from.clone() },
             CtlCommand::Raw { .. } => return None,
         })

@@ -87,7 +87,7 @@ pub(crate) mod fake {
                         (0..lines.min(3)).map(|i| format!("line {i}")).collect();
                     Ok(json!({ "partition": partition, "lines": lines }))
                 }
-                Command::Snapshot { dest } => Ok(json!({ "set": dest })),
+                Command::Snapshot { dest, .. } => Ok(json!({ "set": dest })),
                 Command::Reboot { from } => Ok(json!({ "set": from })),
                 Command::Status { .. } => {
                     let list: Vec<Value> = selected

@@ -35,8 +35,12 @@ pub enum Command {
     Shutdown,
     /// The last `lines` lines of a partition's console.
     Console { partition: String, lines: usize },
-    /// Take a coordinated snapshot of every partition into the set directory `dest`.
-    Snapshot { dest: String },
+    /// Take a coordinated snapshot of every partition into the set directory `dest`;
+    /// incremental on top of `parent` when given.
+    Snapshot {
+        dest: String,
+        parent: Option<String>,
+    },
     /// Tear every partition down and start all of them from the set `from` (default: the
     /// config's `snapshot.dir`), in this process; with `snapshot`, take that snapshot first.
     Reboot { from: Option<String> },
@@ -78,8 +82,11 @@ impl Command {
                 obj.insert("partition".into(), partition.as_str().into());
                 obj.insert("lines".into(), (*lines).into());
             }
-            Command::Snapshot { dest } => {
+            Command::Snapshot { dest, parent } => {
                 obj.insert("dest".into(), dest.as_str().into());
+                if let Some(p) = parent {
+                    obj.insert("parent".into(), p.as_str().into());
+                }
             }
             Command::Reboot { from } => {
                 if let Some(f) = from {
@@ -287,7 +294,7 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, ApiError> {
         "status" | "pause" | "resume" | "stop" | "start" => &["partition"],
         "shutdown" => &[],
         "console" => &["partition", "lines"],
-        "snapshot" => &["dest"],
+        "snapshot" => &["dest", "parent"],
         "reboot" => &["from"],
         _ => {
             return Err(ApiError::new(
@@ -321,6 +328,7 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, ApiError> {
             dest: optional_string(&obj, "dest")?.ok_or_else(|| {
                 invalid("command \"snapshot\" needs a \"dest\" argument (a directory)")
             })?,
+            parent: optional_string(&obj, "parent")?,
         },
         "reboot" => Command::Reboot {
             from: optional_string(&obj, "from")?,

@@ -6,6 +6,7 @@
 //! enters `code32_start` in 32-bit protected mode with `ESI` = the zero page (see
 //! `docs/linux-boot.md`).
 
+use duplex_devices::GuestMemoryMmap;
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
@@ -17,7 +18,7 @@ use linux_loader::loader::bootparam::{
 };
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::KernelLoader;
-use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, GuestAddress};
 
 use super::pvh::memory_map;
 use super::{BootEntry, BootError};

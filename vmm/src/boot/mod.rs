@@ -3,6 +3,7 @@
 pub mod bzimage;
 pub mod pvh;
 
+use duplex_devices::GuestMemoryMmap;
 use std::path::PathBuf;
 
 /// How the boot vCPU enters the loaded kernel. Both protocols start in 32-bit
@@ -44,7 +45,7 @@ pub enum BootError {
 use std::io::Read;
 use std::path::Path;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout;
 

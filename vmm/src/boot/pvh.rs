@@ -1,6 +1,7 @@
 //! PVH boot: load an ELF kernel with a `XEN_ELFNOTE_PHYS32_ENTRY` note (linux-loader),
 //! write the command line, `hvm_start_info` and the memory map.
 
+use duplex_devices::GuestMemoryMmap;
 use std::fs::File;
 use std::path::Path;
 
@@ -9,7 +10,7 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::{write_cmdline, BootEntry, BootError};
 use crate::layout;

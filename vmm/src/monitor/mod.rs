@@ -260,7 +260,7 @@ impl Monitor {
             .name("snapshot".into())
             .spawn(move || {
                 let Some(m) = me.upgrade() else { return };
-                match m.snapshot(&dir, reboot) {
+                match m.snapshot(&dir, None, reboot) {
                     Ok(v) => {
                         log::info!("snapshot requested by {name} saved: {v}");
                         if reboot {
@@ -361,8 +361,12 @@ impl ControlHandler for Monitor {
             Command::Stop { partition } => self.stop(&partition),
             Command::Start { partition } => self.start(&partition),
             Command::Console { partition, lines } => self.console(&partition, lines),
-            Command::Snapshot { dest } => self
-                .snapshot(std::path::Path::new(&dest), false)
+            Command::Snapshot { dest, parent } => self
+                .snapshot(
+                    std::path::Path::new(&dest),
+                    parent.as_deref().map(std::path::Path::new),
+                    false,
+                )
                 .map_err(snapshot_error),
             Command::Reboot { from } => {
                 let dir = match (from, &self.config.snapshot) {

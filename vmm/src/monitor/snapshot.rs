@@ -102,14 +102,21 @@ pub fn check_config(
 
 impl Monitor {
     /// Asks the controller to have the engine reach a safe point. Returns what the
-    /// controller said, or `None` when the device has no controller with a host bridge.
+    /// controller said, or `None` when the device has no running controller with a host
+    /// bridge (a device the operator paused is snapshotted as it stands).
     fn quiesce(&self) -> Result<Option<Value>, SnapshotFailure> {
+        let running = |name: &str| {
+            self.partitions.iter().any(|p| {
+                let p = lock(p);
+                p.name() == name && p.state() == State::Running
+            })
+        };
         let uds = self
             .config
             .partitions
             .iter()
             .find_map(|p| match (p.role, &p.vsock) {
-                (Role::Controller, Some(v)) => v.uds.clone(),
+                (Role::Controller, Some(v)) if running(&p.name) => v.uds.clone(),
                 _ => None,
             });
         let Some(uds) = uds else { return Ok(None) };
@@ -135,7 +142,14 @@ impl Monitor {
 
     /// Takes a coordinated snapshot of every partition into the set at `dest`. With
     /// `stop_after`, the partitions stay paused afterwards (a reboot follows).
-    pub fn snapshot(&self, dest: &Path, stop_after: bool) -> Result<Value, SnapshotFailure> {
+    /// With `parent`, the set is incremental: only pages written since the parent (which
+    /// must be the last set this device took or was restored from) are written.
+    pub fn snapshot(
+        &self,
+        dest: &Path,
+        parent: Option<&Path>,
+        stop_after: bool,
+    ) -> Result<Value, SnapshotFailure> {
         let _one = self
             .snapshot_lock
             .try_lock()
@@ -150,6 +164,30 @@ impl Monitor {
                 });
             }
         }
+        let parent = match parent {
+            None => None,
+            Some(dir) => {
+                let set = SnapshotSet::open(dir).map_err(|e| SnapshotFailure::Invalid {
+                    dir: dir.to_owned(),
+                    reason: e.to_string(),
+                })?;
+                for p in &self.partitions {
+                    let p = lock(p);
+                    if p.dirty_since() != Some(set.manifest.set_id.as_str()) {
+                        return Err(SnapshotFailure::Invalid {
+                            dir: dir.to_owned(),
+                            reason: format!(
+                                "not a parent for partition {}: an incremental set needs the \
+                                 last set this device took or was restored from, with the \
+                                 partition running since",
+                                p.name()
+                            ),
+                        });
+                    }
+                }
+                Some(set)
+            }
+        };
         let quiesced = self.quiesce()?;
         let t_quiesce = t0.elapsed();
 
@@ -167,7 +205,7 @@ impl Monitor {
             }
         }
         let t_pause = t.elapsed();
-        let result = self.capture_and_write(dest);
+        let result = self.capture_and_write(dest, parent.as_ref());
         let t = Instant::now();
         if result.is_err() || !stop_after {
             self.resume_names(&paused);
@@ -200,7 +238,11 @@ impl Monitor {
     }
 
     /// With every partition paused: capture, write, commit.
-    fn capture_and_write(&self, dest: &Path) -> Result<Value, SnapshotFailure> {
+    fn capture_and_write(
+        &self,
+        dest: &Path,
+        parent: Option<&SnapshotSet>,
+    ) -> Result<Value, SnapshotFailure> {
         let fail = |e: &dyn std::fmt::Display| SnapshotFailure::Failed(e.to_string());
         let t = Instant::now();
         let freeze = self.vsock.as_ref().map(|s| s.freeze());
@@ -215,14 +257,23 @@ impl Monitor {
         let t_capture = t.elapsed();
 
         let t = Instant::now();
-        let mut writer = SetWriter::create(dest, None).map_err(|e| fail(&e))?;
+        let mut writer = SetWriter::create(dest, parent).map_err(|e| fail(&e))?;
         let mut memory_bytes = 0;
+        let mut pages = serde_json::Map::new();
         for (p, (name, bytes)) in self.partitions.iter().zip(&states) {
-            let p = lock(p);
+            let mut p = lock(p);
+            // Always taken: it restarts the logs, so that the next set can be incremental.
+            let dirty = p.take_dirty_pages().map_err(|e| fail(&e))?;
+            let dirty_pages: u32 = dirty.iter().flatten().map(|w| w.count_ones()).sum();
             let mem = p.memory().ok_or_else(|| {
                 SnapshotFailure::Failed(format!("partition {name} has no memory"))
             })?;
-            let stats = writer.write_memory(name, mem, None).map_err(|e| fail(&e))?;
+            let only = parent.is_some().then_some(dirty.as_slice());
+            let stats = writer.write_memory(name, mem, only).map_err(|e| fail(&e))?;
+            pages.insert(
+                name.clone(),
+                json!({ "written": stats.pages_written, "dirty": dirty_pages }),
+            );
             memory_bytes += stats.bytes_written;
             writer.write_state(name, bytes).map_err(|e| fail(&e))?;
         }
@@ -230,13 +281,25 @@ impl Monitor {
         let set_id = writer.set_id().to_owned();
         let config = serde_json::to_value(&self.config).map_err(|e| fail(&e))?;
         let extra = json!({ "vsock": switch });
-        let commit = writer.commit(config, extra).map_err(|e| fail(&e))?;
+        let commit = writer.commit(config, extra).map_err(|e| {
+            // The logs were restarted for a set that does not exist: no parent until the
+            // next full set.
+            for p in &self.partitions {
+                lock(p).set_dirty_since(None);
+            }
+            fail(&e)
+        })?;
+        for p in &self.partitions {
+            lock(p).set_dirty_since(Some(set_id.clone()));
+        }
         drop(freeze);
         Ok(json!({
             "set": dest,
             "set_id": set_id,
+            "parent": parent.map(|p| p.manifest.set_id.clone()),
             "partitions": states.len(),
             "memory_bytes_written": memory_bytes,
+            "pages": pages,
             "bytes_written": commit.bytes_written,
             "timings_ms": {
                 "capture": ms(t_capture),
@@ -313,12 +376,15 @@ impl Monitor {
                     let ended = ended.clone();
                     scope.spawn(move || {
                         let mut p = lock(p);
-                        let mem = set.load_memory(p.name(), mode).map_err(|e| {
-                            SnapshotFailure::Invalid {
+                        let mem = set
+                            .load_memory_with_bitmap::<vm_memory::bitmap::AtomicBitmap>(
+                                p.name(),
+                                mode,
+                            )
+                            .map_err(|e| SnapshotFailure::Invalid {
                                 dir: dir.to_owned(),
                                 reason: e.to_string(),
-                            }
-                        })?;
+                            })?;
                         p.restore(&self.kvm, self.vsock.as_ref(), &ended, mem, state)
                             .map_err(|e| SnapshotFailure::Failed(e.to_string()))
                     })
@@ -335,6 +401,13 @@ impl Monitor {
         });
         for r in results {
             r?;
+        }
+        for p in &self.partitions {
+            let mut p = lock(p);
+            // From here on writes are tracked: the next set may name this one as parent.
+            p.take_dirty_pages()
+                .map_err(|e| SnapshotFailure::Failed(e.to_string()))?;
+            p.set_dirty_since(Some(set.manifest.set_id.clone()));
         }
         let t_restore = t.elapsed();
         let t = Instant::now();

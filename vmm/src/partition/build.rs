@@ -2,11 +2,12 @@
 //! interrupt lines), vCPUs with CPUID, and the devices, either for a cold boot (kernel
 //! loaded, boot registers set) or from a snapshot (state restored).
 
+use duplex_devices::GuestMemoryMmap;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use duplex_devices::console::{Console, ConsoleArgs, ConsoleHandle};
@@ -103,23 +104,46 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, cx: &Ctx) -> Result<VmFd, Partiti
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(cx.kvm("creating the PIT"))?;
+    register_slots(&vm, mem, false).map_err(|e| match e {
+        SlotError::Memory(m) => cx.memory(m),
+        SlotError::Kvm(source) => PartitionError::Kvm {
+            name: cx.name.to_owned(),
+            what: "registering guest memory",
+            source,
+        },
+    })?;
+    Ok(vm)
+}
+
+/// Why memory slots could not be (re)registered.
+pub enum SlotError {
+    Memory(String),
+    Kvm(kvm_ioctls::Error),
+}
+
+/// Registers every RAM region of `mem` as a KVM memory slot (slot i = region i), with
+/// KVM's dirty-page log on or off. Registering an existing slot again changes its flags.
+pub fn register_slots(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), SlotError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| cx.memory(e.to_string()))?;
+            .map_err(|e| SlotError::Memory(e.to_string()))?;
         let slot_region = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
         // SAFETY: the region is a live mapping owned by `mem`, which the partition's run
         // keeps for as long as the VM exists, and the slots do not overlap.
-        unsafe { vm.set_user_memory_region(slot_region) }
-            .map_err(cx.kvm("registering guest memory"))?;
+        unsafe { vm.set_user_memory_region(slot_region) }.map_err(SlotError::Kvm)?;
     }
-    Ok(vm)
+    Ok(())
 }
 
 /// Builds a run of the partition `config` from `source`.

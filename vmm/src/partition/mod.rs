@@ -8,6 +8,7 @@ pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 
+use duplex_devices::GuestMemoryMmap;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
 use serde::Serialize;
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::signal::Killable;
 
 use duplex_devices::console::{ConsoleHandle, ConsoleOutput};
@@ -133,6 +134,11 @@ struct Run {
     boot: u64,
     /// The CID attached to the vsock switch for this run (detached when it ends).
     vsock: Option<(VsockSwitch, u64)>,
+    /// KVM's dirty-page log is on for this run's memory slots.
+    dirty_logging: bool,
+    /// The set id since whose capture every write to this run's memory is tracked (the
+    /// parent an incremental snapshot may name).
+    dirty_since: Option<String>,
 }
 
 /// What `status` reports about a partition.
@@ -353,6 +359,8 @@ impl Partition {
             started: Instant::now(),
             boot,
             vsock,
+            dirty_logging: false,
+            dirty_since: None,
         });
         Ok(())
     }

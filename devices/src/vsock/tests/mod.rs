@@ -12,6 +12,7 @@ mod persist_host_tests;
 mod persist_tests;
 mod switch_tests;
 
+use crate::GuestMemoryMmap;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +27,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_
 use virtio_queue::desc::split::{Descriptor as SplitDescriptor, VirtqUsedElem};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::packet::{Endpoint, Hdr, HDR_SIZE};
