@@ -213,3 +213,75 @@ pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), StateError> {
     };
     vm.set_clock(&clock).map_err(err("KVM_SET_CLOCK"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VM with an irqchip, a PIT and one vCPU with KVM's CPUID.
+    fn vm_and_vcpu(kvm: &Kvm) -> (VmFd, VcpuFd) {
+        let vm = kvm.create_vm().expect("create VM");
+        vm.create_irq_chip().expect("irqchip");
+        vm.create_pit2(kvm_bindings::kvm_pit_config::default())
+            .expect("pit");
+        let vcpu = vm.create_vcpu(0).expect("vcpu");
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .expect("cpuid");
+        vcpu.set_cpuid2(&cpuid).expect("set cpuid");
+        (vm, vcpu)
+    }
+
+    #[test]
+    fn kvm_vcpu_and_vm_state_round_trip_through_json() {
+        assert!(
+            std::path::Path::new("/dev/kvm").exists(),
+            "SKIPPED-BY-ENVIRONMENT: /dev/kvm is missing (scripts/test skips kvm_ tests)"
+        );
+        let kvm = Kvm::new().expect("kvm");
+        let (vm, vcpu) = vm_and_vcpu(&kvm);
+        let mut regs = vcpu.get_regs().expect("regs");
+        regs.rax = 0x1234_5678;
+        regs.rip = 0x10_0042;
+        regs.rflags = 0x2;
+        vcpu.set_regs(&regs).expect("set regs");
+        let mut sregs = vcpu.get_sregs().expect("sregs");
+        sregs.cr0 |= 1;
+        vcpu.set_sregs(&sregs).expect("set sregs");
+        let saved = save_vcpu(&kvm, 0, &vcpu).expect("save vcpu");
+        let saved_vm = save_vm(&vm).expect("save vm");
+        assert!(
+            saved.msrs.iter().any(|m| m.index == 0x10),
+            "the TSC MSR is saved"
+        );
+
+        let vcpu_json = serde_json::to_string(&saved).expect("to json");
+        let vm_json = serde_json::to_string(&saved_vm).expect("to json");
+        let back: VcpuState = serde_json::from_str(&vcpu_json).expect("from json");
+        let back_vm: VmState = serde_json::from_str(&vm_json).expect("from json");
+
+        let (vm2, vcpu2) = vm_and_vcpu(&kvm);
+        restore_vm(&vm2, &back_vm).expect("restore vm");
+        restore_vcpu(&vcpu2, &back).expect("restore vcpu");
+        let again = save_vcpu(&kvm, 0, &vcpu2).expect("save again");
+        assert_eq!(again.regs.rax, 0x1234_5678);
+        assert_eq!(again.regs.rip, 0x10_0042);
+        assert_eq!(again.sregs.cr0 & 1, 1);
+        assert_eq!(again.mp_state.mp_state, saved.mp_state.mp_state);
+        assert_eq!(again.lapic.regs[..0x40], saved.lapic.regs[..0x40]);
+        assert_eq!(again.xcrs.xcrs[0].value, saved.xcrs.xcrs[0].value);
+        // The TSC goes on from the saved value (it does not restart at 0).
+        let tsc = |s: &VcpuState| s.msrs.iter().find(|m| m.index == 0x10).map(|m| m.data);
+        assert!(
+            tsc(&again) >= tsc(&saved),
+            "{:?} < {:?}",
+            tsc(&again),
+            tsc(&saved)
+        );
+        let vm_again = save_vm(&vm2).expect("save vm again");
+        assert_eq!(
+            vm_again.pit.channels[0].count,
+            saved_vm.pit.channels[0].count
+        );
+    }
+}
