@@ -16,24 +16,9 @@ use serde_json::{json, Value};
 const T: Duration = Duration::from_secs(60);
 
 /// The reference device: engine (CID 3) and controller (CID 4, host bridge).
-fn printer(engine_extra: &str) -> (Device, PathBuf) {
-    let mut engine = partition(
-        "engine",
-        "engine",
-        "engine",
-        96,
-        &format!("calib_mib=16 heartbeat_ms=200 {engine_extra}"),
-    );
-    engine["vsock"] = json!({"cid": 3});
-    let mut controller = partition(
-        "controller",
-        "controller",
-        "controller",
-        64,
-        "engine_cid=3 heartbeat_ms=200",
-    );
-    controller["vsock"] = json!({"cid": 4, "uds": "controller.vsock"});
-    let dev = Device::boot(&json!({"device": "printer", "partitions": [engine, controller]}));
+fn printer() -> (Device, PathBuf) {
+    let parts = printer_partitions(Path::new("controller.vsock"));
+    let dev = Device::boot(&json!({"device": "printer", "partitions": parts}));
     let uds = dev.dir.0.join("controller.vsock");
     dev.wait_line("engine", "READY", T);
     dev.wait_line("controller", "READY", T);
@@ -52,7 +37,7 @@ fn check_job(job: &duplex_link::JobInfo, pages: u32, seed: u64, w: u16, h: u16) 
 #[test]
 fn kvm_job_checksums_equal_the_hosts_own_computation() {
     require_kvm();
-    let (mut dev, uds) = printer("");
+    let (mut dev, uds) = printer();
     let mut c = JobClient::connect(&uds).expect("connect to the job port");
     let id = c.submit(6, 0xfeed, 256, 256).expect("submit");
     let job = c.wait(id, T).expect("job finishes");
@@ -108,7 +93,7 @@ fn submit_many(uds: &Path, n: u32, seed0: u64) -> Vec<(u64, u64)> {
 #[test]
 fn kvm_two_hundred_jobs_from_two_clients_all_complete_once() {
     require_kvm();
-    let (mut dev, uds) = printer("");
+    let (mut dev, uds) = printer();
     let (u1, u2) = (uds.clone(), uds.clone());
     let a = std::thread::spawn(move || submit_many(&u1, 100, 1_000));
     let b = std::thread::spawn(move || submit_many(&u2, 100, 2_000));
@@ -153,7 +138,7 @@ fn raw_connect(uds: &Path, port: u32) -> (String, UnixStream) {
 #[test]
 fn kvm_malformed_frames_and_unknown_ports_are_refused_and_the_link_keeps_working() {
     require_kvm();
-    let (mut dev, uds) = printer("");
+    let (mut dev, uds) = printer();
     let mut good = JobClient::connect(&uds).expect("connect");
     // A frame announcing 4 GiB: an error reply, then the controller closes it.
     let (ok, mut bad) = raw_connect(&uds, duplex_link::JOB_PORT);
@@ -208,7 +193,7 @@ fn kvm_malformed_frames_and_unknown_ports_are_refused_and_the_link_keeps_working
 #[test]
 fn kvm_stopping_the_controller_resets_host_connections() {
     require_kvm();
-    let (mut dev, uds) = printer("");
+    let (mut dev, uds) = printer();
     let (ok, mut s) = raw_connect(&uds, duplex_link::JOB_PORT);
     assert!(ok.starts_with("OK "), "{ok}");
     dev.ok(json!({"cmd": "stop", "partition": "controller"}));
@@ -223,7 +208,7 @@ fn kvm_stopping_the_controller_resets_host_connections() {
 #[test]
 fn kvm_engine_crash_mid_job_fails_the_job_and_the_controller_carries_on() {
     require_kvm();
-    let (mut dev, uds) = printer("");
+    let (mut dev, uds) = printer();
     let mut c = JobClient::connect(&uds).expect("connect");
     let big = c.submit(5_000, 77, 256, 256).expect("submit");
     // Wait until the job is really at the engine.

@@ -15,25 +15,9 @@ const T: Duration = Duration::from_secs(60);
 
 /// The printer's config, with its bridge socket and save destination in `dir`.
 fn printer_config(dir: &Path) -> Value {
-    let mut engine = partition(
-        "engine",
-        "engine",
-        "engine",
-        96,
-        "calib_mib=16 heartbeat_ms=100",
-    );
-    engine["vsock"] = json!({"cid": 3});
-    let mut controller = partition(
-        "controller",
-        "controller",
-        "controller",
-        64,
-        "engine_cid=3 heartbeat_ms=100",
-    );
-    controller["vsock"] = json!({"cid": 4, "uds": dir.join("controller.vsock")});
     json!({
         "device": "printer",
-        "partitions": [engine, controller],
+        "partitions": printer_partitions(&dir.join("controller.vsock")),
         "snapshot": {"dir": dir.join("set")},
     })
 }

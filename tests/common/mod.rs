@@ -79,6 +79,28 @@ pub fn partition(name: &str, role: &str, image: &str, mib: u64, cmdline: &str) -
     })
 }
 
+/// The reference printer: engine (CID 3, calibrating 16 MiB) and controller (CID 4)
+/// whose host bridge socket is `uds` (relative paths: next to the config file).
+pub fn printer_partitions(uds: &Path) -> Vec<Value> {
+    let mut engine = partition(
+        "engine",
+        "engine",
+        "engine",
+        96,
+        "calib_mib=16 heartbeat_ms=100",
+    );
+    engine["vsock"] = json!({"cid": 3});
+    let mut controller = partition(
+        "controller",
+        "controller",
+        "controller",
+        64,
+        "engine_cid=3 heartbeat_ms=100",
+    );
+    controller["vsock"] = json!({"cid": 4, "uds": uds});
+    vec![engine, controller]
+}
+
 /// A running `duplex run` process.
 pub struct Device {
     child: Child,
