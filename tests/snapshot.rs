@@ -260,10 +260,41 @@ fn kvm_every_corruption_is_refused_and_fallback_boots_cold() {
             "manifest",
         ),
         (
-            "state byte",
+            "engine state byte",
             |s| flip_byte(&s.join("engine.state"), 100),
             None,
             "engine.state",
+        ),
+        (
+            "controller state byte",
+            |s| flip_byte(&s.join("controller.state"), 50),
+            None,
+            "controller.state",
+        ),
+        (
+            "engine memory byte",
+            |s| {
+                let f = s.join("engine.mem");
+                flip_byte(&f, first_data_page(&f) + 4095)
+            },
+            None,
+            "engine.mem",
+        ),
+        (
+            "wrong format version",
+            |s| {
+                // A well-formed manifest of another format version (sealed with its own
+                // checksum, as a future monitor would write it).
+                let f = s.join("manifest.json");
+                let text = std::fs::read_to_string(&f).expect("manifest");
+                let mut m: duplex_snapshot::Manifest =
+                    serde_json::from_str(&text).expect("manifest parses");
+                m.format_version = 99;
+                let sealed = duplex_snapshot::manifest::seal(&m).expect("seal");
+                std::fs::write(&f, sealed).expect("write");
+            },
+            None,
+            "version",
         ),
         (
             "memory byte",
@@ -319,7 +350,7 @@ fn kvm_every_corruption_is_refused_and_fallback_boots_cold() {
             err.contains(needle),
             "{what}: the refusal should name {needle}: {err}"
         );
-        if i == 2 {
+        if what == "memory byte" {
             // With --fallback cold the device comes up cold and says why.
             let mut dev = boot_in(&dir.0, &config, Some(&bad), &["--fallback", "cold"]);
             let st = dev.ok(json!({"cmd": "status"}));
