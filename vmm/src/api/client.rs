@@ -113,11 +113,14 @@ impl CtlCommand {
                 partition: partition.clone(),
                 lines: *lines,
             },
+            // The monitor runs elsewhere: relative paths are the caller's, made absolute here.
             CtlCommand::Snapshot { dest, parent } => Command::Snapshot {
-                dest: dest.clone(),
-                parent: parent.clone(),
+                dest: absolute(dest),
+                parent: parent.as_deref().map(absolute),
             },
-            CtlCommand::Reboot { from } => Command::Reboot { from: from.clone() },
+            CtlCommand::Reboot { from } => Command::Reboot {
+                from: from.as_deref().map(absolute),
+            },
             CtlCommand::Raw { .. } => return None,
         })
     }
@@ -268,6 +271,13 @@ impl ApiClient {
     }
 }
 
+/// `path` made absolute against the current directory (unchanged if that fails).
+fn absolute(path: &str) -> String {
+    std::path::absolute(path)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| path.to_owned())
+}
+
 /// `duplex ctl`: connects, sends the command as one line, reads one line, and returns
 /// the result (an `ok:false` answer becomes [`CtlError::Api`] with its code).
 pub fn run_ctl(args: &CtlArgs) -> Result<Value, CtlError> {
@@ -295,6 +305,17 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<CtlArgs, clap::Error> {
         Cli::try_parse_from(std::iter::once("ctl").chain(args.iter().copied())).map(|c| c.ctl)
+    }
+
+    #[test]
+    fn relative_set_paths_are_made_absolute_for_the_monitor() {
+        let args = parse(&["snapshot", "sets/a", "--parent", "/abs/p"]).expect("parse");
+        let Some(Command::Snapshot { dest, parent }) = args.command.command() else {
+            panic!("not a snapshot")
+        };
+        let cwd = std::env::current_dir().expect("cwd");
+        assert_eq!(dest, cwd.join("sets/a").display().to_string());
+        assert_eq!(parent.as_deref(), Some("/abs/p"));
     }
 
     #[test]
