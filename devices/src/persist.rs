@@ -91,7 +91,7 @@ where
 
 /// Declares a `#[test]` running [`round_trip`] for a device type:
 ///
-/// ```ignore
+/// ```text
 /// persist_round_trip!(console_round_trip, Console,
 ///     make: || console(),
 ///     mutate: |c| { c.write(3, &[0x1b]); },

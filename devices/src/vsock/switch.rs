@@ -40,6 +40,21 @@ pub(crate) struct Port {
     pub uds: Option<PathBuf>,
 }
 
+impl Port {
+    /// The port's memory, its queue `index` once the driver has made it ready, and its
+    /// interrupt.
+    fn ready_queue(
+        &mut self,
+        index: u16,
+    ) -> Option<(&GuestMemoryMmap, &mut Queue, &Arc<Interrupt>)> {
+        let Port {
+            mem, queues, irq, ..
+        } = self;
+        let queue = queues.as_mut()?.get_mut(usize::from(index))?;
+        queue.ready().then_some((&*mem, queue, &*irq))
+    }
+}
+
 /// Everything behind the switch's mutex.
 pub(crate) struct Inner {
     /// Plain data: connections, backlogs, counters.
@@ -204,19 +219,9 @@ impl Inner {
                 return;
             };
             let counters = &mut self.state.counters;
-            let Port {
-                mem, queues, irq, ..
-            } = port;
-            let mem: &GuestMemoryMmap = mem;
-            let Some(tx) = queues
-                .as_mut()
-                .and_then(|q| q.get_mut(usize::from(TX_QUEUE)))
-            else {
+            let Some((mem, tx, irq)) = port.ready_queue(TX_QUEUE) else {
                 return;
             };
-            if !tx.ready() {
-                return;
-            }
             let mut used = false;
             // Bounded: another vCPU of the guest may keep adding chains.
             for _ in 0..usize::from(tx.size()) * 2 {
@@ -429,19 +434,9 @@ impl Inner {
             return;
         };
         let counters = &mut self.state.counters;
-        let Port {
-            mem, queues, irq, ..
-        } = port;
-        let mem: &GuestMemoryMmap = mem;
-        let Some(rx) = queues
-            .as_mut()
-            .and_then(|q| q.get_mut(usize::from(RX_QUEUE)))
-        else {
+        let Some((mem, rx, irq)) = port.ready_queue(RX_QUEUE) else {
             return;
         };
-        if !rx.ready() {
-            return;
-        }
         let mut used = false;
         // Re-enabling notifications finds late buffers; bounded in case the ring misbehaves.
         for _ in 0..4 {
