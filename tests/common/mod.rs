@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod snap;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,51 @@
+//! Helpers of the snapshot end-to-end tests: the printer with a save destination, booting
+//! (and restoring) it, talking to its controller.
+
+use std::path::{Path, PathBuf};
+
+use duplex_link::{HostReply, HostRequest};
+use duplex_vmm::job::JobClient;
+use serde_json::{json, Value};
+
+use super::*;
+
+/// Patience for anything the device does.
+pub const T: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The printer's config, with its bridge socket and save destination in `dir`.
+pub fn printer_config(dir: &Path) -> Value {
+    json!({
+        "device": "printer",
+        "partitions": printer_partitions(&dir.join("controller.vsock")),
+        "snapshot": {"dir": dir.join("set")},
+    })
+}
+
+/// Boots from `cfg` written in `dir`, optionally restoring.
+pub fn boot_in(dir: &Path, cfg: &Value, restore: Option<&Path>, extra: &[&str]) -> Device {
+    let file = dir.join("device.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(cfg).expect("json")).expect("write");
+    let mut args: Vec<String> = Vec::new();
+    if let Some(r) = restore {
+        args.push("--restore".into());
+        args.push(r.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Device::boot_file_with(&file, TempDir::new("snapdev"), &args)
+}
+
+pub fn wait_ready(dev: &Device) {
+    dev.wait_line("engine", "READY", T);
+    dev.wait_line("controller", "READY", T);
+}
+
+pub fn uds(dir: &Path) -> PathBuf {
+    dir.join("controller.vsock")
+}
+
+pub fn engine_pages(c: &mut JobClient) -> u64 {
+    match c.call(&HostRequest::EngineStatus).expect("engine status") {
+        HostReply::Engine(info) => info.pages_printed,
+        other => panic!("unexpected {other:?}"),
+    }
+}
