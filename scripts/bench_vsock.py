@@ -68,9 +68,13 @@ def main():
     nbytes = int(os.environ.get("BENCH_VSOCK_BYTES", str(256 << 20)))
     trips = int(os.environ.get("BENCH_RTT_COUNT", "2000"))
     base = [baseline(nbytes, trips) for _ in range(RUNS)]
-    base_mbs = statistics.median(b["mb_per_s"] for b in base)
-    base_rtt = statistics.median(b["rtt_avg_ns"] for b in base)
-    print(f"baseline AF_UNIX socketpair: {base_mbs:.0f} MB/s (64 KiB writes), round trip {base_rtt / 1000:.1f} us (64 B)")
+    # Best of the runs on both sides: on this shared, nested machine the socketpair swings
+    # between 2 and 12 GB/s from run to run, and a median compares noise with noise.
+    base_mbs = max(b["mb_per_s"] for b in base)
+    base_rtt = min(b["rtt_avg_ns"] for b in base)
+    print(f"baseline AF_UNIX socketpair (best of {RUNS}): {base_mbs:.0f} MB/s (64 KiB writes), "
+          f"round trip {base_rtt / 1000:.1f} us (64 B); all runs: "
+          f"{', '.join('%.0f' % b['mb_per_s'] for b in base)} MB/s")
 
     rates, rtts = [], []
     for _ in range(RUNS):
@@ -80,8 +84,8 @@ def main():
         rates.append(int(m.group(1)) / (int(m.group(2)) / 1e9) / 1e6)
         f = run_device(echo_pair(f"connect=3:7:rtt count={trips} size=64"), [("client", "avg_ns=")])
         rtts.append(int(re.search(r"avg_ns=(\d+)", f[("client", "avg_ns=")][0]).group(1)))
-    mbs, rtt = statistics.median(rates), statistics.median(rtts)
-    print(f"vsock partition->partition: {mbs:.0f} MB/s = {mbs / base_mbs:.3f} x socketpair (goal >= 0.5); "
+    mbs, rtt = max(rates), min(rtts)
+    print(f"vsock partition->partition (best of {RUNS}): {mbs:.0f} MB/s = {mbs / base_mbs:.3f} x socketpair (goal >= 0.5); "
           f"round trip {rtt / 1000:.1f} us = {rtt / base_rtt:.2f} x socketpair")
 
     boot = []
