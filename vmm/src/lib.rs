@@ -16,3 +16,9 @@ pub mod job;
 pub mod layout;
 pub mod monitor;
 pub mod partition;
+
+/// Locks a mutex whose data stays usable after a panic elsewhere (plain state, counters,
+/// handles): a poisoned lock is recovered rather than spreading the panic to the monitor.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -5,6 +5,7 @@
 //! newline and answered with `line_too_long`. Every line, well-formed or not, gets
 //! exactly one response line and the connection stays usable.
 
+use crate::lock;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs;
@@ -16,7 +17,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -188,12 +189,6 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Removes a socket file left behind by a monitor that is gone; refuses to touch a

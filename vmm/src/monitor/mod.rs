@@ -5,7 +5,7 @@
 pub mod snapshot;
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::api::protocol::{ApiError, Command, ErrorCode};
 use crate::api::server::ControlHandler;
 use crate::config::DeviceConfig;
+pub(crate) use crate::lock;
 use crate::partition::shared::Outcome;
 use crate::partition::vcpu::{Ended, PartitionEvent};
 use crate::partition::{self, Partition, PartitionError, State};
@@ -50,10 +51,6 @@ pub struct Monitor {
     shutdown: Mutex<bool>,
     shutdown_cv: Condvar,
     started: Instant,
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Monitor {

@@ -1,7 +1,7 @@
 //! A partition's part of a snapshot set: its saved state (KVM VM and vCPUs, devices) as
 //! plain data, captured while the partition is paused and restored into a new run.
 
-use std::sync::Mutex;
+use crate::lock;
 
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
@@ -36,10 +36,6 @@ pub struct PartitionState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DevicesState,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Partition {

@@ -15,6 +15,7 @@ use duplex_devices::vsock::VsockMmio;
 use super::shared::{CrashInfo, Outcome, Shared};
 use crate::boot::BootEntry;
 use crate::layout;
+use crate::lock;
 
 /// The devices of one partition, as its vCPU threads reach them.
 #[derive(Debug)]
@@ -328,10 +329,6 @@ impl VcpuRunner {
             console_tail,
         }));
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn console_port(port: u16) -> Option<u64> {
