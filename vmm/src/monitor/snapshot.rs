@@ -191,7 +191,8 @@ impl Monitor {
         let quiesced = self.quiesce()?;
         let t_quiesce = t0.elapsed();
 
-        let t = Instant::now();
+        let t_down = Instant::now();
+        let t = t_down;
         let mut paused = Vec::new();
         for p in &self.partitions {
             let mut p = lock(p);
@@ -211,6 +212,7 @@ impl Monitor {
             self.resume_names(&paused);
         }
         let t_resume = t.elapsed();
+        let downtime = t_down.elapsed();
         let mut v = result?;
         v["quiesce"] = quiesced.unwrap_or(Value::Null);
         let timings = &mut v["timings_ms"];
@@ -218,13 +220,7 @@ impl Monitor {
         timings["pause"] = json!(ms(t_pause));
         timings["resume"] = json!(ms(t_resume));
         timings["total"] = json!(ms(t0.elapsed()));
-        let downtime = t_pause.as_secs_f64() * 1e3
-            + timings["capture"].as_f64().unwrap_or(0.0)
-            + timings["write"].as_f64().unwrap_or(0.0)
-            + timings["fsync"].as_f64().unwrap_or(0.0)
-            + timings["rename"].as_f64().unwrap_or(0.0)
-            + ms(t_resume);
-        v["downtime_ms"] = json!((downtime * 1e3).round() / 1e3);
+        v["downtime_ms"] = json!(ms(downtime));
         Ok(v)
     }
 
