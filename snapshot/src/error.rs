@@ -11,7 +11,8 @@ pub enum SnapshotError {
     /// The set was written by another version of the format.
     #[error(
         "snapshot set {dir}: manifest.json has format_version {found}, this monitor reads \
-         format_version {expected}"
+         format_version {expected} only (a set of another version cannot be restored: take a \
+         new snapshot with this monitor)"
     )]
     Version {
         dir: PathBuf,

@@ -11,8 +11,10 @@ use serde_json::Value;
 use crate::sys::PAGE;
 use crate::SnapshotError;
 
-/// The format version this crate writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this crate writes and reads. Version 2 added `device_states` (the
+/// monitor's device-wide state, such as the vsock switch, in checksummed files of their own
+/// instead of the manifest's `extra`); version 1 sets are refused.
+pub const FORMAT_VERSION: u32 = 2;
 /// The manifest's file name inside a set directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -47,6 +49,10 @@ pub struct Manifest {
     pub parent: Option<ParentRef>,
     /// Every other file of the set: file name → length and CRC-32.
     pub files: BTreeMap<String, FileEntry>,
+    /// Device-wide states that belong to no one partition (e.g. the vsock switch):
+    /// component name → its file, `<component>.devstate`, listed in `files`.
+    #[serde(default)]
+    pub device_states: BTreeMap<String, String>,
     /// Whatever the monitor wants to keep with the set (timings...), opaque here.
     #[serde(default)]
     pub extra: Value,
@@ -336,6 +342,19 @@ pub fn validate(dir: &Path, m: &Manifest) -> Result<(), SnapshotError> {
             listed.insert(f);
         }
     }
+    for (component, file) in &m.device_states {
+        check_name(component).map_err(|e| bad(format!("device_states: {e}")))?;
+        let want = format!("{component}.devstate");
+        if *file != want {
+            return Err(bad(format!(
+                "device_states[{component:?}] is {file:?}, must be {want:?}"
+            )));
+        }
+        if !m.files.contains_key(file) {
+            return Err(bad(format!("file {file} is not listed in field files")));
+        }
+        listed.insert(file);
+    }
     if let Some(extra) = m.files.keys().find(|k| !listed.contains(k.as_str())) {
         return Err(bad(format!(
             "field files lists {extra:?}, which no partition uses"
@@ -374,6 +393,7 @@ mod tests {
             }],
             parent: None,
             files,
+            device_states: BTreeMap::new(),
             extra: Value::Null,
         }
     }

@@ -363,6 +363,88 @@ pub(crate) fn write<B: Bitmap>(
     })
 }
 
+/// Writes again, over a memory file [`write`] made, every page set in `delta` (one bitmap
+/// per region, as for `write`): the second pass of a live snapshot, with the partition
+/// paused, for the pages its guest or devices wrote since the first pass. Zero pages are
+/// written as zeros (the checksum skips them). `present`, for an incremental set, gains the
+/// pages. The file's checksum must then be computed again ([`checksum`]).
+pub(crate) fn overwrite<B: Bitmap>(
+    path: &Path,
+    file: &File,
+    mem: &GuestMemoryMmap<B>,
+    delta: &[Vec<u64>],
+    mut present: Option<&mut PageBits>,
+    usage: &dyn Fn(String) -> SnapshotError,
+) -> Result<MemoryWriteStats, SnapshotError> {
+    let started = Instant::now();
+    let regions = mem.iter().count();
+    if delta.len() != regions {
+        return Err(usage(format!(
+            "{} dirty bitmaps for {regions} RAM regions",
+            delta.len()
+        )));
+    }
+    let mut stats = MemoryWriteStats::default();
+    let mut batch = Batch {
+        file,
+        path,
+        buf: Vec::with_capacity(BATCH_PAGES * PAGE),
+        offset: 0,
+    };
+    let mut file_base = 0u64;
+    for (ri, (region, bits)) in mem.iter().zip(delta).enumerate() {
+        let pages = (region.len() / PAGE as u64) as usize;
+        stats.pages_total += pages as u64;
+        if (bits.len() as u64) < (pages as u64).div_ceil(64) {
+            return Err(usage(format!(
+                "dirty bitmap {ri} has {} words, region {ri} of {pages} pages needs {}",
+                bits.len(),
+                pages.div_ceil(64)
+            )));
+        }
+        let mem_err =
+            |e: vm_memory::GuestMemoryError| usage(format!("region {ri}: host address: {e}"));
+        let slice = region.as_volatile_slice().map_err(mem_err)?;
+        let mut next_off = u64::MAX;
+        for (w, &word) in bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let p = w * 64 + word.trailing_zeros() as usize;
+                word &= word - 1;
+                if p >= pages {
+                    break;
+                }
+                let file_page = file_base / PAGE as u64 + p as u64;
+                let off = file_page * PAGE as u64;
+                if let Some(pr) = present.as_deref_mut() {
+                    pr.set(file_page);
+                }
+                if off != next_off || batch.buf.len() >= BATCH_PAGES * PAGE {
+                    batch.flush()?;
+                    batch.offset = off;
+                }
+                let at = batch.buf.len();
+                batch.buf.resize(at + PAGE, 0);
+                let page = slice
+                    .subslice(p * PAGE, PAGE)
+                    .map_err(|e| usage(format!("region {ri}: page {p}: {e}")))?;
+                page.copy_to(&mut batch.buf[at..]);
+                stats.pages_scanned += 1;
+                if !sys::is_zero(&batch.buf[at..]) {
+                    stats.pages_written += 1;
+                }
+                next_off = off + PAGE as u64;
+            }
+        }
+        batch.flush()?;
+        file_base += region.len();
+    }
+    stats.bytes_written = stats.pages_written * PAGE as u64;
+    stats.pages_present = stats.pages_scanned;
+    stats.elapsed = started.elapsed();
+    Ok(stats)
+}
+
 /// Computes a memory file's checksum from its data extents (every byte if the file system
 /// cannot tell holes), skipping zero pages. Returns the CRC and the bytes read.
 pub(crate) fn checksum(file: &File, len: u64) -> io::Result<(u32, u64)> {

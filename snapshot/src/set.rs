@@ -283,6 +283,17 @@ impl SnapshotSet {
         self.read_small(&p.state_file)
     }
 
+    /// Reads a device-wide state file (see [`SetWriter::write_device_state`]), checking its
+    /// length and CRC-32; `None` when the set has no state for `component`.
+    ///
+    /// [`SetWriter::write_device_state`]: crate::SetWriter::write_device_state
+    pub fn read_device_state(&self, component: &str) -> Result<Option<Vec<u8>>, SnapshotError> {
+        match self.manifest.device_states.get(component) {
+            None => Ok(None),
+            Some(file) => self.read_small(file).map(Some),
+        }
+    }
+
     /// Reads a small file of the set whole, checking its length and CRC-32.
     pub(crate) fn read_small(&self, file: &str) -> Result<Vec<u8>, SnapshotError> {
         let entry = self.manifest.files.get(file).copied().ok_or_else(|| {

@@ -17,7 +17,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use crate::manifest::{
     self, FileEntry, Manifest, ParentRef, PartitionEntry, RamRegion, FORMAT_VERSION, MANIFEST_FILE,
 };
-use crate::memfile::{self, MemoryWriteStats};
+use crate::memfile::{self, MemoryWriteStats, PageBits};
 use crate::{sys, SnapshotError, SnapshotSet};
 
 /// What `commit` did and how long it took.
@@ -52,7 +52,13 @@ struct Part {
     name: String,
     ram: Option<Vec<RamRegion>>,
     memory_bytes_written: u64,
-    pages: bool,
+    /// For an incremental set: the pages it holds (its pages file is written at commit).
+    present: Option<PageBits>,
+    /// The memory file: its index in `SetWriter::open`.
+    mem_file: Option<usize>,
+    /// The memory file was written again ([`SetWriter::update_memory`]): its checksum is
+    /// computed at commit.
+    crc_stale: bool,
     state: bool,
 }
 
@@ -74,6 +80,7 @@ pub struct SetWriter {
     parent: Option<ParentInfo>,
     parts: Vec<Part>,
     files: BTreeMap<String, FileEntry>,
+    device_states: BTreeMap<String, String>,
     open: Vec<(PathBuf, File)>,
     bytes_written: u64,
     done: bool,
@@ -191,6 +198,7 @@ impl SetWriter {
             parent,
             parts: Vec::new(),
             files: BTreeMap::new(),
+            device_states: BTreeMap::new(),
             open: Vec::new(),
             bytes_written: 0,
             done: false,
@@ -263,7 +271,9 @@ impl SetWriter {
             name: name.to_string(),
             ram: None,
             memory_bytes_written: 0,
-            pages: false,
+            present: None,
+            mem_file: None,
+            crc_stale: false,
             state: false,
         });
         Ok(self.parts.len() - 1)
@@ -362,14 +372,97 @@ impl SetWriter {
         );
         self.bytes_written += w.stats.bytes_written;
         self.open.push((path, file));
-        if let Some(present) = &w.present {
-            self.write_small(&format!("{partition}.pages"), &present.encode())?;
-        }
         let part = &mut self.parts[i];
         part.ram = Some(w.ram);
         part.memory_bytes_written = w.stats.bytes_written;
-        part.pages = w.present.is_some();
+        part.present = w.present;
+        part.mem_file = Some(self.open.len() - 1);
         Ok(w.stats)
+    }
+
+    /// Writes again the pages set in `delta` (one bitmap per RAM region, as for
+    /// [`write_memory`](Self::write_memory)) over the partition's memory file: the second
+    /// pass of a live snapshot. `write_memory` may run while the guest runs, as long as
+    /// every page written meanwhile is in `delta` (KVM's dirty log and the devices' bitmap,
+    /// both cleared before `write_memory` started); `update_memory` runs with the partition
+    /// paused. The set then holds memory as it was at the pause. For an incremental set the
+    /// pages of `delta` join those it holds.
+    pub fn update_memory<B: Bitmap>(
+        &mut self,
+        partition: &str,
+        mem: &GuestMemoryMmap<B>,
+        delta: &[Vec<u64>],
+    ) -> Result<MemoryWriteStats, SnapshotError> {
+        let i = self.part(partition)?;
+        let Some(fi) = self.parts[i].mem_file else {
+            return Err(self.usage(partition, "memory updated before it was written"));
+        };
+        let ram: Vec<RamRegion> = mem
+            .iter()
+            .map(|r| RamRegion {
+                gpa: r.start_addr().0,
+                len: r.len(),
+            })
+            .collect();
+        if self.parts[i].ram.as_ref() != Some(&ram) {
+            return Err(self.usage(partition, "the guest RAM layout changed between passes"));
+        }
+        let usage = |m: String| SnapshotError::Usage {
+            dest: self.dest.clone(),
+            partition: partition.to_string(),
+            message: m,
+        };
+        let (path, file) = &self.open[fi];
+        let part = &mut self.parts[i];
+        let stats = memfile::overwrite(path, file, mem, delta, part.present.as_mut(), &usage)?;
+        part.crc_stale = true;
+        part.memory_bytes_written += stats.bytes_written;
+        self.bytes_written += stats.bytes_written;
+        Ok(stats)
+    }
+
+    /// Writes a device-wide state (one that belongs to no single partition, such as the
+    /// vsock switch's table) as `<component>.devstate`, checksummed like a state file;
+    /// [`SnapshotSet::read_device_state`] reads it back.
+    pub fn write_device_state(
+        &mut self,
+        component: &str,
+        state: &[u8],
+    ) -> Result<(), SnapshotError> {
+        manifest::check_name(component).map_err(|m| self.usage("", m))?;
+        if self.device_states.contains_key(component) {
+            return Err(self.usage("", format!("device state {component} written twice")));
+        }
+        let file = format!("{component}.devstate");
+        self.write_small(&file, state)?;
+        self.device_states.insert(component.to_string(), file);
+        Ok(())
+    }
+
+    /// Before the manifest: checksums of memory files written twice, and pages files.
+    fn finish_memory(&mut self) -> Result<(), SnapshotError> {
+        for i in 0..self.parts.len() {
+            let (name, stale, fi) = {
+                let p = &self.parts[i];
+                (p.name.clone(), p.crc_stale, p.mem_file)
+            };
+            if let (true, Some(fi)) = (stale, fi) {
+                let (path, file) = &self.open[fi];
+                let fname = format!("{name}.mem");
+                let len = self.files.get(&fname).map_or(0, |e| e.len);
+                let (crc, _) = memfile::checksum(file, len)
+                    .map_err(|e| SnapshotError::io(path, "checksumming", e))?;
+                self.files.insert(fname, FileEntry { len, crc32: crc });
+                let part = &mut self.parts[i];
+                part.crc_stale = false;
+                part.memory_bytes_written = part.memory_bytes_written.min(len);
+            }
+            if let Some(present) = self.parts[i].present.take() {
+                self.write_small(&format!("{name}.pages"), &present.encode())?;
+                self.parts[i].present = Some(present);
+            }
+        }
+        Ok(())
     }
 
     /// Writes a partition's state: opaque bytes (the monitor's JSON of vCPU/VM/device state).
@@ -399,7 +492,7 @@ impl SetWriter {
                 name: p.name.clone(),
                 memory_file: format!("{}.mem", p.name),
                 state_file: format!("{}.state", p.name),
-                pages_file: p.pages.then(|| format!("{}.pages", p.name)),
+                pages_file: p.present.is_some().then(|| format!("{}.pages", p.name)),
                 ram,
                 memory_bytes_written: p.memory_bytes_written,
                 incremental: self.parent.is_some(),
@@ -419,6 +512,7 @@ impl SetWriter {
                 path: p.path.clone(),
             }),
             files: self.files.clone(),
+            device_states: self.device_states.clone(),
             extra,
         })
     }
@@ -434,6 +528,7 @@ impl SetWriter {
         extra: Value,
     ) -> Result<CommitStats, SnapshotError> {
         let started = Instant::now();
+        self.finish_memory()?;
         let m = self.manifest(device_config, extra)?;
         manifest::validate(&self.tmp, &m)?;
         let sealed = manifest::seal(&m)

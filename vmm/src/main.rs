@@ -131,7 +131,7 @@ fn run(args: &RunArgs) -> Result<(), String> {
             } else {
                 duplex_snapshot::LoadMode::LazyPrefetch
             };
-            match monitor.restore_from(dir, mode, false) {
+            match monitor.restore_from(dir, mode, duplex_vmm::monitor::ops::Operation::Restore) {
                 Ok(v) => log::info!("restored from {}: {v}", dir.display()),
                 Err(e) if args.fallback.is_some() => {
                     log::warn!("not restoring: {e}; falling back to a cold boot");

@@ -185,15 +185,27 @@ impl Bridge {
             .collect()
     }
 
-    /// Closes `cid`'s listener and removes its socket file; its host sockets stay.
-    pub fn unbind_listener(&mut self, cid: u64) {
-        let listeners: Vec<u64> = self
+    /// Whether `cid` has a listener on `path`.
+    pub fn listens(&self, cid: u64, path: &Path) -> bool {
+        self.listeners
+            .values()
+            .any(|l| l.cid == cid && l.path == path)
+    }
+
+    /// Closes `cid`'s listener on `path`.
+    pub fn close_listener(&mut self, cid: u64, path: &Path) {
+        self.retain_listeners(|c, p| !(c == cid && p == path));
+    }
+
+    /// Closes every listener for which `keep(cid, path)` is false.
+    pub fn retain_listeners(&mut self, mut keep: impl FnMut(u64, &Path) -> bool) {
+        let gone: Vec<u64> = self
             .listeners
             .iter()
-            .filter(|(_, l)| l.cid == cid)
+            .filter(|(_, l)| !keep(l.cid, &l.path))
             .map(|(t, _)| *t)
             .collect();
-        for token in listeners {
+        for token in gone {
             if let Some(l) = self.listeners.remove(&token) {
                 let _ = self.epoll.ctl(
                     ControlOperation::Delete,
@@ -202,6 +214,11 @@ impl Bridge {
                 );
             }
         }
+    }
+
+    /// Closes `cid`'s listener and removes its socket file; its host sockets stay.
+    pub fn unbind_listener(&mut self, cid: u64) {
+        self.retain_listeners(|c, _| c != cid);
     }
 
     /// Adds a host socket (not yet registered with epoll).

@@ -42,6 +42,7 @@ use crate::virtio::{ActivateError, Interrupt, VirtioDevice};
 
 pub use packet::{Endpoint, Hdr, HOST_CID};
 pub use persist::{SwitchFreeze, VsockMmioArgs, VsockMmioState};
+pub use restore::PreparedPort;
 pub use state::{ConnState, ConnStats, PortStats, SwitchState, VsockCounters, VsockStats};
 
 /// The virtio device ID of vsock.
@@ -217,12 +218,17 @@ impl Shared {
 
     fn locked<R>(&self, thawed: bool, f: impl FnOnce(&mut switch::Inner) -> R) -> R {
         let (result, irqs) = {
-            // The state is plain data kept consistent by each operation: recover from a
-            // poisoned lock.
-            let mut inner = self
-                .inner
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut inner = match self.inner.lock() {
+                Ok(inner) => inner,
+                Err(poisoned) => {
+                    // An update panicked half-way: the table may be inconsistent, so it is
+                    // not reused. Every connection is reset, as a device reset would.
+                    let mut inner = poisoned.into_inner();
+                    inner.reset_after_panic();
+                    self.inner.clear_poison();
+                    inner
+                }
+            };
             while thawed && inner.frozen > 0 {
                 inner = self
                     .thawed

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::restore::PreparedPort;
 use super::{SwitchState, VsockDevice, VsockError, VsockMmio, VsockSwitch, QUEUE_SIZES};
 use crate::persist::Persist;
 use crate::virtio::mmio::{MmioArgs, MmioState, MmioTransport, QueueSnapshot};
@@ -144,6 +145,45 @@ impl VsockSwitch {
         uds: Option<PathBuf>,
         state: &VsockMmioState,
     ) -> Result<VsockMmio, VsockError> {
+        let (mmio, port) = self.prepare_restored(cid, name, mem, irq, uds, state)?;
+        self.with(|inner| {
+            inner.check_attachable(port.cid)?;
+            if let Some(path) = &port.uds {
+                inner.bridge.bind(port.cid, path)?;
+            }
+            inner.state.backlogs.entry(port.cid).or_default();
+            let cid = port.cid;
+            inner.insert_bound_port(
+                cid,
+                port.attach_id,
+                &port.name,
+                port.mem,
+                port.irq,
+                port.uds,
+                port.queues,
+            );
+            // Packets queued at the cut (and RSTs of dropped host links) go in as RX
+            // buffers allow; host connections may read again.
+            inner.drain_rx(cid);
+            inner.refresh_host_interest(cid);
+            Ok::<(), VsockError>(())
+        })?;
+        Ok(mmio)
+    }
+
+    /// Builds a restored partition's device and its side of the switch without changing
+    /// the switch: the device is put in by [`replace`](Self::replace). Until then the
+    /// device is inert (its notifications match no attachment). The state is validated
+    /// (CID, registers, queue sizes, rings inside `mem`).
+    pub fn prepare_restored(
+        &self,
+        cid: u64,
+        name: &str,
+        mem: GuestMemoryMmap,
+        irq: Interrupt,
+        uds: Option<PathBuf>,
+        state: &VsockMmioState,
+    ) -> Result<(VsockMmio, PreparedPort), VsockError> {
         if state.cid != cid {
             return Err(VsockError::InvalidState(format!(
                 "the device was saved with CID {}, not {cid}",
@@ -167,10 +207,10 @@ impl VsockSwitch {
             }
         };
         let irq = Arc::new(irq);
-        // Not attached yet: attachment id 0 matches no port.
+        let attach_id = self.with(|inner| inner.reserve_attach_id());
         let device = VsockDevice {
             cid,
-            attach_id: 0,
+            attach_id,
             switch: self.clone(),
         };
         let args = MmioArgs {
@@ -178,14 +218,45 @@ impl VsockSwitch {
             mem: mem.clone(),
             irq: irq.clone(),
         };
-        let mut transport = MmioTransport::restore_state(args, &state.transport)?;
-        let attach_id =
-            self.with(|inner| inner.attach_restored(cid, name, mem, irq, uds, queues))?;
-        transport.device_mut().attach_id = attach_id;
-        Ok(VsockMmio {
+        let transport = MmioTransport::restore_state(args, &state.transport)?;
+        let port = PreparedPort {
             cid,
-            transport: std::sync::Mutex::new(transport),
-        })
+            attach_id,
+            name: name.to_owned(),
+            mem,
+            irq,
+            uds,
+            queues,
+        };
+        Ok((
+            VsockMmio {
+                cid,
+                transport: std::sync::Mutex::new(transport),
+            },
+            port,
+        ))
+    }
+
+    /// Replaces every attached partition by `ports` and the table by `state`, in one step
+    /// under the lock: the partitions attached now are removed quietly (as
+    /// [`detach_quiet`](Self::detach_quiet)), host connections are kept or reset as
+    /// [`restore_state`](Self::restore_state) says, and listeners already open on the same
+    /// path for the same CID stay open. Everything that can fail (the state's validation,
+    /// binding new listeners) happens first: on an error nothing has changed.
+    pub fn replace(
+        &self,
+        state: &SwitchState,
+        ports: Vec<PreparedPort>,
+        keep_host_sockets: bool,
+    ) -> Result<(), VsockError> {
+        self.with(|inner| inner.replace(state, ports, keep_host_sockets))
+    }
+
+    /// Detaches `cid` if it is still the attachment of `mmio` (see
+    /// [`detach`](Self::detach)); a device replaced by a restore leaves its successor alone.
+    pub fn detach_device(&self, mmio: &VsockMmio) {
+        let attach_id = mmio.transport().device().attach_id;
+        self.with(|inner| inner.detach_attachment(mmio.cid, attach_id));
     }
 }
 

@@ -15,6 +15,29 @@ use super::packet::{op, Pending, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
 use super::state::{ConnKey, HostOrigin, SwitchState};
 use super::switch::{Inner, CONTROL_SLACK, FIRST_HOST_PORT};
 use super::{VsockError, BACKLOG_CAP, HOST_BUF_ALLOC, MAX_CONNS_PER_CID, MIN_GUEST_CID};
+
+/// A restored partition's side of the switch, built before anything live changes and put
+/// in by `VsockSwitch::replace` (its attachment id is reserved, so its device already
+/// knows it; until then the device's notifications are ignored).
+pub struct PreparedPort {
+    pub(crate) cid: u64,
+    pub(crate) attach_id: u64,
+    pub(crate) name: String,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) irq: Arc<Interrupt>,
+    pub(crate) uds: Option<PathBuf>,
+    pub(crate) queues: Option<Vec<Queue>>,
+}
+
+impl std::fmt::Debug for PreparedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedPort")
+            .field("cid", &self.cid)
+            .field("attach_id", &self.attach_id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
 use crate::virtio::mmio::QueueSnapshot;
 use crate::virtio::Interrupt;
 
@@ -122,12 +145,17 @@ impl Inner {
     /// connections stay, with their sockets, for [`Inner::restore_state`] to keep or reset
     /// (a later [`Inner::detach`] or cold [`Inner::attach`] of `cid` ends them).
     pub fn detach_quiet(&mut self, cid: u64) {
+        self.bridge.unbind_listener(cid);
+        self.remove_for_restore(cid);
+    }
+
+    /// [`Inner::detach_quiet`] but for the listener, which the caller handles.
+    fn remove_for_restore(&mut self, cid: u64) {
         let port = self.ports.remove(&cid);
         self.state
             .conns
             .retain(|_, c| !c.involves(cid) || c.host.is_some());
         self.state.backlogs.remove(&cid);
-        self.bridge.unbind_listener(cid);
         for token in self.bridge.tokens_of(cid) {
             if self.bridge.phase(token) == Some(Phase::Line) {
                 self.bridge.close(token, Some(ERR_UNAVAILABLE));
@@ -148,6 +176,74 @@ impl Inner {
         if let Some(&cid) = self.ports.keys().next() {
             return Err(VsockError::Attached(cid));
         }
+        self.apply_state(set, keep_host_sockets);
+        Ok(())
+    }
+
+    /// Replaces every attached partition and the whole table in one step (see
+    /// `VsockSwitch::replace`): everything that can fail is checked or done first, so that on
+    /// an error nothing has changed.
+    pub fn replace(
+        &mut self,
+        set: &SwitchState,
+        ports: Vec<PreparedPort>,
+        keep_host_sockets: bool,
+    ) -> Result<(), VsockError> {
+        validate(set).map_err(VsockError::InvalidState)?;
+        let mut cids = BTreeSet::new();
+        for p in &ports {
+            if !guest_cid(p.cid) {
+                return Err(VsockError::ReservedCid(p.cid));
+            }
+            if !cids.insert(p.cid) {
+                return Err(VsockError::DuplicateCid(p.cid));
+            }
+        }
+        if let Some(cid) = set.backlogs.keys().find(|c| !cids.contains(c)) {
+            return Err(VsockError::InvalidState(format!(
+                "the state has a backlog for CID {cid}, which no restored partition has"
+            )));
+        }
+        // Listeners: one already open for the same CID and path is kept (an in-place reboot
+        // never closes its host sockets' listener); the others are bound now.
+        let mut bound: Vec<(u64, PathBuf)> = Vec::new();
+        for p in &ports {
+            let Some(path) = &p.uds else { continue };
+            if self.bridge.listens(p.cid, path) {
+                continue;
+            }
+            if let Err(e) = self.bridge.bind(p.cid, path) {
+                for (cid, path) in bound {
+                    self.bridge.close_listener(cid, &path);
+                }
+                return Err(e);
+            }
+            bound.push((p.cid, path.to_path_buf()));
+        }
+        // Nothing below fails.
+        let wanted: BTreeMap<u64, Option<PathBuf>> =
+            ports.iter().map(|p| (p.cid, p.uds.clone())).collect();
+        self.bridge.retain_listeners(|cid, path| {
+            wanted.get(&cid).is_some_and(|u| u.as_deref() == Some(path))
+        });
+        let old: Vec<u64> = self.ports.keys().copied().collect();
+        for cid in old {
+            self.remove_for_restore(cid);
+        }
+        self.apply_state(set, keep_host_sockets);
+        for p in ports {
+            self.state.backlogs.entry(p.cid).or_default();
+            self.insert_bound_port(p.cid, p.attach_id, &p.name, p.mem, p.irq, p.uds, p.queues);
+        }
+        for cid in cids {
+            self.drain_rx(cid);
+            self.refresh_host_interest(cid);
+        }
+        Ok(())
+    }
+
+    /// The state part of a restore, once it is validated and no partition is attached.
+    fn apply_state(&mut self, set: &SwitchState, keep_host_sockets: bool) {
         let live = std::mem::replace(&mut self.state, set.clone());
         for b in self.state.backlogs.values_mut() {
             b.bytes = b.packets.iter().map(Pending::cost).sum();
@@ -193,28 +289,6 @@ impl Inner {
         for token in kept {
             self.update_interest(token);
         }
-        Ok(())
-    }
-
-    /// Attaches a restored partition whose device has the live `queues` (`None`: not
-    /// started). Its backlog from the restored state is kept.
-    pub fn attach_restored(
-        &mut self,
-        cid: u64,
-        name: &str,
-        mem: GuestMemoryMmap,
-        irq: Arc<Interrupt>,
-        uds: Option<PathBuf>,
-        queues: Option<Vec<Queue>>,
-    ) -> Result<u64, VsockError> {
-        self.check_attachable(cid)?;
-        self.state.backlogs.entry(cid).or_default();
-        let attach_id = self.insert_port(cid, name, mem, irq, uds, queues)?;
-        // Packets queued at the cut (and RSTs of dropped host links) go in as RX buffers
-        // allow; host connections may read again.
-        self.drain_rx(cid);
-        self.refresh_host_interest(cid);
-        Ok(attach_id)
     }
 
     /// The live queues of `cid`'s device (attachment `attach_id`), if it is started.

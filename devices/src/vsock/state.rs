@@ -226,6 +226,10 @@ pub struct VsockCounters {
     pub host_errors: u64,
     /// Host connections reset because the guest sent beyond the credit we gave it.
     pub credit_violations: u64,
+    /// Times an update of the switch panicked: the half-updated connection table was not
+    /// reused; every connection was reset instead (see `docs/vsock.md`).
+    #[serde(default)]
+    pub panics_recovered: u64,
 }
 
 /// The switch's serializable state.

@@ -127,8 +127,30 @@ impl Inner {
         if let Some(path) = &uds {
             self.bridge.bind(cid, path)?;
         }
+        let attach_id = self.reserve_attach_id();
+        self.insert_bound_port(cid, attach_id, name, mem, irq, uds, queues);
+        Ok(attach_id)
+    }
+
+    /// A new attachment id (an attachment not in the table yet, see `PreparedPort`).
+    pub(crate) fn reserve_attach_id(&mut self) -> u64 {
         let attach_id = self.next_attach_id;
         self.next_attach_id += 1;
+        attach_id
+    }
+
+    /// Adds the port of `cid` as attachment `attach_id`; its listener (if any) is bound.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn insert_bound_port(
+        &mut self,
+        cid: u64,
+        attach_id: u64,
+        name: &str,
+        mem: GuestMemoryMmap,
+        irq: Arc<Interrupt>,
+        uds: Option<PathBuf>,
+        queues: Option<Vec<Queue>>,
+    ) {
         self.ports.insert(
             cid,
             Port {
@@ -141,7 +163,6 @@ impl Inner {
             },
         );
         log::info!("vsock: {name} attached as CID {cid}");
-        Ok(attach_id)
     }
 
     /// Detaches `cid`: its peers get RSTs, its host sockets and listener are closed, its
@@ -153,6 +174,18 @@ impl Inner {
         self.bridge.unbind(cid);
         if let Some(port) = port {
             log::info!("vsock: {} (CID {cid}) detached", port.name);
+        }
+    }
+
+    /// Detaches `cid` only if it is still attachment `attach_id` (a run that ends after a
+    /// restore replaced it leaves the new attachment alone).
+    pub fn detach_attachment(&mut self, cid: u64, attach_id: u64) {
+        if self
+            .ports
+            .get(&cid)
+            .is_some_and(|p| p.attach_id == attach_id)
+        {
+            self.detach(cid);
         }
     }
 
@@ -519,6 +552,31 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// After a panic under the lock: every connection ends (partition peers get an RST,
+    /// host sockets are closed), every backlog is emptied; ports and queues stay.
+    pub(crate) fn reset_after_panic(&mut self) {
+        log::error!("vsock: an update of the switch panicked; resetting every connection");
+        self.to_notify.clear();
+        for b in self.state.backlogs.values_mut() {
+            b.clear();
+        }
+        let conns = std::mem::take(&mut self.state.conns);
+        for conn in conns.values() {
+            if let Some(link) = &conn.host {
+                self.bridge.close(link.token, None);
+            }
+            for (me, peer) in [(conn.client, conn.server), (conn.server, conn.client)] {
+                if peer.cid != HOST_CID && me.cid != peer.cid {
+                    self.send_rst(me, peer);
+                }
+            }
+        }
+        for token in self.bridge.tokens_of(None) {
+            self.bridge.close(token, None);
+        }
+        self.state.counters.panics_recovered += 1;
     }
 
     pub fn stats(&self) -> VsockStats {

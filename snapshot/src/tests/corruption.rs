@@ -138,9 +138,15 @@ fn wrong_format_version_is_refused() {
     match SnapshotSet::open(&fx.dest).expect_err("open") {
         SnapshotError::Version {
             found, expected, ..
-        } => assert_eq!((found, expected), (2, 1)),
+        } => assert_eq!((found, expected), (3, 2)),
         e => panic!("wrong error: {e}"),
     }
+    // A version 1 set (before device state files): refused, with what to do.
+    m.format_version = 1;
+    std::fs::write(&path, manifest::seal(&m).expect("seal")).expect("write");
+    let e = SnapshotSet::open(&fx.dest).expect_err("open");
+    assert!(matches!(e, SnapshotError::Version { found: 1, .. }), "{e}");
+    assert!(e.to_string().contains("take a new snapshot"), "{e}");
     // A future manifest that does not even have this version's seal.
     std::fs::write(&path, br#"{"format_version": 7, "layout": "new"}"#).expect("write");
     let e = SnapshotSet::open(&fx.dest).expect_err("open");

@@ -5,6 +5,7 @@
 mod atomic;
 mod corruption;
 mod incremental;
+mod live;
 mod roundtrip;
 
 use std::path::{Path, PathBuf};

@@ -129,6 +129,12 @@ pub enum ErrorCode {
     /// The snapshot set cannot be restored (checksum, version, truncated, config mismatch,
     /// missing partition); nothing was torn down.
     InvalidSnapshot,
+    /// Another device operation (snapshot, restore, reboot, pause, resume, start, stop) is
+    /// running; `details` names it and its phase. Nothing was done.
+    Busy,
+    /// The set is valid, but building the new partitions or switching to them failed;
+    /// `details.step` names the step. The old device runs on as it was.
+    RestoreFailed,
 }
 
 impl ErrorCode {
@@ -147,6 +153,8 @@ impl ErrorCode {
             ErrorCode::SnapshotDenied => "snapshot_denied",
             ErrorCode::SnapshotFailed => "snapshot_failed",
             ErrorCode::InvalidSnapshot => "invalid_snapshot",
+            ErrorCode::Busy => "busy",
+            ErrorCode::RestoreFailed => "restore_failed",
         }
     }
 }
@@ -165,6 +173,10 @@ pub struct ApiError {
     pub code: ErrorCode,
     /// What exactly went wrong, for people.
     pub message: String,
+    /// Machine-readable particulars, for some codes (`busy`: the running operation and
+    /// its phase; `restore_failed`: the step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
 }
 
 impl ApiError {
@@ -173,7 +185,14 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            details: None,
         }
+    }
+
+    /// The error with machine-readable `details`.
+    pub fn with_details(mut self, details: Value) -> ApiError {
+        self.details = Some(details);
+        self
     }
 
     /// `unknown_partition` for `name`.

@@ -2,6 +2,8 @@
 //! supervisor that reacts when a partition's run ends (reaping it, or cold-booting it
 //! again on a guest reboot request).
 
+pub mod faults;
+pub mod ops;
 pub mod snapshot;
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -41,7 +43,10 @@ pub enum MonitorError {
 pub struct Monitor {
     kvm: Kvm,
     config: DeviceConfig,
-    snapshot_lock: Mutex<()>,
+    /// The one device-level operation that may run at a time.
+    ops: ops::OpSlot,
+    /// Faults armed for tests (feature `fault-injection`).
+    faults: faults::Faults,
     restored_from: Mutex<Option<Value>>,
     fallback: Mutex<Option<String>>,
     device: Option<String>,
@@ -72,7 +77,8 @@ impl Monitor {
         let monitor = Arc::new(Monitor {
             kvm,
             config: config.clone(),
-            snapshot_lock: Mutex::new(()),
+            ops: ops::OpSlot::default(),
+            faults: faults::Faults::from_env(),
             restored_from: Mutex::new(None),
             fallback: Mutex::new(None),
             device: config.device.clone(),
@@ -139,6 +145,7 @@ impl Monitor {
             "device": self.device,
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "partitions": list,
+            "operation": self.ops.current(),
             "restored_from": lock(&self.restored_from).clone(),
             "fallback": lock(&self.fallback).clone(),
             "vsock": self.vsock.as_ref().map(|v| serde_json::to_value(v.stats()).unwrap_or(Value::Null)),
@@ -165,23 +172,34 @@ impl Monitor {
         Ok(json!({ "partitions": done }))
     }
 
+    /// Takes the operation slot for a lifecycle command, or answers `busy`.
+    fn begin(&self, op: ops::Operation) -> Result<ops::OpGuard<'_>, ApiError> {
+        let g = self.ops.begin(op).map_err(busy_error)?;
+        g.phase(ops::Phase::Working);
+        Ok(g)
+    }
+
     /// Pauses one partition, or every running one.
     pub fn pause(&self, name: Option<&str>) -> Result<Value, ApiError> {
+        let _op = self.begin(ops::Operation::Pause)?;
         self.each(name, State::Running, Partition::pause)
     }
 
     /// Resumes one partition, or every paused one.
     pub fn resume(&self, name: Option<&str>) -> Result<Value, ApiError> {
+        let _op = self.begin(ops::Operation::Resume)?;
         self.each(name, State::Paused, Partition::resume)
     }
 
     /// Stops one partition.
     pub fn stop(&self, name: &str) -> Result<Value, ApiError> {
+        let _op = self.begin(ops::Operation::Stop)?;
         self.each(Some(name), State::Running, Partition::stop)
     }
 
     /// Cold-boots one stopped or crashed partition.
     pub fn start(&self, name: &str) -> Result<Value, ApiError> {
+        let _op = self.begin(ops::Operation::Start)?;
         let ended = lock(&self.ended).clone();
         self.each(Some(name), State::Stopped, |p| {
             p.start(&self.kvm, self.vsock.as_ref(), &ended)
@@ -257,11 +275,12 @@ impl Monitor {
             .name("snapshot".into())
             .spawn(move || {
                 let Some(m) = me.upgrade() else { return };
-                match m.snapshot(&dir, None, reboot) {
+                match m.snapshot(&dir, None) {
                     Ok(v) => {
                         log::info!("snapshot requested by {name} saved: {v}");
                         if reboot {
-                            match m.restore_from(&dir, duplex_snapshot::LoadMode::Lazy, true) {
+                            let lazy = duplex_snapshot::LoadMode::Lazy;
+                            match m.restore_from(&dir, lazy, ops::Operation::Reboot) {
                                 Ok(v) => log::info!("rebooted from {}: {v}", dir.display()),
                                 Err(e) => log::error!("reboot from {}: {e}", dir.display()),
                             }
@@ -278,6 +297,18 @@ impl Monitor {
     fn on_ended(&self, ended: &Ended) {
         let Ok(p) = self.find(&ended.name) else {
             return;
+        };
+        // A guest's cold reboot is a device operation too: it waits for the running one
+        // (a restore that replaces this run makes the event stale: checked below).
+        let _op = match self
+            .ops
+            .begin_wait(ops::Operation::GuestReboot, Duration::from_secs(30))
+        {
+            Ok(g) => g,
+            Err(busy) => {
+                log::error!("partition {} ended; not handled: {busy}", ended.name);
+                return;
+            }
         };
         let mut p = lock(p);
         if p.boot_id() != Some(ended.boot) {
@@ -326,12 +357,23 @@ fn supervise(monitor: std::sync::Weak<Monitor>, rx: Receiver<PartitionEvent>) {
 fn snapshot_error(e: snapshot::SnapshotFailure) -> ApiError {
     use snapshot::SnapshotFailure as F;
     let code = match &e {
+        F::Busy(b) => return busy_error(b.clone()),
         F::Denied(_) => ErrorCode::SnapshotDenied,
-        F::NotRunning { .. } | F::Busy => ErrorCode::InvalidState,
+        F::NotRunning { .. } => ErrorCode::InvalidState,
         F::Invalid { .. } => ErrorCode::InvalidSnapshot,
         F::Quiesce(_) | F::Failed(_) => ErrorCode::SnapshotFailed,
+        F::RestoreFailed { step, .. } => {
+            let step = *step;
+            return ApiError::new(ErrorCode::RestoreFailed, e.to_string())
+                .with_details(json!({ "step": step }));
+        }
     };
     ApiError::new(code, e.to_string())
+}
+
+fn busy_error(b: ops::Busy) -> ApiError {
+    let details = serde_json::to_value(&b).unwrap_or(Value::Null);
+    ApiError::new(ErrorCode::Busy, b.to_string()).with_details(details)
 }
 
 fn api_error(e: PartitionError) -> ApiError {
@@ -362,7 +404,6 @@ impl ControlHandler for Monitor {
                 .snapshot(
                     std::path::Path::new(&dest),
                     parent.as_deref().map(std::path::Path::new),
-                    false,
                 )
                 .map_err(snapshot_error),
             Command::Reboot { from } => {
@@ -376,8 +417,12 @@ impl ControlHandler for Monitor {
                         ))
                     }
                 };
-                self.restore_from(&dir, duplex_snapshot::LoadMode::Lazy, true)
-                    .map_err(snapshot_error)
+                self.restore_from(
+                    &dir,
+                    duplex_snapshot::LoadMode::Lazy,
+                    ops::Operation::Reboot,
+                )
+                .map_err(snapshot_error)
             }
             Command::Shutdown => {
                 self.request_shutdown();

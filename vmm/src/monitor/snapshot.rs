@@ -1,12 +1,20 @@
 //! The coordinated snapshot of every partition into one set, and the restore of every
 //! partition from a set (in a new process, or in-process as a reboot).
 //!
-//! Snapshot: quiesce (the controller asks the engine to reach a safe point and approve),
-//! pause every partition, freeze the vsock switch, capture devices, vCPUs and the switch's
-//! connection table, write memory and state, fsync and rename the set into place, then
-//! resume. Restore: open and verify the set, check it against the device config, tear the
-//! partitions down, restore the switch, build every partition from the set paused, and
-//! resume them together.
+//! Snapshot (live): KVM's dirty log and the devices' bitmap are cleared, memory is copied
+//! while the partitions run and, meanwhile, the controller has the engine reach a safe point
+//! (quiesce); then every partition is paused and the vsock switch frozen, the pages written
+//! since the copy are written again, vCPUs, VM, devices and the switch's table are captured,
+//! and the partitions resume. State files, checksums, fsync and the atomic rename follow
+//! while the device runs: the set is invisible until committed. A failure at any step
+//! changes nothing: the partitions run on, the last set is intact, and dirty tracking keeps
+//! every page harvested since the last committed set.
+//!
+//! Restore and reboot (prepare, then commit): the set is opened, checked against the
+//! config and verified while every partition is built from it, paused, beside the running
+//! device. Only then are the old partitions paused and the switch and partitions exchanged
+//! in one step; the new ones resume together and the old ones are torn down on a thread of
+//! their own. On any failure before the exchange the old device resumes where it was.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -16,11 +24,13 @@ use serde_json::{json, Value};
 use duplex_link::{HostReply, HostRequest};
 use duplex_snapshot::{LoadMode, SetWriter, SnapshotSet};
 
+use super::ops::{Busy, OpGuard, Operation, Phase};
 use super::{lock, Monitor};
 use crate::config::{DeviceConfig, Role};
 use crate::job::{JobClient, JobError};
 use crate::partition::snapshot::{PartitionState, STATE_VERSION};
-use crate::partition::State;
+use crate::partition::{self, PreparedRun, State};
+use duplex_devices::vsock::SwitchState;
 
 /// Why a snapshot or a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +50,13 @@ pub enum SnapshotFailure {
     /// The set cannot be used for this device.
     #[error("set {dir}: {reason}")]
     Invalid { dir: PathBuf, reason: String },
-    /// A snapshot is already being taken.
-    #[error("a snapshot is already in progress")]
-    Busy,
+    /// Another device operation is running.
+    #[error("{0}")]
+    Busy(Busy),
+    /// The set is valid but building or switching to it failed at `step`; the device runs
+    /// as before.
+    #[error("restore failed at {step}: {reason}; the device runs as before")]
+    RestoreFailed { step: &'static str, reason: String },
 }
 
 fn ms(d: Duration) -> f64 {
@@ -140,21 +154,26 @@ impl Monitor {
         }
     }
 
-    /// Takes a coordinated snapshot of every partition into the set at `dest`. With
-    /// `stop_after`, the partitions stay paused afterwards (a reboot follows).
-    /// With `parent`, the set is incremental: only pages written since the parent (which
-    /// must be the last set this device took or was restored from) are written.
-    pub fn snapshot(
+    /// Takes a coordinated snapshot of every partition into the set at `dest` (see the
+    /// module docs). With `parent`, the set is incremental: only pages written since the
+    /// parent (which must be the last set this device took or was restored from) are
+    /// written.
+    pub fn snapshot(&self, dest: &Path, parent: Option<&Path>) -> Result<Value, SnapshotFailure> {
+        let op = self
+            .ops
+            .begin(Operation::Snapshot)
+            .map_err(SnapshotFailure::Busy)?;
+        self.snapshot_in(&op, dest, parent)
+    }
+
+    fn snapshot_in(
         &self,
+        op: &OpGuard<'_>,
         dest: &Path,
         parent: Option<&Path>,
-        stop_after: bool,
     ) -> Result<Value, SnapshotFailure> {
-        let _one = self
-            .snapshot_lock
-            .try_lock()
-            .map_err(|_| SnapshotFailure::Busy)?;
         let t0 = Instant::now();
+        let fail = |e: &dyn std::fmt::Display| SnapshotFailure::Failed(e.to_string());
         for p in &self.partitions {
             let p = lock(p);
             if !matches!(p.state(), State::Running | State::Paused) {
@@ -166,151 +185,226 @@ impl Monitor {
         }
         let parent = match parent {
             None => None,
-            Some(dir) => {
-                let set = SnapshotSet::open(dir).map_err(|e| SnapshotFailure::Invalid {
-                    dir: dir.to_owned(),
-                    reason: e.to_string(),
-                })?;
-                for p in &self.partitions {
-                    let p = lock(p);
-                    if p.dirty_since() != Some(set.manifest.set_id.as_str()) {
-                        return Err(SnapshotFailure::Invalid {
-                            dir: dir.to_owned(),
-                            reason: format!(
-                                "not a parent for partition {}: an incremental set needs the \
-                                 last set this device took or was restored from, with the \
-                                 partition running since",
-                                p.name()
-                            ),
-                        });
-                    }
-                }
-                Some(set)
-            }
+            Some(dir) => Some(self.parent_of_next_set(dir)?),
         };
-        let quiesced = self.quiesce()?;
-        let t_quiesce = t0.elapsed();
+        let mut writer = SetWriter::create(dest, parent.as_ref()).map_err(|e| fail(&e))?;
+        self.faults.check("snapshot.create").map_err(|e| fail(&e))?;
 
-        let t_down = Instant::now();
-        let t = t_down;
-        let mut paused = Vec::new();
-        for p in &self.partitions {
-            let mut p = lock(p);
-            if p.state() == State::Running {
-                if let Err(e) = p.pause() {
-                    drop(p);
-                    self.resume_names(&paused);
-                    return Err(SnapshotFailure::Failed(e.to_string()));
-                }
-                paused.push(p.name().to_owned());
-            }
-        }
-        let t_pause = t.elapsed();
-        let result = self.capture_and_write(dest, parent.as_ref());
+        // First pass, while the partitions run; the quiesce meanwhile.
+        op.phase(Phase::Copying);
         let t = Instant::now();
-        if result.is_err() || !stop_after {
-            self.resume_names(&paused);
-        }
+        let (copied, quiesced) = std::thread::scope(|scope| {
+            let q = scope.spawn(|| {
+                let t = Instant::now();
+                self.quiesce().map(|v| (v, t.elapsed()))
+            });
+            let copied = self.copy_memory(&mut writer, parent.is_some());
+            let quiesced = q
+                .join()
+                .unwrap_or_else(|_| Err(SnapshotFailure::Quiesce("the quiesce panicked".into())));
+            (copied, quiesced)
+        });
+        let pages_copied = copied?;
+        let (quiesced, t_quiesce) = quiesced?;
+        let t_copy = t.elapsed();
+
+        // The cut.
+        op.phase(Phase::Capturing);
+        let t_down = Instant::now();
+        let paused = self.pause_running().map_err(|e| fail(&e))?;
+        let t_pause = t_down.elapsed();
+        let freeze = self.vsock.as_ref().map(|s| s.freeze());
+        let captured = self.capture_cut(&mut writer);
+        drop(freeze);
+        let t = Instant::now();
+        self.resume_names(&paused);
         let t_resume = t.elapsed();
         let downtime = t_down.elapsed();
-        let mut v = result?;
-        v["quiesce"] = quiesced.unwrap_or(Value::Null);
-        let timings = &mut v["timings_ms"];
-        timings["quiesce"] = json!(ms(t_quiesce));
-        timings["pause"] = json!(ms(t_pause));
-        timings["resume"] = json!(ms(t_resume));
-        timings["total"] = json!(ms(t0.elapsed()));
-        v["downtime_ms"] = json!(ms(downtime));
-        Ok(v)
-    }
+        let cut = captured?;
 
-    fn resume_names(&self, names: &[String]) {
-        for p in &self.partitions {
-            let mut p = lock(p);
-            if names.iter().any(|n| n == p.name()) {
-                let _ = p.resume();
-            }
-        }
-    }
-
-    /// With every partition paused: capture, write, commit.
-    fn capture_and_write(
-        &self,
-        dest: &Path,
-        parent: Option<&SnapshotSet>,
-    ) -> Result<Value, SnapshotFailure> {
-        let fail = |e: &dyn std::fmt::Display| SnapshotFailure::Failed(e.to_string());
+        // Commit, while the device runs.
+        op.phase(Phase::Committing);
         let t = Instant::now();
-        let freeze = self.vsock.as_ref().map(|s| s.freeze());
-        let switch = self.vsock.as_ref().map(|s| s.save_state());
-        let mut states = Vec::new();
-        for p in &self.partitions {
-            let p = lock(p);
-            let state = p.capture(&self.kvm).map_err(|e| fail(&e))?;
-            let bytes = serde_json::to_vec(&state).map_err(|e| fail(&e))?;
-            states.push((p.name().to_owned(), bytes));
+        for (name, state) in &cut.states {
+            let bytes = serde_json::to_vec(state).map_err(|e| fail(&e))?;
+            writer.write_state(name, &bytes).map_err(|e| fail(&e))?;
         }
-        let t_capture = t.elapsed();
-
-        let t = Instant::now();
-        let mut writer = SetWriter::create(dest, parent).map_err(|e| fail(&e))?;
-        let mut memory_bytes = 0;
-        let mut pages = serde_json::Map::new();
-        for (p, (name, bytes)) in self.partitions.iter().zip(&states) {
-            let mut p = lock(p);
-            // Always taken: it restarts the logs, so that the next set can be incremental.
-            let dirty = p.take_dirty_pages().map_err(|e| fail(&e))?;
-            let dirty_pages: u32 = dirty.iter().flatten().map(|w| w.count_ones()).sum();
-            let mem = p.memory().ok_or_else(|| {
-                SnapshotFailure::Failed(format!("partition {name} has no memory"))
-            })?;
-            let only = parent.is_some().then_some(dirty.as_slice());
-            let stats = writer.write_memory(name, mem, only).map_err(|e| fail(&e))?;
-            pages.insert(
-                name.clone(),
-                json!({ "written": stats.pages_written, "dirty": dirty_pages }),
-            );
-            memory_bytes += stats.bytes_written;
-            writer.write_state(name, bytes).map_err(|e| fail(&e))?;
+        if let Some(sw) = &cut.switch {
+            let bytes = serde_json::to_vec(sw).map_err(|e| fail(&e))?;
+            writer
+                .write_device_state(VSOCK_STATE, &bytes)
+                .map_err(|e| fail(&e))?;
         }
-        let t_write = t.elapsed();
+        self.faults.check("snapshot.commit").map_err(|e| fail(&e))?;
         let set_id = writer.set_id().to_owned();
         let config = serde_json::to_value(&self.config).map_err(|e| fail(&e))?;
-        let extra = json!({ "vsock": switch });
-        let commit = writer.commit(config, extra).map_err(|e| {
-            // The logs were restarted for a set that does not exist: no parent until the
-            // next full set.
-            for p in &self.partitions {
-                lock(p).set_dirty_since(None);
-            }
-            fail(&e)
-        })?;
+        let commit = writer.commit(config, Value::Null).map_err(|e| fail(&e))?;
         for p in &self.partitions {
-            lock(p).set_dirty_since(Some(set_id.clone()));
+            lock(p).commit_dirty(&set_id);
         }
-        drop(freeze);
+        let mut pages = serde_json::Map::new();
+        let mut memory_bytes = 0;
+        for (name, copied) in pages_copied {
+            let again = cut.pages_again.get(&name).copied().unwrap_or(0);
+            memory_bytes += (copied + again) * duplex_snapshot::PAGE_SIZE as u64;
+            pages.insert(name, json!({ "copied": copied, "written_again": again }));
+        }
         Ok(json!({
             "set": dest,
             "set_id": set_id,
             "parent": parent.map(|p| p.manifest.set_id.clone()),
-            "partitions": states.len(),
-            "memory_bytes_written": memory_bytes,
+            "partitions": cut.states.len(),
             "pages": pages,
             "bytes_written": commit.bytes_written,
+            "quiesce": quiesced.unwrap_or(Value::Null),
+            "downtime_ms": ms(downtime),
+            "memory_bytes_written": memory_bytes,
             "timings_ms": {
-                "capture": ms(t_capture),
-                "write": ms(t_write),
+                "copy": ms(t_copy),
+                "quiesce": ms(t_quiesce),
+                "pause": ms(t_pause),
+                "capture": ms(cut.elapsed),
+                "resume": ms(t_resume),
+                "commit": ms(t.elapsed()),
                 "fsync": ms(commit.fsync),
                 "rename": ms(commit.rename),
+                "total": ms(t0.elapsed()),
             },
         }))
     }
 
-    /// Tears every partition down and starts all of them from the set at `dir`, resumed
-    /// together. `keep_host_sockets`: an in-process reboot keeps host vsock connections
-    /// that are still open.
+    /// The set at `dir` opened as the parent of the next set: it must be the last set
+    /// every partition's writes are tracked from.
+    fn parent_of_next_set(&self, dir: &Path) -> Result<SnapshotSet, SnapshotFailure> {
+        let set = SnapshotSet::open(dir).map_err(|e| SnapshotFailure::Invalid {
+            dir: dir.to_owned(),
+            reason: e.to_string(),
+        })?;
+        for p in &self.partitions {
+            let p = lock(p);
+            if p.dirty_since() != Some(set.manifest.set_id.as_str()) {
+                return Err(SnapshotFailure::Invalid {
+                    dir: dir.to_owned(),
+                    reason: format!(
+                        "not a parent for partition {}: an incremental set needs the last set \
+                         this device took or was restored from, with the partition running since",
+                        p.name()
+                    ),
+                });
+            }
+        }
+        Ok(set)
+    }
+
+    /// The first pass: each partition's dirty logs are cleared (switched on if they were
+    /// off), then its memory is written while it runs: every page of a full set, the pages
+    /// written since the parent for an incremental one. Returns pages written per partition.
+    fn copy_memory(
+        &self,
+        writer: &mut SetWriter,
+        incremental: bool,
+    ) -> Result<Vec<(String, u64)>, SnapshotFailure> {
+        let fail = |e: &dyn std::fmt::Display| SnapshotFailure::Failed(e.to_string());
+        let mut out = Vec::new();
+        for p in &self.partitions {
+            let (name, mem, only) = {
+                let mut p = lock(p);
+                p.harvest_dirty().map_err(|e| fail(&e))?;
+                let mem = p
+                    .memory()
+                    .cloned()
+                    .ok_or_else(|| fail(&format!("partition {} has no memory", p.name())))?;
+                let only = incremental.then(|| p.pending_dirty());
+                (p.name().to_owned(), mem, only)
+            };
+            self.faults.check("snapshot.copy").map_err(|e| fail(&e))?;
+            let stats = writer
+                .write_memory(&name, &mem, only.as_deref())
+                .map_err(|e| fail(&e))?;
+            out.push((name, stats.pages_written));
+        }
+        Ok(out)
+    }
+
+    /// Pauses every running partition; on failure resumes those it paused. Returns them.
+    fn pause_running(&self) -> Result<Vec<String>, String> {
+        let mut paused = Vec::new();
+        for p in &self.partitions {
+            let mut p = lock(p);
+            if p.state() != State::Running {
+                continue;
+            }
+            let r = self
+                .faults
+                .check("pause")
+                .map_err(|e| e.to_string())
+                .and_then(|()| p.pause().map_err(|e| e.to_string()));
+            if let Err(e) = r {
+                drop(p);
+                self.resume_names(&paused);
+                return Err(e);
+            }
+            paused.push(p.name().to_owned());
+        }
+        Ok(paused)
+    }
+
+    pub(super) fn resume_names(&self, names: &[String]) {
+        for p in &self.partitions {
+            let mut p = lock(p);
+            if names.iter().any(|n| n == p.name()) {
+                if let Err(e) = p.resume() {
+                    log::error!("resuming {}: {e}", p.name());
+                }
+            }
+        }
+    }
+
+    /// With every partition paused and the switch frozen: the second pass over the pages
+    /// written since the first, then vCPU, VM and device state, and the switch's table.
+    fn capture_cut(&self, writer: &mut SetWriter) -> Result<Cut, SnapshotFailure> {
+        let fail = |e: &dyn std::fmt::Display| SnapshotFailure::Failed(e.to_string());
+        let t = Instant::now();
+        let mut cut = Cut::default();
+        for p in &self.partitions {
+            let mut p = lock(p);
+            let name = p.name().to_owned();
+            let delta = p.harvest_dirty().map_err(|e| fail(&e))?;
+            let mem = p
+                .memory()
+                .cloned()
+                .ok_or_else(|| fail(&format!("partition {name} has no memory")))?;
+            let stats = writer
+                .update_memory(&name, &mem, &delta)
+                .map_err(|e| fail(&e))?;
+            cut.pages_again.insert(name.clone(), stats.pages_scanned);
+            self.faults
+                .check("snapshot.capture")
+                .map_err(|e| fail(&e))?;
+            let state = p.capture(&self.kvm).map_err(|e| fail(&e))?;
+            cut.states.push((name, state));
+        }
+        cut.switch = self.vsock.as_ref().map(|s| s.save_state());
+        cut.elapsed = t.elapsed();
+        Ok(cut)
+    }
+
+    /// Starts every partition from the set at `dir` (see the module docs): `Restore` in a
+    /// new process, `Reboot` in place. `keep_host_sockets`: host vsock connections idle
+    /// since the cut keep their sockets (in place only).
     pub fn restore_from(
         &self,
+        dir: &Path,
+        mode: LoadMode,
+        kind: Operation,
+    ) -> Result<Value, SnapshotFailure> {
+        let op = self.ops.begin(kind).map_err(SnapshotFailure::Busy)?;
+        self.restore_in(&op, dir, mode, kind == Operation::Reboot)
+    }
+
+    fn restore_in(
+        &self,
+        op: &OpGuard<'_>,
         dir: &Path,
         mode: LoadMode,
         keep_host_sockets: bool,
@@ -320,26 +414,8 @@ impl Monitor {
             dir: dir.to_owned(),
             reason,
         };
+        op.phase(Phase::Opening);
         let set = SnapshotSet::open(dir).map_err(|e| invalid(e.to_string()))?;
-        // An in-process reboot verifies before tearing anything down. A new process has
-        // nothing to lose: it verifies the memory files while it builds the partitions
-        // (state files are checked as they are read) and resumes only if all is well.
-        let (verified, verifier) = if keep_host_sockets {
-            let v = set.verify().map_err(|e| invalid(e.to_string()))?;
-            (Some(v), None)
-        } else {
-            let d = dir.to_owned();
-            let spawned = std::thread::Builder::new()
-                .name("verify".into())
-                .spawn(move || SnapshotSet::open(&d).and_then(|s| s.verify()));
-            match spawned {
-                Ok(h) => (None, Some(h)),
-                Err(_) => (
-                    Some(set.verify().map_err(|e| invalid(e.to_string()))?),
-                    None,
-                ),
-            }
-        };
         check_config(dir, &set.manifest.device_config, &self.config)?;
         let mut states = Vec::new();
         for p in &self.config.partitions {
@@ -356,51 +432,159 @@ impl Monitor {
             }
             states.push(state);
         }
-        let switch_state = match (&self.vsock, set.manifest.extra.get("vsock")) {
-            (Some(_), Some(v)) if !v.is_null() => Some(
-                serde_json::from_value(v.clone())
-                    .map_err(|e| invalid(format!("vsock switch state: {e}")))?,
-            ),
-            (Some(_), _) => return Err(invalid("the set has no vsock switch state".into())),
-            (None, _) => None,
+        let switch_state: Option<SwitchState> = match &self.vsock {
+            None => None,
+            Some(_) => {
+                let bytes = set
+                    .read_device_state(VSOCK_STATE)
+                    .map_err(|e| invalid(e.to_string()))?
+                    .ok_or_else(|| invalid("the set has no vsock switch state".into()))?;
+                Some(
+                    serde_json::from_slice(&bytes)
+                        .map_err(|e| invalid(format!("vsock switch state: {e}")))?,
+                )
+            }
         };
         let t_open = t0.elapsed();
 
+        // Prepare: verify and build beside the running device.
+        op.phase(Phase::Building);
         let t = Instant::now();
-        // Frozen from the teardown until every partition is attached again, so the host
-        // bridge leaves host sockets alone in between (they are kept, not reset).
+        let set_id = set.manifest.set_id.clone();
+        let (verified, built) = std::thread::scope(|scope| {
+            let verifier = scope.spawn(|| {
+                let t = Instant::now();
+                set.verify()
+                    .map(|v| (v.bytes_read, t.elapsed()))
+                    .map_err(|e| e.to_string())
+            });
+            let built = self.build_all(&set, &states, mode);
+            let verified = verifier
+                .join()
+                .unwrap_or_else(|_| Err("the verify thread panicked".to_owned()));
+            (verified, built)
+        });
+        let (mut prepared, verified_bytes, t_verify) = match (verified, built) {
+            (Ok((bytes, t)), Ok(p)) => (p, bytes, t),
+            (Err(e), built) => {
+                if let Ok(p) = built {
+                    p.into_iter().for_each(PreparedRun::discard);
+                }
+                return Err(invalid(e));
+            }
+            (Ok(_), Err(e)) => return Err(e),
+        };
+        if let Err(e) = self.faults.check("restore.build") {
+            prepared.into_iter().for_each(PreparedRun::discard);
+            return Err(SnapshotFailure::RestoreFailed {
+                step: "build",
+                reason: e.to_string(),
+            });
+        }
+        let t_build = t.elapsed();
+
+        // Commit: pause the old device, exchange, resume the new one.
+        op.phase(Phase::Switching);
+        let t_switch = Instant::now();
         let freeze = self.vsock.as_ref().map(|s| s.freeze());
-        for p in &self.partitions {
-            lock(p).teardown_quiet();
+        let paused = match self.pause_running() {
+            Ok(p) => p,
+            Err(reason) => {
+                drop(freeze);
+                prepared.into_iter().for_each(PreparedRun::discard);
+                return Err(SnapshotFailure::RestoreFailed {
+                    step: "pause",
+                    reason,
+                });
+            }
+        };
+        let switched = self
+            .faults
+            .check("restore.switch")
+            .map_err(|e| e.to_string())
+            .and_then(|()| match (&self.vsock, &switch_state) {
+                (Some(sw), Some(state)) => {
+                    let ports = prepared
+                        .iter_mut()
+                        .filter_map(PreparedRun::take_port)
+                        .collect();
+                    sw.replace(state, ports, keep_host_sockets)
+                        .map_err(|e| e.to_string())
+                }
+                _ => Ok(()),
+            });
+        if let Err(reason) = switched {
+            drop(freeze);
+            self.resume_names(&paused);
+            prepared.into_iter().for_each(PreparedRun::discard);
+            return Err(SnapshotFailure::RestoreFailed {
+                step: "switch",
+                reason,
+            });
         }
-        if let (Some(switch), Some(state)) = (&self.vsock, &switch_state) {
-            switch
-                .restore_state(state, keep_host_sockets)
-                .map_err(|e| invalid(e.to_string()))?;
+        // Nothing below fails.
+        let mut old = Vec::new();
+        for (p, run) in self.partitions.iter().zip(prepared) {
+            let mut p = lock(p);
+            old.extend(p.install(run));
+            p.release();
         }
+        drop(freeze);
+        let t_switch = t_switch.elapsed();
+        partition::discard_in_background(old);
+        *lock(&self.restored_from) = Some(json!({ "set": dir, "set_id": set_id }));
+        Ok(json!({
+            "set": dir,
+            "set_id": set_id,
+            "downtime_ms": ms(t_switch),
+            "verified_bytes": verified_bytes,
+            "timings_ms": {
+                "open": ms(t_open),
+                "verify": ms(t_verify),
+                "build": ms(t_build),
+                "switch": ms(t_switch),
+                "total": ms(t0.elapsed()),
+            },
+        }))
+    }
+
+    /// Builds every partition from `set`, in parallel (each is a VM of its own), paused.
+    fn build_all(
+        &self,
+        set: &SnapshotSet,
+        states: &[PartitionState],
+        mode: LoadMode,
+    ) -> Result<Vec<PreparedRun>, SnapshotFailure> {
         let ended = lock(&self.ended).clone();
-        // Partitions are built in parallel: each is a VM of its own.
-        let set = &set;
-        let results: Vec<Result<(), SnapshotFailure>> = std::thread::scope(|scope| {
+        let set_id = set.manifest.set_id.as_str();
+        let results: Vec<Result<PreparedRun, SnapshotFailure>> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .partitions
                 .iter()
-                .zip(&states)
+                .zip(states)
                 .map(|(p, state)| {
                     let ended = ended.clone();
                     scope.spawn(move || {
-                        let mut p = lock(p);
+                        let name = lock(p).name().to_owned();
                         let mem = set
-                            .load_memory_with_bitmap::<vm_memory::bitmap::AtomicBitmap>(
-                                p.name(),
-                                mode,
-                            )
+                            .load_memory_with_bitmap::<vm_memory::bitmap::AtomicBitmap>(&name, mode)
                             .map_err(|e| SnapshotFailure::Invalid {
-                                dir: dir.to_owned(),
+                                dir: set.dir.clone(),
                                 reason: e.to_string(),
                             })?;
-                        p.restore(&self.kvm, self.vsock.as_ref(), &ended, mem, state)
-                            .map_err(|e| SnapshotFailure::Failed(e.to_string()))
+                        let p = lock(p);
+                        p.prepare_restore(
+                            &self.kvm,
+                            self.vsock.as_ref(),
+                            &ended,
+                            mem,
+                            state,
+                            set_id,
+                        )
+                        .map_err(|e| SnapshotFailure::RestoreFailed {
+                            step: "build",
+                            reason: e.to_string(),
+                        })
                     })
                 })
                 .collect();
@@ -408,62 +592,42 @@ impl Monitor {
                 .into_iter()
                 .map(|h| {
                     h.join().unwrap_or_else(|_| {
-                        Err(SnapshotFailure::Failed("a restore thread panicked".into()))
+                        Err(SnapshotFailure::RestoreFailed {
+                            step: "build",
+                            reason: "a build thread panicked".into(),
+                        })
                     })
                 })
                 .collect()
         });
+        let mut ok = Vec::new();
+        let mut first_err = None;
         for r in results {
-            r?;
-        }
-        for p in &self.partitions {
-            let mut p = lock(p);
-            // From here on writes are tracked: the next set may name this one as parent.
-            p.take_dirty_pages()
-                .map_err(|e| SnapshotFailure::Failed(e.to_string()))?;
-            p.set_dirty_since(Some(set.manifest.set_id.clone()));
-        }
-        let t_restore = t.elapsed();
-        let verified = match (verified, verifier) {
-            (Some(v), _) => v,
-            (None, Some(h)) => {
-                let result = match h.join() {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(_) => Err("the verify thread panicked".to_owned()),
-                };
-                match result {
-                    Ok(v) => v,
-                    Err(reason) => {
-                        for p in &self.partitions {
-                            lock(p).teardown_quiet();
-                        }
-                        return Err(invalid(reason));
-                    }
+            match r {
+                Ok(p) => ok.push(p),
+                Err(e) => {
+                    first_err.get_or_insert(e);
                 }
             }
-            (None, None) => return Err(invalid("not verified".into())),
-        };
-        let t = Instant::now();
-        drop(freeze);
-        for p in &self.partitions {
-            let _ = lock(p).resume();
         }
-        let t_resume = t.elapsed();
-        *lock(&self.restored_from) = Some(json!({
-            "set": dir,
-            "set_id": set.manifest.set_id,
-        }));
-        Ok(json!({
-            "set": dir,
-            "set_id": set.manifest.set_id,
-            "verified_bytes": verified.bytes_read,
-            "timings_ms": {
-                "open": ms(t_open),
-                "verify": ms(verified.elapsed),
-                "restore": ms(t_restore),
-                "resume": ms(t_resume),
-                "total": ms(t0.elapsed()),
-            },
-        }))
+        match first_err {
+            None => Ok(ok),
+            Some(e) => {
+                ok.into_iter().for_each(PreparedRun::discard);
+                Err(e)
+            }
+        }
     }
+}
+
+/// The component name of the vsock switch's state file in a set (`vsock.devstate`).
+pub const VSOCK_STATE: &str = "vsock";
+
+/// What the cut captured.
+#[derive(Default)]
+struct Cut {
+    states: Vec<(String, PartitionState)>,
+    switch: Option<SwitchState>,
+    pages_again: std::collections::BTreeMap<String, u64>,
+    elapsed: Duration,
 }

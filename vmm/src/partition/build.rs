@@ -14,7 +14,7 @@ use duplex_devices::console::{Console, ConsoleArgs, ConsoleHandle};
 use duplex_devices::persist::Persist;
 use duplex_devices::sysctl::Sysctl;
 use duplex_devices::virtio::Interrupt;
-use duplex_devices::vsock::{VsockMmio, VsockSwitch};
+use duplex_devices::vsock::{PreparedPort, VsockMmio, VsockSwitch};
 
 use super::shared::Shared;
 use super::snapshot::PartitionState;
@@ -43,8 +43,13 @@ pub struct Built {
     pub vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     pub devices: Arc<Devices>,
     pub shared: Arc<Shared>,
-    /// The vsock switch and CID this run is attached as.
-    pub vsock: Option<(VsockSwitch, u64)>,
+    /// The vsock switch this run's device is (or, restored, will be) attached to.
+    pub vsock: Option<VsockSwitch>,
+    /// A restored run's side of the switch, put in when the restore commits
+    /// ([`VsockSwitch::replace`]); `None` for a cold boot (attached at once).
+    pub port: Option<PreparedPort>,
+    /// KVM's dirty-page log is on for the memory slots (restored runs: from the start).
+    pub dirty_logging: bool,
     pub tsc_khz: u64,
 }
 
@@ -93,7 +98,12 @@ pub fn new_memory(config: &PartitionConfig) -> Result<GuestMemoryMmap, Partition
 }
 
 /// The VM with its irqchip, PIT and memory slots.
-fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, cx: &Ctx) -> Result<VmFd, PartitionError> {
+fn create_vm(
+    kvm: &Kvm,
+    mem: &GuestMemoryMmap,
+    cx: &Ctx,
+    log_dirty: bool,
+) -> Result<VmFd, PartitionError> {
     let vm = kvm.create_vm().map_err(cx.kvm("creating the VM"))?;
     vm.set_tss_address(layout::KVM_TSS_ADDR)
         .map_err(cx.kvm("setting the TSS address"))?;
@@ -104,7 +114,7 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, cx: &Ctx) -> Result<VmFd, Partiti
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(cx.kvm("creating the PIT"))?;
-    register_slots(&vm, mem, false).map_err(|e| match e {
+    register_slots(&vm, mem, log_dirty).map_err(|e| match e {
         SlotError::Memory(m) => cx.memory(m),
         SlotError::Kvm(source) => PartitionError::Kvm {
             name: cx.name.to_owned(),
@@ -197,7 +207,10 @@ pub fn build(
         Source::Restore { .. } => None,
     };
 
-    let vm = create_vm(kvm, &mem, &cx)?;
+    // A restored run tracks writes from the start (the next set may name this one as its
+    // parent), which costs nothing extra here: the slots are registered once either way.
+    let restored = matches!(source, Source::Restore { .. });
+    let vm = create_vm(kvm, &mem, &cx, restored)?;
     let restore_err = |source| PartitionError::State {
         name: name.clone(),
         source,
@@ -251,11 +264,23 @@ pub fn build(
                 }
             });
             let irq = Interrupt::new(irqfd, wake);
-            let mmio: VsockMmio = match &source {
-                Source::Cold => switch.attach(v.cid, &name, mem.clone(), irq, v.uds.clone()),
+            let vsock_err = |source| PartitionError::Vsock {
+                name: name.clone(),
+                source,
+            };
+            let (mmio, port): (VsockMmio, Option<PreparedPort>) = match &source {
+                Source::Cold => (
+                    switch
+                        .attach(v.cid, &name, mem.clone(), irq, v.uds.clone())
+                        .map_err(vsock_err)?,
+                    None,
+                ),
                 Source::Restore { state, .. } => match &state.devices.vsock {
                     Some(saved) => {
-                        switch.attach_restored(v.cid, &name, mem.clone(), irq, v.uds.clone(), saved)
+                        let (mmio, port) = switch
+                            .prepare_restored(v.cid, &name, mem.clone(), irq, v.uds.clone(), saved)
+                            .map_err(vsock_err)?;
+                        (mmio, Some(port))
                     }
                     None => {
                         return Err(PartitionError::Restore {
@@ -264,17 +289,13 @@ pub fn build(
                         })
                     }
                 },
-            }
-            .map_err(|source| PartitionError::Vsock {
-                name: name.clone(),
-                source,
-            })?;
-            Some((mmio, switch.clone(), v.cid))
+            };
+            Some((mmio, switch.clone(), port))
         }
     };
-    let (vsock_mmio, vsock_attached) = match vsock {
-        Some((mmio, switch, cid)) => (Some(mmio), Some((switch, cid))),
-        None => (None, None),
+    let (vsock_mmio, vsock_switch, port) = match vsock {
+        Some((mmio, switch, port)) => (Some(mmio), Some(switch), port),
+        None => (None, None, None),
     };
     let (console, sysctl) = match &source {
         Source::Cold => (
@@ -308,7 +329,9 @@ pub fn build(
         vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
         devices,
         shared,
-        vsock: vsock_attached,
+        vsock: vsock_switch,
+        port,
+        dirty_logging: restored,
         tsc_khz,
     })
 }

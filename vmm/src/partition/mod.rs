@@ -123,7 +123,7 @@ impl std::fmt::Display for State {
 }
 
 /// One run of a partition: the VM and its threads.
-struct Run {
+pub struct Run {
     vm: VmFd,
     mem: GuestMemoryMmap,
     vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
@@ -132,13 +132,74 @@ struct Run {
     shared: Arc<Shared>,
     started: Instant,
     boot: u64,
-    /// The CID attached to the vsock switch for this run (detached when it ends).
-    vsock: Option<(VsockSwitch, u64)>,
-    /// KVM's dirty-page log is on for this run's memory slots.
-    dirty_logging: bool,
-    /// The set id since whose capture every write to this run's memory is tracked (the
-    /// parent an incremental snapshot may name).
-    dirty_since: Option<String>,
+    /// The switch this run's vsock device is attached to (detached when the run ends,
+    /// unless a restore replaced it meanwhile).
+    vsock: Option<VsockSwitch>,
+    /// Which writes to this run's memory are known (see [`snapshot::DirtyLog`]).
+    dirty: snapshot::DirtyLog,
+}
+
+impl Run {
+    /// Ends the run: its vCPU threads leave and are joined; the VM goes when dropped.
+    /// Its vsock device is detached only if it is still the switch's attachment.
+    fn end(&mut self) -> (ExitCounts, Option<Outcome>) {
+        self.shared.finish(Outcome::Stopped);
+        let deadline = Instant::now() + PARK_TIMEOUT;
+        while self.shared.lock().live > 0 && Instant::now() < deadline {
+            kick_all(&self.threads);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+        if let (Some(switch), Some(mmio)) = (&self.vsock, &self.devices.vsock) {
+            switch.detach_device(mmio);
+        }
+        let outcome = self.shared.lock().outcome.clone();
+        (self.shared.exits.read(), outcome)
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// A run built from a snapshot, its vCPU threads parked, not yet part of the device: the
+/// prepare half of a restore ([`Partition::prepare_restore`], [`Partition::install`]).
+pub struct PreparedRun {
+    run: Run,
+    port: Option<duplex_devices::vsock::PreparedPort>,
+}
+
+impl PreparedRun {
+    /// Its side of the vsock switch, for [`VsockSwitch::replace`].
+    pub fn take_port(&mut self) -> Option<duplex_devices::vsock::PreparedPort> {
+        self.port.take()
+    }
+
+    /// Throws the run away (the restore did not commit).
+    pub fn discard(self) {
+        drop(self);
+    }
+}
+
+/// Ends runs replaced by a restore on a thread of their own, off the critical path (the
+/// VM teardown, unmapping its memory and joining its threads take milliseconds).
+pub fn discard_in_background(runs: Vec<Run>) {
+    if runs.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("teardown".into())
+        .spawn(move || {
+            drop(runs);
+        });
+    if let Err(e) = spawned {
+        // The closure, and the runs with it, was dropped: they ended in place.
+        log::warn!("teardown thread: {e}; the replaced runs were ended in place");
+    }
 }
 
 /// What `status` reports about a partition.
@@ -263,54 +324,57 @@ impl Partition {
         self.launch(built, ended)
     }
 
-    /// Starts the partition from a snapshot: `mem` is its restored memory. The vCPUs are
-    /// left parked (state `paused`); [`Partition::resume`] lets them run.
-    pub fn restore(
-        &mut self,
+    /// Builds a run of the partition from a snapshot (`mem` is its restored memory) with
+    /// its vCPU threads started but parked, without touching the partition or its current
+    /// run: [`Partition::install`] makes it the partition's run. Dropped or
+    /// [discarded](PreparedRun::discard), it leaves nothing behind.
+    pub fn prepare_restore(
+        &self,
         kvm: &Kvm,
         switch: Option<&VsockSwitch>,
         ended: &Sender<PartitionEvent>,
         mem: GuestMemoryMmap,
         state: &snapshot::PartitionState,
-    ) -> Result<(), PartitionError> {
-        if matches!(self.state(), State::Running | State::Paused) {
-            return Err(self.invalid("be restored while it runs"));
-        }
-        self.reap();
+        set_id: &str,
+    ) -> Result<PreparedRun, PartitionError> {
         let source = build::Source::Restore { mem, state };
-        let built = build::build(&self.config, &self.console, kvm, switch, source)?;
-        self.launch(built, ended)?;
-        if let Some(run) = &self.run {
-            if !run.shared.wait_parked(PARK_TIMEOUT, || {}) {
-                return Err(PartitionError::Timeout {
-                    name: self.config.name.clone(),
-                });
-            }
-        }
-        Ok(())
+        let mut built = build::build(&self.config, &self.console, kvm, switch, source)?;
+        let port = built.port.take();
+        let mut run = self.spawn(built, ended, self.boots + 1)?;
+        run.dirty.restored(set_id);
+        Ok(PreparedRun { run, port })
     }
 
-    /// Tears the current run down without telling its vsock peers (they are being
-    /// replaced by a restore too).
-    pub fn teardown_quiet(&mut self) {
-        if let Some(run) = &mut self.run {
-            if let Some((switch, cid)) = run.vsock.take() {
-                switch.detach_quiet(cid);
-            }
-            run.shared.finish(Outcome::Stopped);
-        }
-        self.reap();
+    /// Makes a prepared run the partition's run, paused (resume it to run); returns the
+    /// run it replaces, for the caller to end ([`discard_in_background`]).
+    pub fn install(&mut self, prepared: PreparedRun) -> Option<Run> {
+        let old = self.run.replace(prepared.run);
+        self.boots += 1;
+        self.last = None;
+        old
     }
 
-    /// Starts the vCPU threads of a built VM.
+    /// Starts the vCPU threads of a built VM (cold boot).
     fn launch(
         &mut self,
         built: build::Built,
         ended: &Sender<PartitionEvent>,
     ) -> Result<(), PartitionError> {
-        let name = self.config.name.clone();
+        let run = self.spawn(built, ended, self.boots + 1)?;
         self.boots += 1;
-        let boot = self.boots;
+        self.last = None;
+        self.run = Some(run);
+        Ok(())
+    }
+
+    /// A run of a built VM with its vCPU threads started, as boot number `boot`.
+    fn spawn(
+        &self,
+        built: build::Built,
+        ended: &Sender<PartitionEvent>,
+        boot: u64,
+    ) -> Result<Run, PartitionError> {
+        let name = self.config.name.clone();
         let build::Built {
             vm,
             mem,
@@ -318,6 +382,8 @@ impl Partition {
             devices,
             shared,
             vsock,
+            port: _,
+            dirty_logging,
             tsc_khz,
         } = built;
         let mut threads = Vec::new();
@@ -341,15 +407,14 @@ impl Partition {
                 Err(source) => {
                     shared.finish(Outcome::Stopped);
                     kick_all(&threads);
-                    if let Some((switch, cid)) = &vsock {
-                        switch.detach(*cid);
+                    if let (Some(switch), Some(mmio)) = (&vsock, &devices.vsock) {
+                        switch.detach_device(mmio);
                     }
                     return Err(PartitionError::Thread { name, source });
                 }
             }
         }
-        self.last = None;
-        self.run = Some(Run {
+        Ok(Run {
             vm,
             mem,
             vcpus,
@@ -359,10 +424,8 @@ impl Partition {
             started: Instant::now(),
             boot,
             vsock,
-            dirty_logging: false,
-            dirty_since: None,
-        });
-        Ok(())
+            dirty: snapshot::DirtyLog::new(dirty_logging),
+        })
     }
 
     /// Parks every vCPU; returns once they are all out of the guest.
@@ -379,6 +442,14 @@ impl Partition {
             Err(PartitionError::Timeout {
                 name: self.config.name.clone(),
             })
+        }
+    }
+
+    /// Lets the vCPUs of a freshly installed restored run go (they may not all have parked
+    /// yet, which [`Partition::resume`] would refuse).
+    pub fn release(&mut self) {
+        if let Some(run) = &self.run {
+            run.shared.set_want(Want::Run);
         }
     }
 
@@ -413,20 +484,10 @@ impl Partition {
         if run.shared.lock().outcome.is_none() {
             return;
         }
-        if let Some(run) = self.run.take() {
-            let deadline = Instant::now() + PARK_TIMEOUT;
-            while run.shared.lock().live > 0 && Instant::now() < deadline {
-                kick_all(&run.threads);
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            for t in run.threads {
-                let _ = t.join();
-            }
-            if let Some((switch, cid)) = &run.vsock {
-                switch.detach(*cid);
-            }
-            self.last_exits = run.shared.exits.read();
-            self.last = run.shared.lock().outcome.clone();
+        if let Some(mut run) = self.run.take() {
+            let (exits, outcome) = run.end();
+            self.last_exits = exits;
+            self.last = outcome;
             self.console.lock().flush_partial();
         }
     }

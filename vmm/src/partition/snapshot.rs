@@ -13,7 +13,7 @@ use duplex_devices::sysctl::Sysctl;
 use duplex_devices::vsock::VsockMmioState;
 
 use super::state::{self, VcpuState, VmState};
-use super::{Partition, PartitionError, State};
+use super::{Partition, PartitionError, Run, State};
 
 /// Version of [`PartitionState`]; a state file of another version is refused.
 pub const STATE_VERSION: u32 = 1;
@@ -38,14 +38,65 @@ pub struct PartitionState {
     pub devices: DevicesState,
 }
 
+/// What is known of the writes to a run's memory: whether KVM's dirty log is on, the set
+/// since whose cut every write is tracked (the parent an incremental set may name), and the
+/// pages harvested from the logs since then but not yet in a committed set. A snapshot
+/// that fails leaves it as it was, so the next incremental set misses nothing.
+#[derive(Debug, Default)]
+pub struct DirtyLog {
+    logging: bool,
+    since: Option<String>,
+    /// Harvested since `since` (one bitmap per RAM region), or nothing harvested yet.
+    pending: Option<Vec<Vec<u64>>>,
+}
+
+impl DirtyLog {
+    /// A log for a new run; `logging`: KVM's dirty log is already on.
+    pub fn new(logging: bool) -> Self {
+        DirtyLog {
+            logging,
+            ..Default::default()
+        }
+    }
+
+    /// The run was restored from set `set_id` with the dirty log on from the start.
+    pub fn restored(&mut self, set_id: &str) {
+        self.since = Some(set_id.to_owned());
+        self.pending = None;
+    }
+
+    fn add(&mut self, fresh: &[Vec<u64>]) {
+        match &mut self.pending {
+            None => self.pending = Some(fresh.to_vec()),
+            Some(p) => {
+                for (pr, fr) in p.iter_mut().zip(fresh) {
+                    for (a, b) in pr.iter_mut().zip(fr) {
+                        *a |= b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The union of two page bitmaps (one `Vec` per region).
+pub fn union(a: &[Vec<u64>], b: &[Vec<u64>]) -> Vec<Vec<u64>> {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p | q).collect())
+        .collect()
+}
+
 impl Partition {
-    /// Pages of each RAM region written since the last call (or since the run started):
+    /// Pages of each RAM region written since the last harvest (or since the run started):
     /// the guest's writes from KVM's dirty log, the monitor's own (virtio rings and
     /// buffers) from the memory's bitmap; one bit per 4 KiB page, one `Vec` per region.
-    /// Both logs are cleared, and KVM's log is switched on if it was off (the first call
-    /// then reports no guest pages: use it for a full snapshot).
-    pub fn take_dirty_pages(&mut self) -> Result<Vec<Vec<u64>>, PartitionError> {
+    /// Both logs are cleared, and what they held joins the run's pending pages (see
+    /// [`DirtyLog`]). KVM's log is switched on if it was off (the first call then reports
+    /// no guest pages: use it for a full snapshot).
+    pub fn harvest_dirty(&mut self) -> Result<Vec<Vec<u64>>, PartitionError> {
         let name = self.config.name.clone();
+        let mib = self.config.memory_mib;
         let run = self
             .run
             .as_mut()
@@ -54,29 +105,13 @@ impl Partition {
                 state: State::Stopped,
                 op: "report dirty pages",
             })?;
-        let mut out = Vec::new();
-        for (slot, region) in run.mem.iter().enumerate() {
-            let mut bits = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            if run.dirty_logging {
-                let kvm_bits = run
-                    .vm
-                    .get_dirty_log(slot as u32, region.len() as usize)
-                    .map_err(|source| PartitionError::Kvm {
-                        name: name.clone(),
-                        what: "reading the dirty log",
-                        source,
-                    })?;
-                for (b, k) in bits.iter_mut().zip(kvm_bits) {
-                    *b |= k;
-                }
-            }
-            out.push(bits);
-        }
-        if !run.dirty_logging {
+        if !run.dirty.logging {
+            // On before the bitmaps are read: a write from now on is in one log or the
+            // other (the caller then copies everything once).
             super::build::register_slots(&run.vm, &run.mem, true).map_err(|e| match e {
                 super::build::SlotError::Memory(message) => PartitionError::Memory {
                     name: name.clone(),
-                    mib: self.config.memory_mib,
+                    mib,
                     message,
                 },
                 super::build::SlotError::Kvm(source) => PartitionError::Kvm {
@@ -85,21 +120,66 @@ impl Partition {
                     source,
                 },
             })?;
-            run.dirty_logging = true;
+            run.dirty.logging = true;
+            let fresh: Vec<Vec<u64>> = run
+                .mem
+                .iter()
+                .map(|r| std::ops::Deref::deref(r).bitmap().get_and_reset())
+                .collect();
+            run.dirty.add(&fresh);
+            return Ok(fresh);
         }
+        let mut out = Vec::new();
+        for (slot, region) in run.mem.iter().enumerate() {
+            let mut bits = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            let kvm_bits = run
+                .vm
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|source| PartitionError::Kvm {
+                    name: name.clone(),
+                    what: "reading the dirty log",
+                    source,
+                })?;
+            for (b, k) in bits.iter_mut().zip(kvm_bits) {
+                *b |= k;
+            }
+            out.push(bits);
+        }
+        run.dirty.add(&out);
         Ok(out)
+    }
+
+    /// Every page harvested since the set the run's writes are tracked from (all zero when
+    /// nothing was harvested yet).
+    pub fn pending_dirty(&self) -> Vec<Vec<u64>> {
+        match &self.run {
+            Some(Run {
+                dirty: DirtyLog {
+                    pending: Some(p), ..
+                },
+                ..
+            }) => p.clone(),
+            Some(run) => run
+                .mem
+                .iter()
+                .map(|r| vec![0u64; (r.len() / 4096).div_ceil(64) as usize])
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// A set with this partition was committed with its memory as at the last harvest:
+    /// writes are tracked from it now.
+    pub fn commit_dirty(&mut self, set_id: &str) {
+        if let Some(run) = self.run.as_mut() {
+            run.dirty.since = Some(set_id.to_owned());
+            run.dirty.pending = None;
+        }
     }
 
     /// The set since whose capture every write is tracked, if any.
     pub fn dirty_since(&self) -> Option<&str> {
-        self.run.as_ref().and_then(|r| r.dirty_since.as_deref())
-    }
-
-    /// Records that writes are tracked since set `id`.
-    pub fn set_dirty_since(&mut self, id: Option<String>) {
-        if let Some(r) = self.run.as_mut() {
-            r.dirty_since = id;
-        }
+        self.run.as_ref().and_then(|r| r.dirty.since.as_deref())
     }
 
     /// Captures the state of a paused partition (its memory is read separately).

@@ -78,32 +78,51 @@ impl std::fmt::Debug for VmState {
 }
 
 /// The MSRs KVM can save on this host: its index list, less those that cannot be read
-/// (probed once per process).
-fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> &'static [u32] {
+/// (probed once per process). A list that cannot be had, or that lacks the TSC, is an
+/// error: a set without them would restore a guest whose clock jumps.
+fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<&'static [u32], StateError> {
     static LIST: OnceLock<Vec<u32>> = OnceLock::new();
-    LIST.get_or_init(|| {
-        let Ok(list) = kvm.get_msr_index_list() else {
-            return Vec::new();
-        };
-        list.as_slice()
-            .iter()
-            .copied()
-            .filter(|&index| {
-                Msrs::from_entries(&[kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                }])
-                .ok()
-                .is_some_and(|mut m| vcpu.get_msrs(&mut m) == Ok(1))
-            })
-            .collect()
-    })
+    if let Some(list) = LIST.get() {
+        return Ok(list);
+    }
+    let index_list = kvm
+        .get_msr_index_list()
+        .map(|l| l.as_slice().to_vec())
+        .map_err(err("KVM_GET_MSR_INDEX_LIST"))?;
+    let readable = |index: u32| {
+        Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .ok()
+        .is_some_and(|mut m| vcpu.get_msrs(&mut m) == Ok(1))
+    };
+    let list = check_msr_list(index_list.into_iter().filter(|&i| readable(i)).collect())?;
+    Ok(LIST.get_or_init(|| list))
 }
+
+/// The MSR list must hold the TSC (so it is not empty either).
+fn check_msr_list(list: Vec<u32>) -> Result<Vec<u32>, StateError> {
+    if list.contains(&IA32_TSC) {
+        Ok(list)
+    } else {
+        Err(StateError {
+            op: if list.is_empty() {
+                "KVM_GET_MSR_INDEX_LIST (no MSR can be saved)"
+            } else {
+                "KVM_GET_MSR_INDEX_LIST (the TSC cannot be saved)"
+            },
+            source: kvm_ioctls::Error::new(libc::ENOENT),
+        })
+    }
+}
+
+const IA32_TSC: u32 = 0x10;
 
 /// Saves one vCPU. It must be out of KVM_RUN, with any pending port or MMIO exit
 /// completed (see [`complete_pending_io`]).
 pub fn save_vcpu(kvm: &Kvm, id: u8, vcpu: &VcpuFd) -> Result<VcpuState, StateError> {
-    let indices = saveable_msrs(kvm, vcpu);
+    let indices = saveable_msrs(kvm, vcpu)?;
     let entries: Vec<kvm_msr_entry> = indices
         .iter()
         .map(|&index| kvm_msr_entry {
@@ -230,6 +249,18 @@ mod tests {
             .expect("cpuid");
         vcpu.set_cpuid2(&cpuid).expect("set cpuid");
         (vm, vcpu)
+    }
+
+    #[test]
+    fn an_msr_list_without_the_tsc_is_an_error() {
+        let e = check_msr_list(Vec::new()).expect_err("empty");
+        assert!(e.to_string().contains("no MSR can be saved"), "{e}");
+        let e = check_msr_list(vec![0x174, 0x175]).expect_err("no TSC");
+        assert!(e.to_string().contains("the TSC cannot be saved"), "{e}");
+        assert_eq!(
+            check_msr_list(vec![0x10, 0x174]).expect("with TSC"),
+            vec![0x10, 0x174]
+        );
     }
 
     #[test]

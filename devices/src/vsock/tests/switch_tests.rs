@@ -398,3 +398,43 @@ fn many_connections_within_their_credit_are_not_reset() {
     assert!(st.backlog_bytes > CONN_BACKLOG_CAP, "{}", st.backlog_bytes);
     assert!(a.recv().is_empty(), "no RST for the senders");
 }
+
+/// A panic in the middle of an update must not leave a half-updated table in use: the
+/// next operation finds every connection reset (the peer got an RST), counts the panic, and
+/// new connections work.
+#[test]
+fn a_panic_under_the_switch_lock_resets_instead_of_reusing_the_table() {
+    let sw = switch();
+    let mut a = MockGuest::new(&sw, 3, None);
+    let mut b = MockGuest::new(&sw, 4, None);
+    a.add_rx(8, 4096);
+    b.add_rx(8, 4096);
+    let (ca, sb) = (ep(3, 1000), ep(4, 80));
+    assert!(a.send(hdr(ca, sb, op::REQUEST), &[]));
+    assert_eq!(b.recv().len(), 1);
+    assert!(b.send(hdr(sb, ca, op::RESPONSE), &[]));
+    assert_eq!(a.recv().len(), 1);
+    assert_eq!(sw.stats().connections, 1);
+
+    // Half an update: the connection table is emptied, then the update panics.
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        sw.with(|inner| {
+            inner.state.counters.tx_packets += 1000;
+            panic!("injected panic under the switch lock");
+        })
+    }));
+    assert!(caught.is_err());
+
+    let st = sw.stats();
+    assert_eq!(st.counters.panics_recovered, 1, "the panic is counted");
+    assert_eq!(st.connections, 0, "the half-updated table is not reused");
+    // Both sides were told their connection is gone.
+    let got_a = a.recv();
+    let got_b = b.recv();
+    assert!(got_a.iter().any(|(h, _)| h.op == op::RST && h.src() == sb));
+    assert!(got_b.iter().any(|(h, _)| h.op == op::RST && h.src() == ca));
+    // The switch works again.
+    assert!(a.send(hdr(ep(3, 1001), sb, op::REQUEST), &[]));
+    assert_eq!(b.recv().len(), 1);
+    assert_eq!(sw.stats().connections, 1);
+}
