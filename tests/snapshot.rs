@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::snap::*;
@@ -216,22 +215,6 @@ fn kvm_the_controller_itself_can_raise_the_snapshot_and_reboot() {
     let mut c = JobClient::connect(&uds(&dir.0)).expect("connect after the reboot");
     assert_eq!(c.jobs(Some(id)).expect("job")[0].state, JobState::Done);
     assert!(dev.shutdown().success());
-}
-
-/// Every RAM byte of partition `name` in the set at `dir` (its chain resolved).
-fn set_memory(dir: &Path, name: &str) -> Vec<u8> {
-    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
-    let set = duplex_snapshot::SnapshotSet::open(dir).expect("open");
-    let mem = set
-        .load_memory(name, duplex_snapshot::LoadMode::Eager)
-        .expect("load");
-    let mut out = Vec::new();
-    for r in mem.iter() {
-        let mut buf = vec![0u8; r.len() as usize];
-        mem.read_slice(&mut buf, r.start_addr()).expect("read");
-        out.extend(buf);
-    }
-    out
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod livecut;
 pub mod snap;
 
 use std::io::{BufRead, BufReader, Write};
@@ -136,8 +137,20 @@ impl Device {
 
     /// Boots a device from a config file, with more `duplex run` arguments.
     pub fn boot_file_with(cfg: &Path, dir: TempDir, extra: &[String]) -> Device {
+        Device::boot_file_env(cfg, dir, extra, &[])
+    }
+
+    /// Boots a device from a config file, with more `duplex run` arguments and
+    /// environment variables (e.g. `DUPLEX_FAULTS`).
+    pub fn boot_file_env(
+        cfg: &Path,
+        dir: TempDir,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Device {
         let sock = dir.0.join("api.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
+            .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
             .arg(cfg)

@@ -23,6 +23,17 @@ pub fn printer_config(dir: &Path) -> Value {
 
 /// Boots from `cfg` written in `dir`, optionally restoring.
 pub fn boot_in(dir: &Path, cfg: &Value, restore: Option<&Path>, extra: &[&str]) -> Device {
+    boot_in_env(dir, cfg, restore, extra, &[])
+}
+
+/// [`boot_in`] with environment variables for the monitor (e.g. `DUPLEX_FAULTS`).
+pub fn boot_in_env(
+    dir: &Path,
+    cfg: &Value,
+    restore: Option<&Path>,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Device {
     let file = dir.join("device.json");
     std::fs::write(&file, serde_json::to_vec_pretty(cfg).expect("json")).expect("write");
     let mut args: Vec<String> = Vec::new();
@@ -31,7 +42,7 @@ pub fn boot_in(dir: &Path, cfg: &Value, restore: Option<&Path>, extra: &[&str]) 
         args.push(r.display().to_string());
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    Device::boot_file_with(&file, TempDir::new("snapdev"), &args)
+    Device::boot_file_env(&file, TempDir::new("snapdev"), &args, env)
 }
 
 pub fn wait_ready(dev: &Device) {
@@ -48,4 +59,20 @@ pub fn engine_pages(c: &mut JobClient) -> u64 {
         HostReply::Engine(info) => info.pages_printed,
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// Every RAM byte of partition `name` in the set at `dir` (its chain resolved).
+pub fn set_memory(dir: &Path, name: &str) -> Vec<u8> {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    let set = duplex_snapshot::SnapshotSet::open(dir).expect("open");
+    let mem = set
+        .load_memory(name, duplex_snapshot::LoadMode::Eager)
+        .expect("load");
+    let mut out = Vec::new();
+    for r in mem.iter() {
+        let mut buf = vec![0u8; r.len() as usize];
+        mem.read_slice(&mut buf, r.start_addr()).expect("read");
+        out.extend(buf);
+    }
+    out
 }

@@ -2,8 +2,9 @@
 //! passes and costs nothing). With the feature, `DUPLEX_FAULTS` in the monitor's
 //! environment arms failures at named steps of snapshot, restore and reboot:
 //! `DUPLEX_FAULTS=step[@n][,step[@n]...]` makes the `n`-th time (default: every time) the
-//! monitor reaches `step` fail with "injected fault at <step>". The steps are listed in
-//! [`STEPS`] and in `docs/control-api.md` ("Fault injection").
+//! monitor reaches `step` fail with "injected fault at <step>"; `step~ms` instead holds the
+//! operation there for `ms` milliseconds (to test what happens meanwhile). The steps are
+//! listed in [`STEPS`] and in `docs/control-api.md` ("Fault injection").
 
 /// Every step a fault can be injected at.
 pub const STEPS: &[&str] = &[
@@ -21,11 +22,21 @@ pub const STEPS: &[&str] = &[
 #[error("injected fault at {0}")]
 pub struct Injected(pub &'static str);
 
+/// One armed fault: at `step`, the `nth` time (or every time), fail or hold `hold_ms`.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug)]
+struct Armed {
+    step: String,
+    nth: Option<u32>,
+    hold_ms: Option<u64>,
+    seen: u32,
+}
+
 /// The armed faults.
 #[derive(Debug, Default)]
 pub struct Faults {
     #[cfg(feature = "fault-injection")]
-    armed: std::sync::Mutex<Vec<(String, Option<u32>, u32)>>,
+    armed: std::sync::Mutex<Vec<Armed>>,
 }
 
 impl Faults {
@@ -36,6 +47,10 @@ impl Faults {
             let spec = std::env::var("DUPLEX_FAULTS").unwrap_or_default();
             let mut armed = Vec::new();
             for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let (item, hold_ms) = match item.split_once('~') {
+                    Some((s, ms)) => (s, ms.parse::<u64>().ok()),
+                    None => (item, None),
+                };
                 let (step, nth) = match item.split_once('@') {
                     Some((s, n)) => (s, n.parse::<u32>().ok()),
                     None => (item, None),
@@ -43,8 +58,13 @@ impl Faults {
                 if !STEPS.contains(&step) {
                     log::warn!("DUPLEX_FAULTS: unknown step {step:?} (known: {STEPS:?})");
                 }
-                log::warn!("fault injection armed at {step} ({nth:?})");
-                armed.push((step.to_owned(), nth, 0));
+                log::warn!("fault injection armed at {step} (nth {nth:?}, hold {hold_ms:?})");
+                armed.push(Armed {
+                    step: step.to_owned(),
+                    nth,
+                    hold_ms,
+                    seen: 0,
+                });
             }
             Faults {
                 armed: std::sync::Mutex::new(armed),
@@ -59,15 +79,25 @@ impl Faults {
     pub fn check(&self, step: &'static str) -> Result<(), Injected> {
         #[cfg(feature = "fault-injection")]
         {
-            let mut armed = crate::lock(&self.armed);
-            for (s, nth, seen) in armed.iter_mut() {
-                if s == step {
-                    *seen += 1;
-                    if nth.is_none_or(|n| n == *seen) {
-                        log::warn!("injecting a fault at {step}");
-                        return Err(Injected(step));
+            let mut hold = None;
+            {
+                let mut armed = crate::lock(&self.armed);
+                for a in armed.iter_mut().filter(|a| a.step == step) {
+                    a.seen += 1;
+                    if a.nth.is_none_or(|n| n == a.seen) {
+                        match a.hold_ms {
+                            Some(ms) => hold = Some(ms),
+                            None => {
+                                log::warn!("injecting a fault at {step}");
+                                return Err(Injected(step));
+                            }
+                        }
                     }
                 }
+            }
+            if let Some(ms) = hold {
+                log::warn!("holding {ms} ms at {step}");
+                std::thread::sleep(std::time::Duration::from_millis(ms));
             }
         }
         let _ = step;

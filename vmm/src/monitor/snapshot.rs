@@ -116,15 +116,16 @@ pub fn check_config(
 
 impl Monitor {
     /// Asks the controller to have the engine reach a safe point. Returns what the
-    /// controller said, or `None` when the device has no running controller with a host
-    /// bridge (a device the operator paused is snapshotted as it stands).
+    /// controller said, or `None` when the device has no controller with a host bridge or
+    /// a partition is not running: a device the operator paused, wholly or in part, is
+    /// snapshotted as it stands (a paused engine could not answer, and no `resume` can
+    /// come while the snapshot holds the device).
     fn quiesce(&self) -> Result<Option<Value>, SnapshotFailure> {
-        let running = |name: &str| {
-            self.partitions.iter().any(|p| {
-                let p = lock(p);
-                p.name() == name && p.state() == State::Running
-            })
-        };
+        let all_running = self
+            .partitions
+            .iter()
+            .all(|p| lock(p).state() == State::Running);
+        let running = |_: &str| all_running;
         let uds = self
             .config
             .partitions
@@ -367,6 +368,9 @@ impl Monitor {
         let t = Instant::now();
         let mut cut = Cut::default();
         for p in &self.partitions {
+            self.faults
+                .check("snapshot.capture")
+                .map_err(|e| fail(&e))?;
             let mut p = lock(p);
             let name = p.name().to_owned();
             let delta = p.harvest_dirty().map_err(|e| fail(&e))?;
@@ -378,9 +382,6 @@ impl Monitor {
                 .update_memory(&name, &mem, &delta)
                 .map_err(|e| fail(&e))?;
             cut.pages_again.insert(name.clone(), stats.pages_scanned);
-            self.faults
-                .check("snapshot.capture")
-                .map_err(|e| fail(&e))?;
             let state = p.capture(&self.kvm).map_err(|e| fail(&e))?;
             cut.states.push((name, state));
         }
@@ -565,26 +566,29 @@ impl Monitor {
                 .map(|(p, state)| {
                     let ended = ended.clone();
                     scope.spawn(move || {
-                        let name = lock(p).name().to_owned();
+                        let (name, builder) = {
+                            let p = lock(p);
+                            (p.name().to_owned(), p.builder())
+                        };
                         let mem = set
                             .load_memory_with_bitmap::<vm_memory::bitmap::AtomicBitmap>(&name, mode)
                             .map_err(|e| SnapshotFailure::Invalid {
                                 dir: set.dir.clone(),
                                 reason: e.to_string(),
                             })?;
-                        let p = lock(p);
-                        p.prepare_restore(
-                            &self.kvm,
-                            self.vsock.as_ref(),
-                            &ended,
-                            mem,
-                            state,
-                            set_id,
-                        )
-                        .map_err(|e| SnapshotFailure::RestoreFailed {
-                            step: "build",
-                            reason: e.to_string(),
-                        })
+                        builder
+                            .prepare_restore(
+                                &self.kvm,
+                                self.vsock.as_ref(),
+                                &ended,
+                                mem,
+                                state,
+                                set_id,
+                            )
+                            .map_err(|e| SnapshotFailure::RestoreFailed {
+                                step: "build",
+                                reason: e.to_string(),
+                            })
                     })
                 })
                 .collect();

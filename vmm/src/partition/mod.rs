@@ -167,7 +167,7 @@ impl Drop for Run {
 }
 
 /// A run built from a snapshot, its vCPU threads parked, not yet part of the device: the
-/// prepare half of a restore ([`Partition::prepare_restore`], [`Partition::install`]).
+/// prepare half of a restore ([`Builder::prepare_restore`], [`Partition::install`]).
 pub struct PreparedRun {
     run: Run,
     port: Option<duplex_devices::vsock::PreparedPort>,
@@ -324,25 +324,15 @@ impl Partition {
         self.launch(built, ended)
     }
 
-    /// Builds a run of the partition from a snapshot (`mem` is its restored memory) with
-    /// its vCPU threads started but parked, without touching the partition or its current
-    /// run: [`Partition::install`] makes it the partition's run. Dropped or
-    /// [discarded](PreparedRun::discard), it leaves nothing behind.
-    pub fn prepare_restore(
-        &self,
-        kvm: &Kvm,
-        switch: Option<&VsockSwitch>,
-        ended: &Sender<PartitionEvent>,
-        mem: GuestMemoryMmap,
-        state: &snapshot::PartitionState,
-        set_id: &str,
-    ) -> Result<PreparedRun, PartitionError> {
-        let source = build::Source::Restore { mem, state };
-        let mut built = build::build(&self.config, &self.console, kvm, switch, source)?;
-        let port = built.port.take();
-        let mut run = self.spawn(built, ended, self.boots + 1)?;
-        run.dirty.restored(set_id);
-        Ok(PreparedRun { run, port })
+    /// What building a run from a snapshot needs of the partition, to build it without
+    /// holding the partition (its lock stays free for `status` meanwhile):
+    /// [`Builder::prepare_restore`], then [`Partition::install`].
+    pub fn builder(&self) -> Builder {
+        Builder {
+            config: self.config.clone(),
+            console: self.console.clone(),
+            boot: self.boots + 1,
+        }
     }
 
     /// Makes a prepared run the partition's run, paused (resume it to run); returns the
@@ -367,65 +357,13 @@ impl Partition {
         Ok(())
     }
 
-    /// A run of a built VM with its vCPU threads started, as boot number `boot`.
     fn spawn(
         &self,
         built: build::Built,
         ended: &Sender<PartitionEvent>,
         boot: u64,
     ) -> Result<Run, PartitionError> {
-        let name = self.config.name.clone();
-        let build::Built {
-            vm,
-            mem,
-            vcpus,
-            devices,
-            shared,
-            vsock,
-            port: _,
-            dirty_logging,
-            tsc_khz,
-        } = built;
-        let mut threads = Vec::new();
-        for (i, vcpu) in vcpus.iter().enumerate() {
-            let runner = VcpuRunner {
-                vcpu: vcpu.clone(),
-                shared: shared.clone(),
-                devices: devices.clone(),
-                tsc_khz,
-                ended: ended.clone(),
-                id: Ended {
-                    name: name.clone(),
-                    boot,
-                },
-            };
-            let spawned = std::thread::Builder::new()
-                .name(format!("{name}-vcpu{i}"))
-                .spawn(move || runner.run());
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(source) => {
-                    shared.finish(Outcome::Stopped);
-                    kick_all(&threads);
-                    if let (Some(switch), Some(mmio)) = (&vsock, &devices.vsock) {
-                        switch.detach_device(mmio);
-                    }
-                    return Err(PartitionError::Thread { name, source });
-                }
-            }
-        }
-        Ok(Run {
-            vm,
-            mem,
-            vcpus,
-            devices,
-            threads,
-            shared,
-            started: Instant::now(),
-            boot,
-            vsock,
-            dirty: snapshot::DirtyLog::new(dirty_logging),
-        })
+        spawn(&self.config.name, built, ended, boot)
     }
 
     /// Parks every vCPU; returns once they are all out of the guest.
@@ -549,6 +487,97 @@ impl Drop for Partition {
         }
         self.reap();
     }
+}
+
+/// What [`Partition::builder`] takes of a partition: enough to build a run from a set.
+pub struct Builder {
+    config: PartitionConfig,
+    console: ConsoleHandle,
+    boot: u64,
+}
+
+impl Builder {
+    /// Builds a run of the partition from a snapshot (`mem` is its restored memory) with
+    /// its vCPU threads started but parked, without touching the partition or its current
+    /// run: [`Partition::install`] makes it the partition's run. Dropped or
+    /// [discarded](PreparedRun::discard), it leaves nothing behind.
+    pub fn prepare_restore(
+        &self,
+        kvm: &Kvm,
+        switch: Option<&VsockSwitch>,
+        ended: &Sender<PartitionEvent>,
+        mem: GuestMemoryMmap,
+        state: &snapshot::PartitionState,
+        set_id: &str,
+    ) -> Result<PreparedRun, PartitionError> {
+        let source = build::Source::Restore { mem, state };
+        let mut built = build::build(&self.config, &self.console, kvm, switch, source)?;
+        let port = built.port.take();
+        let mut run = spawn(&self.config.name, built, ended, self.boot)?;
+        run.dirty.restored(set_id);
+        Ok(PreparedRun { run, port })
+    }
+}
+
+/// A run of a built VM with its vCPU threads started, as boot number `boot`.
+fn spawn(
+    name: &str,
+    built: build::Built,
+    ended: &Sender<PartitionEvent>,
+    boot: u64,
+) -> Result<Run, PartitionError> {
+    let name = name.to_owned();
+    let build::Built {
+        vm,
+        mem,
+        vcpus,
+        devices,
+        shared,
+        vsock,
+        port: _,
+        dirty_logging,
+        tsc_khz,
+    } = built;
+    let mut threads = Vec::new();
+    for (i, vcpu) in vcpus.iter().enumerate() {
+        let runner = VcpuRunner {
+            vcpu: vcpu.clone(),
+            shared: shared.clone(),
+            devices: devices.clone(),
+            tsc_khz,
+            ended: ended.clone(),
+            id: Ended {
+                name: name.clone(),
+                boot,
+            },
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-vcpu{i}"))
+            .spawn(move || runner.run());
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(source) => {
+                shared.finish(Outcome::Stopped);
+                kick_all(&threads);
+                if let (Some(switch), Some(mmio)) = (&vsock, &devices.vsock) {
+                    switch.detach_device(mmio);
+                }
+                return Err(PartitionError::Thread { name, source });
+            }
+        }
+    }
+    Ok(Run {
+        vm,
+        mem,
+        vcpus,
+        devices,
+        threads,
+        shared,
+        started: Instant::now(),
+        boot,
+        vsock,
+        dirty: snapshot::DirtyLog::new(dirty_logging),
+    })
 }
 
 /// The signal that brings a vCPU thread out of KVM_RUN.
