@@ -141,6 +141,16 @@ fn cpath(path: &Path) -> io::Result<CString> {
 }
 
 /// Makes a directory's entries durable.
+/// Starts writeback of `file`'s dirty pages without waiting for it (best effort: the fsync
+/// at commit is what makes the data durable).
+pub fn start_writeback(file: &File) {
+    // SAFETY: sync_file_range only reads its arguments; an invalid range or descriptor is
+    // answered with an error, which is ignored here.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 pub fn fsync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
@@ -239,5 +249,67 @@ mod tests {
         page[100] = 0x80;
         assert!(!is_zero(&page));
         assert!(!is_zero(&[0, 0, 3]));
+    }
+}
+
+/// A read-only shared mapping of a whole file (for checksumming without copying).
+pub struct FileMap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value; reading it from several threads
+// at once is sound.
+unsafe impl Sync for FileMap {}
+
+impl FileMap {
+    /// Maps `len` bytes of `file` read-only. The caller must keep the file from being
+    /// truncated while the mapping is read (a set's files are written once, then only read).
+    pub fn new(file: &File, len: u64) -> io::Result<FileMap> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        if len == 0 {
+            return Ok(FileMap {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // SAFETY: a new read-only mapping chosen by the kernel; it aliases no Rust object.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(FileMap { ptr, len })
+    }
+
+    /// Bytes `[start, end)` of the file (clamped to its mapped length).
+    pub fn slice(&self, start: u64, end: u64) -> &[u8] {
+        let end = (end as usize).min(self.len);
+        let start = (start as usize).min(end);
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `[start, end)` lies inside the live mapping of `len` readable bytes, which
+        // lives as long as `self`; nothing writes through this mapping.
+        unsafe { std::slice::from_raw_parts((self.ptr as *const u8).add(start), end - start) }
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the mapping `new` made; no slice of it outlives `self`.
+            unsafe {
+                libc::munmap(self.ptr, self.len);
+            }
+        }
     }
 }

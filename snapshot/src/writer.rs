@@ -2,7 +2,7 @@
 //! `<dest>.tmp-<set_id>`, and `commit` fsyncs it and puts it at `<dest>` atomically, so that
 //! a crash at any point leaves either the old or the new set valid at `<dest>`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -56,9 +56,11 @@ struct Part {
     present: Option<PageBits>,
     /// The memory file: its index in `SetWriter::open`.
     mem_file: Option<usize>,
-    /// The memory file was written again ([`SetWriter::update_memory`]): its checksum is
-    /// computed at commit.
-    crc_stale: bool,
+    /// The memory file's checksum, per chunk.
+    crc: Option<memfile::MemCrc>,
+    /// Chunks of the memory file written again ([`SetWriter::update_memory`]): their
+    /// checksums are computed again at commit.
+    rewritten: BTreeSet<u64>,
     state: bool,
 }
 
@@ -273,7 +275,8 @@ impl SetWriter {
             memory_bytes_written: 0,
             present: None,
             mem_file: None,
-            crc_stale: false,
+            crc: None,
+            rewritten: BTreeSet::new(),
             state: false,
         });
         Ok(self.parts.len() - 1)
@@ -367,7 +370,7 @@ impl SetWriter {
             fname,
             FileEntry {
                 len: w.len,
-                crc32: w.crc,
+                crc32: w.crc.finish(),
             },
         );
         self.bytes_written += w.stats.bytes_written;
@@ -377,6 +380,7 @@ impl SetWriter {
         part.memory_bytes_written = w.stats.bytes_written;
         part.present = w.present;
         part.mem_file = Some(self.open.len() - 1);
+        part.crc = Some(w.crc);
         Ok(w.stats)
     }
 
@@ -414,8 +418,15 @@ impl SetWriter {
         };
         let (path, file) = &self.open[fi];
         let part = &mut self.parts[i];
-        let stats = memfile::overwrite(path, file, mem, delta, part.present.as_mut(), &usage)?;
-        part.crc_stale = true;
+        let stats = memfile::overwrite(
+            path,
+            file,
+            mem,
+            delta,
+            part.present.as_mut(),
+            &mut part.rewritten,
+            &usage,
+        )?;
         part.memory_bytes_written += stats.bytes_written;
         self.bytes_written += stats.bytes_written;
         Ok(stats)
@@ -442,20 +453,21 @@ impl SetWriter {
     /// Before the manifest: checksums of memory files written twice, and pages files.
     fn finish_memory(&mut self) -> Result<(), SnapshotError> {
         for i in 0..self.parts.len() {
-            let (name, stale, fi) = {
-                let p = &self.parts[i];
-                (p.name.clone(), p.crc_stale, p.mem_file)
-            };
-            if let (true, Some(fi)) = (stale, fi) {
+            let name = self.parts[i].name.clone();
+            if let (false, Some(fi)) = (self.parts[i].rewritten.is_empty(), self.parts[i].mem_file)
+            {
                 let (path, file) = &self.open[fi];
                 let fname = format!("{name}.mem");
                 let len = self.files.get(&fname).map_or(0, |e| e.len);
-                let (crc, _) = memfile::checksum(file, len)
-                    .map_err(|e| SnapshotError::io(path, "checksumming", e))?;
-                self.files.insert(fname, FileEntry { len, crc32: crc });
                 let part = &mut self.parts[i];
-                part.crc_stale = false;
+                let crc = part.crc.get_or_insert_with(memfile::MemCrc::new);
+                for chunk in std::mem::take(&mut part.rewritten) {
+                    crc.recompute(file, len, chunk)
+                        .map_err(|e| SnapshotError::io(path, "checksumming", e))?;
+                }
+                let crc32 = crc.finish();
                 part.memory_bytes_written = part.memory_bytes_written.min(len);
+                self.files.insert(fname, FileEntry { len, crc32 });
             }
             if let Some(present) = self.parts[i].present.take() {
                 self.write_small(&format!("{name}.pages"), &present.encode())?;
@@ -603,7 +615,11 @@ impl SetWriter {
                     return Ok(());
                 }
                 sync_parent(&pdir)?;
-                let _ = fs::remove_dir_all(&self.tmp);
+                // The old set is no longer needed; removing its files takes milliseconds
+                // (more for large sets), so it goes on a thread of its own. Should the process
+                // die first, the directory is a stale `<name>.tmp-*` that the next writer
+                // removes.
+                remove_in_background(self.tmp.clone());
                 Ok(())
             }
             Err(e)
@@ -627,7 +643,7 @@ impl SetWriter {
                 }
                 self.done = true;
                 sync_parent(&pdir)?;
-                let _ = fs::remove_dir_all(&old);
+                remove_in_background(old);
                 Ok(())
             }
             Err(e) => Err(SnapshotError::io(
@@ -636,6 +652,19 @@ impl SetWriter {
                 e,
             )),
         }
+    }
+}
+
+/// Removes a directory tree on a thread of its own (in place if no thread can be had).
+fn remove_in_background(dir: PathBuf) {
+    let d = dir.clone();
+    let spawned = std::thread::Builder::new()
+        .name("snapshot-remove".into())
+        .spawn(move || {
+            let _ = fs::remove_dir_all(&d);
+        });
+    if spawned.is_err() {
+        let _ = fs::remove_dir_all(&dir);
     }
 }
 

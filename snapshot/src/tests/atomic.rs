@@ -35,6 +35,19 @@ fn temp_dirs(t: &TempDir) -> Vec<String> {
     siblings(t.path(), "set.tmp-")
 }
 
+/// Waits (up to 10 s) until no sibling starts with `prefix`: the replaced set is removed
+/// on a thread of its own after the commit.
+fn gone(dir: &Path, prefix: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = siblings(dir, prefix);
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// A writer of the engine partition at `dest`, ready to commit.
 fn ready(dest: &Path, mem: &GuestMemoryMmap) -> SetWriter {
     let mut w = SetWriter::create(dest, None).expect("create");
@@ -57,8 +70,8 @@ fn commit_replaces_an_existing_set() {
     let idb = write_full(&dest, &[("engine", &b, b"{}")]);
     assert_ne!(ida, idb);
     assert_set(&dest, &idb, &b);
-    assert_eq!(temp_dirs(&t), Vec::<String>::new());
-    assert_eq!(siblings(t.path(), "set.old-"), Vec::<String>::new());
+    assert_eq!(gone(t.path(), "set.tmp-"), Vec::<String>::new());
+    assert_eq!(gone(t.path(), "set.old-"), Vec::<String>::new());
 }
 
 #[test]
@@ -142,7 +155,7 @@ fn without_rename_exchange_commit_still_replaces_and_a_crash_is_recovered() {
     let idb = w.set_id().to_string();
     commit(w);
     assert_set(&dest, &idb, &b);
-    assert_eq!(siblings(t.path(), "set.old-"), Vec::<String>::new());
+    assert_eq!(gone(t.path(), "set.old-"), Vec::<String>::new());
 }
 
 #[test]
