@@ -226,32 +226,6 @@ pub fn host_page_size() -> usize {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn random_hex_is_random_and_hex() {
-        let a = random_hex(16).expect("getrandom");
-        let b = random_hex(16).expect("getrandom");
-        assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
-    }
-
-    #[test]
-    fn is_zero_sees_a_single_bit() {
-        let mut page = vec![0u8; PAGE];
-        assert!(is_zero(&page));
-        page[PAGE - 1] = 1;
-        assert!(!is_zero(&page));
-        page[PAGE - 1] = 0;
-        page[100] = 0x80;
-        assert!(!is_zero(&page));
-        assert!(!is_zero(&[0, 0, 3]));
-    }
-}
-
 /// A read-only shared mapping of a whole file (for checksumming without copying).
 pub struct FileMap {
     ptr: *mut libc::c_void,
@@ -311,5 +285,31 @@ impl Drop for FileMap {
                 libc::munmap(self.ptr, self.len);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_hex_is_random_and_hex() {
+        let a = random_hex(16).expect("getrandom");
+        let b = random_hex(16).expect("getrandom");
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn is_zero_sees_a_single_bit() {
+        let mut page = vec![0u8; PAGE];
+        assert!(is_zero(&page));
+        page[PAGE - 1] = 1;
+        assert!(!is_zero(&page));
+        page[PAGE - 1] = 0;
+        page[100] = 0x80;
+        assert!(!is_zero(&page));
+        assert!(!is_zero(&[0, 0, 3]));
     }
 }
