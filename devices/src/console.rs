@@ -294,8 +294,8 @@ impl Persist for Console {
     type ConstructorArgs = ConsoleArgs;
     type Error = ConsoleError;
 
-    fn save(&self) -> ConsoleState {
-        self.uart.state().into()
+    fn save(&self) -> Result<ConsoleState, Self::Error> {
+        Ok(self.uart.state().into())
     }
 
     /// A console with the saved registers and FIFO. As a real UART would, it raises its
@@ -484,7 +484,7 @@ mod tests {
     fn restore_raises_a_pending_enabled_interrupt() {
         let mut c = console();
         drive(&mut c);
-        let state = c.save();
+        let state = c.save().expect("save");
         assert_eq!(state.rx_fifo, b"hi");
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let args = ConsoleArgs {

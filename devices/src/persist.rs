@@ -17,17 +17,33 @@ use serde::Serialize;
 /// A device whose state can be saved and restored.
 pub trait Persist: Sized {
     /// The saved state: plain data, serializable.
-    type State: Serialize + DeserializeOwned + Clone + std::fmt::Debug;
+    type State: Serialize + DeserializeOwned + std::fmt::Debug;
     /// What a restore needs besides the state (resources that are not guest state).
     type ConstructorArgs;
     /// Why a state cannot be restored.
     type Error: std::error::Error;
 
-    /// The device's state now.
-    fn save(&self) -> Self::State;
+    /// The device's state now (a kernel-backed object, such as a vCPU, can fail to say).
+    fn save(&self) -> Result<Self::State, Self::Error>;
 
     /// A device built from `state`, validated.
     fn restore(args: Self::ConstructorArgs, state: &Self::State) -> Result<Self, Self::Error>;
+}
+
+/// What must be quiet at a snapshot's cut (crosvm's `Suspendable`): asleep, it changes no
+/// guest-visible state (no guest memory, no registers, no queues) until woken. The monitor
+/// puts every partition and the vsock switch to sleep for the cut and wakes them in reverse
+/// order. `sleep` on something already quiet (an operator-paused partition) does nothing,
+/// and the matching `wake` leaves it as it was.
+pub trait Suspendable {
+    /// Why it could not be put to sleep (it was not, and nothing changed).
+    type Error: std::error::Error;
+
+    /// Quiets it; when this returns, nothing changes until [`Suspendable::wake`].
+    fn sleep(&mut self) -> Result<(), Self::Error>;
+
+    /// Undoes the matching [`Suspendable::sleep`].
+    fn wake(&mut self);
 }
 
 /// Why a state did not survive serialization (a bug in its serde representation).
@@ -67,7 +83,10 @@ where
 {
     let mut original = make();
     mutate(&mut original);
-    let state = original.save();
+    let state = match original.save() {
+        Ok(s) => s,
+        Err(e) => panic!("save failed: {e}"),
+    };
     let decoded = match json_round_trip(&state) {
         Ok(s) => s,
         Err(e) => panic!("{e}"),
@@ -81,7 +100,10 @@ where
         Ok(r) => r,
         Err(e) => panic!("restore failed: {e}"),
     };
-    let again = restored.save();
+    let again = match restored.save() {
+        Ok(s) => s,
+        Err(e) => panic!("save of the restored device failed: {e}"),
+    };
     assert!(
         matches!(same_state(&state, &again), Ok(true)),
         "the restored device saves another state:\n saved:    {state:?}\n restored: {again:?}"

@@ -214,8 +214,8 @@ impl Persist for Sysctl {
     type ConstructorArgs = ();
     type Error = std::convert::Infallible;
 
-    fn save(&self) -> Sysctl {
-        self.clone()
+    fn save(&self) -> Result<Sysctl, Self::Error> {
+        Ok(self.clone())
     }
 
     /// Any value of the fields is a valid page: nothing to validate.

@@ -212,8 +212,8 @@ impl<D: VirtioDevice> Persist for MmioTransport<D> {
     type ConstructorArgs = MmioArgs<D>;
     type Error = MmioError;
 
-    fn save(&self) -> MmioState {
-        self.save_state()
+    fn save(&self) -> Result<MmioState, MmioError> {
+        Ok(self.save_state())
     }
 
     fn restore(args: MmioArgs<D>, state: &MmioState) -> Result<Self, MmioError> {

@@ -85,7 +85,7 @@ crate::persist_round_trip!(
 fn restore_edited(edit: impl FnOnce(&mut MmioState)) -> Result<(), MmioError> {
     let mut t = fake_transport();
     started(&mut t);
-    let mut state = t.save();
+    let mut state = t.save().expect("save");
     edit(&mut state);
     MmioTransport::restore(args_like(&t).0, &state).map(|_| ())
 }

@@ -42,7 +42,6 @@ use crate::virtio::{ActivateError, Interrupt, VirtioDevice};
 
 pub use packet::{Endpoint, Hdr, HOST_CID};
 pub use persist::{SwitchFreeze, VsockMmioArgs, VsockMmioState};
-pub use restore::PreparedPort;
 pub use state::{ConnState, ConnStats, PortStats, SwitchState, VsockCounters, VsockStats};
 
 /// The virtio device ID of vsock.

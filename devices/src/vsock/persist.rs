@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::restore::PreparedPort;
 use super::{SwitchState, VsockDevice, VsockError, VsockMmio, VsockSwitch, QUEUE_SIZES};
-use crate::persist::Persist;
+use crate::persist::{Persist, Suspendable};
 use crate::virtio::mmio::{MmioArgs, MmioState, MmioTransport, QueueSnapshot};
 use crate::virtio::Interrupt;
 
@@ -75,8 +75,7 @@ impl std::fmt::Debug for SwitchFreeze {
 
 impl Drop for SwitchFreeze {
     fn drop(&mut self) {
-        self.switch.with(|inner| inner.thaw());
-        self.switch.shared.thawed.notify_all();
+        self.switch.wake();
     }
 }
 
@@ -86,10 +85,9 @@ impl VsockSwitch {
     /// saved (or restored): then the switch state, the devices' queues and guest memory are
     /// one consistent cut.
     pub fn freeze(&self) -> SwitchFreeze {
-        self.with(|inner| inner.frozen += 1);
-        SwitchFreeze {
-            switch: self.clone(),
-        }
+        let mut switch = self.clone();
+        let Ok(()) = switch.sleep();
+        SwitchFreeze { switch }
     }
 
     /// A copy of the switch's plain-data state, taken under the lock at once: the
@@ -145,8 +143,14 @@ impl VsockSwitch {
         uds: Option<PathBuf>,
         state: &VsockMmioState,
     ) -> Result<VsockMmio, VsockError> {
-        let (mmio, port) = self.prepare_restored(cid, name, mem, irq, uds, state)?;
+        let mmio = self.prepare_restored(cid, name, mem, irq, uds, state)?;
+        let attach_id = mmio.transport().device().attach_id;
         self.with(|inner| {
+            let Some(port) = inner.pending.remove(&attach_id) else {
+                return Err(VsockError::InvalidState(
+                    "the device was not prepared".into(),
+                ));
+            };
             inner.check_attachable(port.cid)?;
             if let Some(path) = &port.uds {
                 inner.bridge.bind(port.cid, path)?;
@@ -172,9 +176,9 @@ impl VsockSwitch {
     }
 
     /// Builds a restored partition's device and its side of the switch without changing
-    /// the switch: the device is put in by [`replace`](Self::replace). Until then the
-    /// device is inert (its notifications match no attachment). The state is validated
-    /// (CID, registers, queue sizes, rings inside `mem`).
+    /// the live table: its side waits in the switch until [`replace`](Self::replace) puts
+    /// it in. Until then the device is inert (its notifications match no attachment). The
+    /// state is validated (CID, registers, queue sizes, rings inside `mem`).
     pub fn prepare_restored(
         &self,
         cid: u64,
@@ -183,7 +187,7 @@ impl VsockSwitch {
         irq: Interrupt,
         uds: Option<PathBuf>,
         state: &VsockMmioState,
-    ) -> Result<(VsockMmio, PreparedPort), VsockError> {
+    ) -> Result<VsockMmio, VsockError> {
         if state.cid != cid {
             return Err(VsockError::InvalidState(format!(
                 "the device was saved with CID {}, not {cid}",
@@ -228,13 +232,11 @@ impl VsockSwitch {
             uds,
             queues,
         };
-        Ok((
-            VsockMmio {
-                cid,
-                transport: std::sync::Mutex::new(transport),
-            },
-            port,
-        ))
+        self.with(|inner| inner.pending.insert(attach_id, port));
+        Ok(VsockMmio {
+            cid,
+            transport: std::sync::Mutex::new(transport),
+        })
     }
 
     /// Replaces every attached partition by `ports` and the table by `state`, in one step
@@ -246,10 +248,14 @@ impl VsockSwitch {
     pub fn replace(
         &self,
         state: &SwitchState,
-        ports: Vec<PreparedPort>,
+        devices: &[&VsockMmio],
         keep_host_sockets: bool,
     ) -> Result<(), VsockError> {
-        self.with(|inner| inner.replace(state, ports, keep_host_sockets))
+        let ids: Vec<u64> = devices
+            .iter()
+            .map(|d| d.transport().device().attach_id)
+            .collect();
+        self.with(|inner| inner.replace(state, &ids, keep_host_sockets))
     }
 
     /// Detaches `cid` if it is still the attachment of `mmio` (see
@@ -260,29 +266,67 @@ impl VsockSwitch {
     }
 }
 
+impl Suspendable for VsockSwitch {
+    type Error = std::convert::Infallible;
+
+    /// Freezes the switch (see [`SwitchFreeze`]); freezes nest.
+    fn sleep(&mut self) -> Result<(), Self::Error> {
+        self.with(|inner| inner.frozen += 1);
+        Ok(())
+    }
+
+    /// One freeze fewer; at the last, what waited is done.
+    fn wake(&mut self) {
+        self.with(|inner| inner.thaw());
+        self.shared.thawed.notify_all();
+    }
+}
+
+/// The switch's table as plain data. The monitor's in-place restore does not build a new
+/// switch ([`VsockSwitch::replace`] swaps table and partitions in one step under the lock);
+/// `restore` builds one from a state, as a new process would.
+impl Persist for VsockSwitch {
+    type State = SwitchState;
+    type ConstructorArgs = ();
+    type Error = VsockError;
+
+    /// Take it with the switch asleep (frozen) for an exact cut.
+    fn save(&self) -> Result<SwitchState, VsockError> {
+        Ok(self.save_state())
+    }
+
+    fn restore(_args: (), state: &SwitchState) -> Result<Self, VsockError> {
+        let switch = VsockSwitch::new()?;
+        switch.restore_state(state, false)?;
+        Ok(switch)
+    }
+}
+
 impl Persist for VsockMmio {
     type State = VsockMmioState;
     type ConstructorArgs = VsockMmioArgs;
     type Error = VsockError;
 
     /// The device's state; take it while the partition is paused and the switch frozen.
-    fn save(&self) -> VsockMmioState {
+    fn save(&self) -> Result<VsockMmioState, VsockError> {
         let t = self.transport();
         let (cid, attach_id) = (t.device().cid, t.device().attach_id);
         let device_queues = t
             .device()
             .switch
             .with(|inner| inner.queue_snapshots(cid, attach_id));
-        VsockMmioState {
+        Ok(VsockMmioState {
             cid: self.cid,
             transport: t.save_state(),
             device_queues,
-        }
+        })
     }
 
-    /// [`VsockSwitch::attach_restored`] on `args.switch`.
+    /// [`VsockSwitch::prepare_restored`] on `args.switch`: the device is built, validated
+    /// and waits in the switch until [`VsockSwitch::replace`] puts it in (or
+    /// [`VsockSwitch::detach_device`] drops it).
     fn restore(args: VsockMmioArgs, state: &VsockMmioState) -> Result<Self, VsockError> {
         args.switch
-            .attach_restored(args.cid, &args.name, args.mem, args.irq, args.uds, state)
+            .prepare_restored(args.cid, &args.name, args.mem, args.irq, args.uds, state)
     }
 }

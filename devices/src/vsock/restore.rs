@@ -19,7 +19,7 @@ use super::{VsockError, BACKLOG_CAP, HOST_BUF_ALLOC, MAX_CONNS_PER_CID, MIN_GUES
 /// A restored partition's side of the switch, built before anything live changes and put
 /// in by `VsockSwitch::replace` (its attachment id is reserved, so its device already
 /// knows it; until then the device's notifications are ignored).
-pub struct PreparedPort {
+pub(crate) struct PreparedPort {
     pub(crate) cid: u64,
     pub(crate) attach_id: u64,
     pub(crate) name: String,
@@ -186,10 +186,19 @@ impl Inner {
     pub fn replace(
         &mut self,
         set: &SwitchState,
-        ports: Vec<PreparedPort>,
+        attach_ids: &[u64],
         keep_host_sockets: bool,
     ) -> Result<(), VsockError> {
         validate(set).map_err(VsockError::InvalidState)?;
+        if let Some(id) = attach_ids.iter().find(|id| !self.pending.contains_key(id)) {
+            return Err(VsockError::InvalidState(format!(
+                "device attachment {id} was not prepared (or was dropped)"
+            )));
+        }
+        let ports: Vec<&PreparedPort> = attach_ids
+            .iter()
+            .filter_map(|id| self.pending.get(id))
+            .collect();
         let mut cids = BTreeSet::new();
         for p in &ports {
             if !guest_cid(p.cid) {
@@ -206,23 +215,27 @@ impl Inner {
         }
         // Listeners: one already open for the same CID and path is kept (an in-place reboot
         // never closes its host sockets' listener); the others are bound now.
+        let wanted: BTreeMap<u64, Option<PathBuf>> =
+            ports.iter().map(|p| (p.cid, p.uds.clone())).collect();
         let mut bound: Vec<(u64, PathBuf)> = Vec::new();
-        for p in &ports {
-            let Some(path) = &p.uds else { continue };
-            if self.bridge.listens(p.cid, path) {
+        for (&cid, uds) in &wanted {
+            let Some(path) = uds else { continue };
+            if self.bridge.listens(cid, path) {
                 continue;
             }
-            if let Err(e) = self.bridge.bind(p.cid, path) {
+            if let Err(e) = self.bridge.bind(cid, path) {
                 for (cid, path) in bound {
                     self.bridge.close_listener(cid, &path);
                 }
                 return Err(e);
             }
-            bound.push((p.cid, path.to_path_buf()));
+            bound.push((cid, path.to_path_buf()));
         }
         // Nothing below fails.
-        let wanted: BTreeMap<u64, Option<PathBuf>> =
-            ports.iter().map(|p| (p.cid, p.uds.clone())).collect();
+        let ports: Vec<PreparedPort> = attach_ids
+            .iter()
+            .filter_map(|id| self.pending.remove(id))
+            .collect();
         self.bridge.retain_listeners(|cid, path| {
             wanted.get(&cid).is_some_and(|u| u.as_deref() == Some(path))
         });

@@ -65,6 +65,9 @@ pub(crate) struct Inner {
     pub to_notify: Vec<Arc<Interrupt>>,
     pub connect_timeout: Duration,
     next_attach_id: u64,
+    /// Restored devices' sides, prepared but not yet put in (see `VsockSwitch::replace`),
+    /// by attachment id.
+    pub(crate) pending: BTreeMap<u64, super::restore::PreparedPort>,
     /// While positive, nothing is written into guest memory and the host bridge waits
     /// (see [`super::SwitchFreeze`]); notifications are handled when it drops to 0.
     pub frozen: u32,
@@ -82,6 +85,7 @@ impl Inner {
             to_notify: Vec::new(),
             connect_timeout: CONNECT_TIMEOUT,
             next_attach_id: 1,
+            pending: BTreeMap::new(),
             frozen: 0,
         }
     }

@@ -41,7 +41,7 @@ pub enum MonitorError {
 
 /// All partitions of one device.
 pub struct Monitor {
-    kvm: Kvm,
+    kvm: Arc<Kvm>,
     config: DeviceConfig,
     /// The one device-level operation that may run at a time.
     ops: ops::OpSlot,
@@ -75,7 +75,7 @@ impl Monitor {
         };
         let (tx, rx) = channel();
         let monitor = Arc::new(Monitor {
-            kvm,
+            kvm: Arc::new(kvm),
             config: config.clone(),
             ops: ops::OpSlot::default(),
             faults: faults::Faults::from_env(),

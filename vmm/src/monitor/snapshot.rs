@@ -30,6 +30,7 @@ use crate::config::{DeviceConfig, Role};
 use crate::job::{JobClient, JobError};
 use crate::partition::snapshot::{PartitionState, STATE_VERSION};
 use crate::partition::{self, PreparedRun, State};
+use duplex_devices::persist::{Persist, Suspendable};
 use duplex_devices::vsock::SwitchState;
 
 /// Why a snapshot or a restore failed.
@@ -212,13 +213,11 @@ impl Monitor {
         // The cut.
         op.phase(Phase::Capturing);
         let t_down = Instant::now();
-        let paused = self.pause_running().map_err(|e| fail(&e))?;
+        let asleep = self.sleep_all().map_err(|e| fail(&e))?;
         let t_pause = t_down.elapsed();
-        let freeze = self.vsock.as_ref().map(|s| s.freeze());
         let captured = self.capture_cut(&mut writer);
-        drop(freeze);
         let t = Instant::now();
-        self.resume_names(&paused);
+        drop(asleep);
         let t_resume = t.elapsed();
         let downtime = t_down.elapsed();
         let cut = captured?;
@@ -327,38 +326,25 @@ impl Monitor {
         Ok(out)
     }
 
-    /// Pauses every running partition; on failure resumes those it paused. Returns them.
-    fn pause_running(&self) -> Result<Vec<String>, String> {
-        let mut paused = Vec::new();
+    /// Puts every partition, then the vsock switch, to sleep (see [`Suspendable`]): the
+    /// device is quiet until the guard is dropped, which wakes them in reverse order. On a
+    /// failure those already asleep are woken again.
+    fn sleep_all(&self) -> Result<Asleep<'_>, String> {
+        // Dropped on an error: wakes the partitions it put to sleep so far.
+        let mut asleep = Asleep {
+            monitor: self,
+            switch: false,
+        };
         for p in &self.partitions {
             let mut p = lock(p);
-            if p.state() != State::Running {
-                continue;
-            }
-            let r = self
-                .faults
-                .check("pause")
-                .map_err(|e| e.to_string())
-                .and_then(|()| p.pause().map_err(|e| e.to_string()));
-            if let Err(e) = r {
-                drop(p);
-                self.resume_names(&paused);
-                return Err(e);
-            }
-            paused.push(p.name().to_owned());
+            self.faults.check("pause").map_err(|e| e.to_string())?;
+            p.sleep().map_err(|e| e.to_string())?;
         }
-        Ok(paused)
-    }
-
-    pub(super) fn resume_names(&self, names: &[String]) {
-        for p in &self.partitions {
-            let mut p = lock(p);
-            if names.iter().any(|n| n == p.name()) {
-                if let Err(e) = p.resume() {
-                    log::error!("resuming {}: {e}", p.name());
-                }
-            }
+        if let Some(sw) = &self.vsock {
+            let Ok(()) = sw.clone().sleep();
+            asleep.switch = true;
         }
+        Ok(asleep)
     }
 
     /// With every partition paused and the switch frozen: the second pass over the pages
@@ -382,10 +368,13 @@ impl Monitor {
                 .update_memory(&name, &mem, &delta)
                 .map_err(|e| fail(&e))?;
             cut.pages_again.insert(name.clone(), stats.pages_scanned);
-            let state = p.capture(&self.kvm).map_err(|e| fail(&e))?;
+            let state = p.capture().map_err(|e| fail(&e))?;
             cut.states.push((name, state));
         }
-        cut.switch = self.vsock.as_ref().map(|s| s.save_state());
+        cut.switch = match &self.vsock {
+            Some(sw) => Some(sw.save().map_err(|e| fail(&e))?),
+            None => None,
+        };
         cut.elapsed = t.elapsed();
         Ok(cut)
     }
@@ -465,7 +454,7 @@ impl Monitor {
                 .unwrap_or_else(|_| Err("the verify thread panicked".to_owned()));
             (verified, built)
         });
-        let (mut prepared, verified_bytes, t_verify) = match (verified, built) {
+        let (prepared, verified_bytes, t_verify) = match (verified, built) {
             (Ok((bytes, t)), Ok(p)) => (p, bytes, t),
             (Err(e), built) => {
                 if let Ok(p) = built {
@@ -487,11 +476,9 @@ impl Monitor {
         // Commit: pause the old device, exchange, resume the new one.
         op.phase(Phase::Switching);
         let t_switch = Instant::now();
-        let freeze = self.vsock.as_ref().map(|s| s.freeze());
-        let paused = match self.pause_running() {
-            Ok(p) => p,
+        let asleep = match self.sleep_all() {
+            Ok(a) => a,
             Err(reason) => {
-                drop(freeze);
                 prepared.into_iter().for_each(PreparedRun::discard);
                 return Err(SnapshotFailure::RestoreFailed {
                     step: "pause",
@@ -505,18 +492,17 @@ impl Monitor {
             .map_err(|e| e.to_string())
             .and_then(|()| match (&self.vsock, &switch_state) {
                 (Some(sw), Some(state)) => {
-                    let ports = prepared
-                        .iter_mut()
-                        .filter_map(PreparedRun::take_port)
+                    let devices: Vec<_> = prepared
+                        .iter()
+                        .filter_map(PreparedRun::vsock_device)
                         .collect();
-                    sw.replace(state, ports, keep_host_sockets)
+                    sw.replace(state, &devices, keep_host_sockets)
                         .map_err(|e| e.to_string())
                 }
                 _ => Ok(()),
             });
         if let Err(reason) = switched {
-            drop(freeze);
-            self.resume_names(&paused);
+            drop(asleep);
             prepared.into_iter().for_each(PreparedRun::discard);
             return Err(SnapshotFailure::RestoreFailed {
                 step: "switch",
@@ -530,7 +516,8 @@ impl Monitor {
             old.extend(p.install(run));
             p.release();
         }
-        drop(freeze);
+        // Wakes the switch; the partitions' new runs were never asleep.
+        drop(asleep);
         let t_switch = t_switch.elapsed();
         partition::discard_in_background(old);
         *lock(&self.restored_from) = Some(json!({ "set": dir, "set_id": set_id }));
@@ -634,4 +621,22 @@ struct Cut {
     switch: Option<SwitchState>,
     pages_again: std::collections::BTreeMap<String, u64>,
     elapsed: Duration,
+}
+
+/// The device asleep for a cut or an exchange; woken (switch first, then partitions) when
+/// dropped. Only what it put to sleep wakes: an operator-paused partition stays paused.
+struct Asleep<'a> {
+    monitor: &'a Monitor,
+    switch: bool,
+}
+
+impl Drop for Asleep<'_> {
+    fn drop(&mut self) {
+        if let (true, Some(sw)) = (self.switch, &self.monitor.vsock) {
+            sw.clone().wake();
+        }
+        for p in &self.monitor.partitions {
+            lock(p).wake();
+        }
+    }
 }

@@ -14,7 +14,7 @@ use duplex_devices::console::{Console, ConsoleArgs, ConsoleHandle};
 use duplex_devices::persist::Persist;
 use duplex_devices::sysctl::Sysctl;
 use duplex_devices::virtio::Interrupt;
-use duplex_devices::vsock::{PreparedPort, VsockMmio, VsockSwitch};
+use duplex_devices::vsock::{VsockMmio, VsockMmioArgs, VsockSwitch};
 
 use super::shared::Shared;
 use super::snapshot::PartitionState;
@@ -43,11 +43,11 @@ pub struct Built {
     pub vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     pub devices: Arc<Devices>,
     pub shared: Arc<Shared>,
-    /// The vsock switch this run's device is (or, restored, will be) attached to.
+    /// The vsock switch this run's device is (or, restored, will be, when the restore
+    /// commits with [`VsockSwitch::replace`]) attached to.
     pub vsock: Option<VsockSwitch>,
-    /// A restored run's side of the switch, put in when the restore commits
-    /// ([`VsockSwitch::replace`]); `None` for a cold boot (attached at once).
-    pub port: Option<PreparedPort>,
+    /// The MSRs saving this run's vCPUs reads (`None`: KVM could not list them).
+    pub msrs: Option<&'static [u32]>,
     /// KVM's dirty-page log is on for the memory slots (restored runs: from the start).
     pub dirty_logging: bool,
     pub tsc_khz: u64,
@@ -216,7 +216,7 @@ pub fn build(
         source,
     };
     if let Source::Restore { state, .. } = &source {
-        state::restore_vm(&vm, &state.vm).map_err(restore_err)?;
+        state::Vm::restore(state::Vm { fd: &vm }, &state.vm).map_err(restore_err)?;
     }
     let console_irq = cx.eventfd("creating the console eventfd")?;
     vm.register_irqfd(&console_irq, layout::CONSOLE_GSI)
@@ -236,11 +236,26 @@ pub fn build(
         }
         if let Source::Restore { state, .. } = &source {
             if let Some(s) = state.vcpus.get(usize::from(id)) {
-                state::restore_vcpu(&vcpu, s).map_err(restore_err)?;
+                let v = state::Vcpu {
+                    fd: &vcpu,
+                    id,
+                    msrs: None,
+                };
+                state::Vcpu::restore(v, s).map_err(restore_err)?;
             }
         }
         vcpus.push(vcpu);
     }
+    // What saving this run's vCPUs will need; without it a snapshot fails (a cold boot
+    // does not).
+    let msrs = match vcpus.first().map(|v| state::saveable_msrs(kvm, v)) {
+        Some(Ok(list)) => Some(list),
+        Some(Err(e)) => {
+            log::warn!("partition {name}: {e}: snapshots of it will fail");
+            None
+        }
+        None => None,
+    };
     let tsc_khz = vcpus
         .first()
         .and_then(|v| v.get_tsc_khz().ok())
@@ -268,19 +283,22 @@ pub fn build(
                 name: name.clone(),
                 source,
             };
-            let (mmio, port): (VsockMmio, Option<PreparedPort>) = match &source {
-                Source::Cold => (
-                    switch
-                        .attach(v.cid, &name, mem.clone(), irq, v.uds.clone())
-                        .map_err(vsock_err)?,
-                    None,
-                ),
+            let mmio: VsockMmio = match &source {
+                Source::Cold => switch
+                    .attach(v.cid, &name, mem.clone(), irq, v.uds.clone())
+                    .map_err(vsock_err)?,
+                // Prepared: it waits in the switch until the restore commits.
                 Source::Restore { state, .. } => match &state.devices.vsock {
                     Some(saved) => {
-                        let (mmio, port) = switch
-                            .prepare_restored(v.cid, &name, mem.clone(), irq, v.uds.clone(), saved)
-                            .map_err(vsock_err)?;
-                        (mmio, Some(port))
+                        let args = VsockMmioArgs {
+                            switch: switch.clone(),
+                            cid: v.cid,
+                            name: name.clone(),
+                            mem: mem.clone(),
+                            irq,
+                            uds: v.uds.clone(),
+                        };
+                        VsockMmio::restore(args, saved).map_err(vsock_err)?
                     }
                     None => {
                         return Err(PartitionError::Restore {
@@ -290,12 +308,12 @@ pub fn build(
                     }
                 },
             };
-            Some((mmio, switch.clone(), port))
+            Some((mmio, switch.clone()))
         }
     };
-    let (vsock_mmio, vsock_switch, port) = match vsock {
-        Some((mmio, switch, port)) => (Some(mmio), Some(switch), port),
-        None => (None, None, None),
+    let (vsock_mmio, vsock_switch) = match vsock {
+        Some((mmio, switch)) => (Some(mmio), Some(switch)),
+        None => (None, None),
     };
     let (console, sysctl) = match &source {
         Source::Cold => (
@@ -314,7 +332,10 @@ pub fn build(
                 name: name.clone(),
                 message: format!("console: {e}"),
             })?,
-            state.devices.sysctl.clone(),
+            match Sysctl::restore((), &state.devices.sysctl) {
+                Ok(s) => s,
+                Err(never) => match never {},
+            },
         ),
     };
     let devices = Arc::new(Devices {
@@ -330,7 +351,7 @@ pub fn build(
         devices,
         shared,
         vsock: vsock_switch,
-        port,
+        msrs,
         dirty_logging: restored,
         tsc_khz,
     })

@@ -20,6 +20,7 @@ use serde::Serialize;
 use vmm_sys_util::signal::Killable;
 
 use duplex_devices::console::{ConsoleHandle, ConsoleOutput};
+use duplex_devices::persist::{Persist, Suspendable};
 use duplex_devices::vsock::VsockSwitch;
 
 use crate::boot::BootError;
@@ -132,6 +133,10 @@ pub struct Run {
     shared: Arc<Shared>,
     started: Instant,
     boot: u64,
+    /// The partition's name (errors, logs).
+    name: String,
+    /// The MSRs saving the vCPUs reads (`None`: KVM could not list them when built).
+    msrs: Option<&'static [u32]>,
     /// The switch this run's vsock device is attached to (detached when the run ends,
     /// unless a restore replaced it meanwhile).
     vsock: Option<VsockSwitch>,
@@ -170,13 +175,12 @@ impl Drop for Run {
 /// prepare half of a restore ([`Builder::prepare_restore`], [`Partition::install`]).
 pub struct PreparedRun {
     run: Run,
-    port: Option<duplex_devices::vsock::PreparedPort>,
 }
 
 impl PreparedRun {
-    /// Its side of the vsock switch, for [`VsockSwitch::replace`].
-    pub fn take_port(&mut self) -> Option<duplex_devices::vsock::PreparedPort> {
-        self.port.take()
+    /// Its vsock device, prepared in the switch, for [`VsockSwitch::replace`].
+    pub fn vsock_device(&self) -> Option<&duplex_devices::vsock::VsockMmio> {
+        self.run.devices.vsock.as_ref()
     }
 
     /// Throws the run away (the restore did not commit).
@@ -216,6 +220,18 @@ pub struct PartitionStatus {
     pub crash: Option<CrashInfo>,
     pub exits: ExitCounts,
     pub console_lines: u64,
+    /// Guest register accesses the devices ignored (misaligned, wrong size, unknown
+    /// register), per device, in the current run (see `docs/guest-abi.md`).
+    pub bad_accesses: BadAccesses,
+}
+
+/// Ignored register accesses of one run, per device.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct BadAccesses {
+    /// The system control page.
+    pub sysctl: u64,
+    /// The vsock device's virtio-mmio window (0 without one).
+    pub vsock: u64,
 }
 
 /// A partition of the device.
@@ -227,6 +243,8 @@ pub struct Partition {
     last: Option<Outcome>,
     last_exits: ExitCounts,
     boots: u64,
+    /// Paused by [`Suspendable::sleep`] (so [`Suspendable::wake`] resumes it).
+    asleep: bool,
 }
 
 impl Partition {
@@ -256,6 +274,7 @@ impl Partition {
             last: None,
             last_exits: ExitCounts::default(),
             boots: 0,
+            asleep: false,
         })
     }
 
@@ -339,6 +358,7 @@ impl Partition {
     /// run it replaces, for the caller to end ([`discard_in_background`]).
     pub fn install(&mut self, prepared: PreparedRun) -> Option<Run> {
         let old = self.run.replace(prepared.run);
+        self.asleep = false;
         self.boots += 1;
         self.last = None;
         old
@@ -476,6 +496,35 @@ impl Partition {
                 .as_ref()
                 .map_or(self.last_exits, |r| r.shared.exits.read()),
             console_lines: self.console.lock().total_lines(),
+            bad_accesses: self
+                .run
+                .as_ref()
+                .map_or_else(BadAccesses::default, |r| BadAccesses {
+                    sysctl: crate::lock(&r.devices.sysctl).bad_accesses(),
+                    vsock: r.devices.vsock.as_ref().map_or(0, |v| v.bad_accesses()),
+                }),
+        }
+    }
+}
+
+/// A partition is quiet at a cut when its vCPUs are parked: `sleep` pauses it if it runs,
+/// `wake` resumes it only if `sleep` paused it.
+impl Suspendable for Partition {
+    type Error = PartitionError;
+
+    fn sleep(&mut self) -> Result<(), PartitionError> {
+        if self.state() == State::Running {
+            self.pause()?;
+            self.asleep = true;
+        }
+        Ok(())
+    }
+
+    fn wake(&mut self) {
+        if std::mem::take(&mut self.asleep) {
+            if let Err(e) = self.resume() {
+                log::error!("partition {}: waking: {e}", self.config.name);
+            }
         }
     }
 }
@@ -503,19 +552,26 @@ impl Builder {
     /// [discarded](PreparedRun::discard), it leaves nothing behind.
     pub fn prepare_restore(
         &self,
-        kvm: &Kvm,
+        kvm: &Arc<Kvm>,
         switch: Option<&VsockSwitch>,
         ended: &Sender<PartitionEvent>,
         mem: GuestMemoryMmap,
         state: &snapshot::PartitionState,
         set_id: &str,
     ) -> Result<PreparedRun, PartitionError> {
-        let source = build::Source::Restore { mem, state };
-        let mut built = build::build(&self.config, &self.console, kvm, switch, source)?;
-        let port = built.port.take();
-        let mut run = spawn(&self.config.name, built, ended, self.boot)?;
-        run.dirty.restored(set_id);
-        Ok(PreparedRun { run, port })
+        let args = snapshot::RunArgs {
+            config: self.config.clone(),
+            console: self.console.clone(),
+            kvm: kvm.clone(),
+            switch: switch.cloned(),
+            ended: ended.clone(),
+            mem,
+            boot: self.boot,
+            set_id: set_id.to_owned(),
+        };
+        Ok(PreparedRun {
+            run: Run::restore(args, state)?,
+        })
     }
 }
 
@@ -534,7 +590,7 @@ fn spawn(
         devices,
         shared,
         vsock,
-        port: _,
+        msrs,
         dirty_logging,
         tsc_khz,
     } = built;
@@ -575,6 +631,8 @@ fn spawn(
         shared,
         started: Instant::now(),
         boot,
+        name,
+        msrs,
         vsock,
         dirty: snapshot::DirtyLog::new(dirty_logging),
     })

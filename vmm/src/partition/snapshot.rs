@@ -13,7 +13,14 @@ use duplex_devices::sysctl::Sysctl;
 use duplex_devices::vsock::VsockMmioState;
 
 use super::state::{self, VcpuState, VmState};
-use super::{Partition, PartitionError, Run, State};
+use super::vcpu::PartitionEvent;
+use super::{build, Partition, PartitionError, Run, State};
+use crate::config::PartitionConfig;
+use duplex_devices::console::ConsoleHandle;
+use duplex_devices::vsock::VsockSwitch;
+use duplex_devices::GuestMemoryMmap;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
 /// Version of [`PartitionState`]; a state file of another version is refused.
 pub const STATE_VERSION: u32 = 1;
@@ -183,28 +190,74 @@ impl Partition {
     }
 
     /// Captures the state of a paused partition (its memory is read separately).
-    pub fn capture(&self, kvm: &Kvm) -> Result<PartitionState, PartitionError> {
+    pub fn capture(&self) -> Result<PartitionState, PartitionError> {
         if self.state() != State::Paused {
             return Err(self.invalid("be snapshotted"));
         }
-        let run = self
-            .run
+        self.run
             .as_ref()
-            .ok_or_else(|| self.invalid("be snapshotted"))?;
-        let name = self.config.name.clone();
+            .ok_or_else(|| self.invalid("be snapshotted"))?
+            .save()
+    }
+}
+
+/// What restoring a [`Run`] needs besides its state.
+pub struct RunArgs {
+    pub config: PartitionConfig,
+    pub console: ConsoleHandle,
+    pub kvm: Arc<Kvm>,
+    pub switch: Option<VsockSwitch>,
+    pub ended: Sender<PartitionEvent>,
+    /// The partition's restored guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The boot number the run gets.
+    pub boot: u64,
+    /// The set it is restored from (writes are tracked from it).
+    pub set_id: String,
+}
+
+/// A run of a partition as a snapshot sees it: VM, vCPUs and devices ([`PartitionState`];
+/// memory is written and loaded by the snapshot crate). Each part is saved and restored
+/// through its own [`Persist`]: [`state::Vm`], [`state::Vcpu`], the console, the system
+/// control page and the vsock device.
+impl Persist for Run {
+    type State = PartitionState;
+    type ConstructorArgs = RunArgs;
+    type Error = PartitionError;
+
+    /// The run's state; its vCPUs must be parked.
+    fn save(&self) -> Result<PartitionState, PartitionError> {
+        let name = self.name.clone();
         let kvm_state = |source| PartitionError::State {
             name: name.clone(),
             source,
         };
-        let vm = state::save_vm(&run.vm).map_err(kvm_state)?;
-        let mut vcpus = Vec::with_capacity(run.vcpus.len());
-        for (i, v) in run.vcpus.iter().enumerate() {
-            vcpus.push(state::save_vcpu(kvm, i as u8, &lock(v)).map_err(kvm_state)?);
+        let vm = state::Vm { fd: &self.vm }.save().map_err(kvm_state)?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let fd = lock(v);
+            let vcpu = state::Vcpu {
+                fd: &fd,
+                id: i as u8,
+                msrs: self.msrs,
+            };
+            vcpus.push(vcpu.save().map_err(kvm_state)?);
         }
+        let device = |what: &str, e: &dyn std::fmt::Display| PartitionError::Restore {
+            name: name.clone(),
+            message: format!("saving {what}: {e}"),
+        };
         let devices = DevicesState {
-            console: lock(&run.devices.console).save(),
-            sysctl: lock(&run.devices.sysctl).clone(),
-            vsock: run.devices.vsock.as_ref().map(|v| v.save()),
+            console: lock(&self.devices.console)
+                .save()
+                .map_err(|e| device("the console", &e))?,
+            sysctl: lock(&self.devices.sysctl)
+                .save()
+                .map_err(|e| device("the system control page", &e))?,
+            vsock: match &self.devices.vsock {
+                Some(v) => Some(v.save().map_err(|e| device("the vsock device", &e))?),
+                None => None,
+            },
         };
         Ok(PartitionState {
             version: STATE_VERSION,
@@ -213,5 +266,24 @@ impl Partition {
             vcpus,
             devices,
         })
+    }
+
+    /// A new run from `state`, its vCPU threads started but parked, its vsock device
+    /// prepared in the switch (put in when the restore commits).
+    fn restore(args: RunArgs, state: &PartitionState) -> Result<Run, PartitionError> {
+        let source = build::Source::Restore {
+            mem: args.mem,
+            state,
+        };
+        let built = build::build(
+            &args.config,
+            &args.console,
+            &args.kvm,
+            args.switch.as_ref(),
+            source,
+        )?;
+        let mut run = super::spawn(&args.config.name, built, &args.ended, args.boot)?;
+        run.dirty.restored(&args.set_id);
+        Ok(run)
     }
 }

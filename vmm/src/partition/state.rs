@@ -9,6 +9,7 @@
 
 use std::sync::OnceLock;
 
+use duplex_devices::persist::Persist;
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
@@ -80,7 +81,7 @@ impl std::fmt::Debug for VmState {
 /// The MSRs KVM can save on this host: its index list, less those that cannot be read
 /// (probed once per process). A list that cannot be had, or that lacks the TSC, is an
 /// error: a set without them would restore a guest whose clock jumps.
-fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<&'static [u32], StateError> {
+pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<&'static [u32], StateError> {
     static LIST: OnceLock<Vec<u32>> = OnceLock::new();
     if let Some(list) = LIST.get() {
         return Ok(list);
@@ -119,10 +120,61 @@ fn check_msr_list(list: Vec<u32>) -> Result<Vec<u32>, StateError> {
 
 const IA32_TSC: u32 = 0x10;
 
-/// Saves one vCPU. It must be out of KVM_RUN, with any pending port or MMIO exit
-/// completed (see [`complete_pending_io`]).
-pub fn save_vcpu(kvm: &Kvm, id: u8, vcpu: &VcpuFd) -> Result<VcpuState, StateError> {
-    let indices = saveable_msrs(kvm, vcpu)?;
+/// A vCPU as [`Persist`] sees it: its fd, its index, and the MSRs this host can save
+/// (`None`: the list could not be had when the VM was built, so saving fails).
+pub struct Vcpu<'a> {
+    pub fd: &'a VcpuFd,
+    pub id: u8,
+    pub msrs: Option<&'static [u32]>,
+}
+
+impl Persist for Vcpu<'_> {
+    type State = VcpuState;
+    /// The new vCPU (created, with the partition's CPUID set) to restore into.
+    type ConstructorArgs = Self;
+    type Error = StateError;
+
+    /// Saves the vCPU. It must be out of KVM_RUN, with any pending port or MMIO exit
+    /// completed (see [`complete_pending_io`]).
+    fn save(&self) -> Result<VcpuState, StateError> {
+        let msrs = self.msrs.ok_or(StateError {
+            op: "KVM_GET_MSR_INDEX_LIST (no MSR list: cannot save the vCPU)",
+            source: kvm_ioctls::Error::new(libc::ENOENT),
+        })?;
+        save_vcpu(msrs, self.id, self.fd)
+    }
+
+    fn restore(args: Self, state: &VcpuState) -> Result<Self, StateError> {
+        restore_vcpu(args.fd, state)?;
+        Ok(args)
+    }
+}
+
+/// A VM as [`Persist`] sees it (its irqchip, PIT and clock).
+pub struct Vm<'a> {
+    pub fd: &'a VmFd,
+}
+
+impl Persist for Vm<'_> {
+    type State = VmState;
+    /// The new VM (with its irqchip and PIT created) to restore into.
+    type ConstructorArgs = Self;
+    type Error = StateError;
+
+    /// Saves the VM-wide state (all vCPUs paused).
+    fn save(&self) -> Result<VmState, StateError> {
+        save_vm(self.fd)
+    }
+
+    /// Restores the VM-wide state (before the vCPUs).
+    fn restore(args: Self, state: &VmState) -> Result<Self, StateError> {
+        restore_vm(args.fd, state)?;
+        Ok(args)
+    }
+}
+
+/// Saves one vCPU with the MSRs `indices`.
+fn save_vcpu(indices: &[u32], id: u8, vcpu: &VcpuFd) -> Result<VcpuState, StateError> {
     let entries: Vec<kvm_msr_entry> = indices
         .iter()
         .map(|&index| kvm_msr_entry {
@@ -151,7 +203,7 @@ pub fn save_vcpu(kvm: &Kvm, id: u8, vcpu: &VcpuFd) -> Result<VcpuState, StateErr
 }
 
 /// Restores one vCPU (created with the partition's CPUID already set).
-pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
+fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     if vcpu.get_tsc_khz().ok() != Some(s.tsc_khz) {
         vcpu.set_tsc_khz(s.tsc_khz)
             .map_err(err("KVM_SET_TSC_KHZ"))?;
@@ -206,8 +258,7 @@ fn irqchip(vm: &VmFd, chip_id: u32, op: &'static str) -> Result<kvm_irqchip, Sta
     Ok(chip)
 }
 
-/// Saves the VM-wide state (all vCPUs paused).
-pub fn save_vm(vm: &VmFd) -> Result<VmState, StateError> {
+fn save_vm(vm: &VmFd) -> Result<VmState, StateError> {
     Ok(VmState {
         pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER, "KVM_GET_IRQCHIP (PIC master)")?,
         pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE, "KVM_GET_IRQCHIP (PIC slave)")?,
@@ -217,8 +268,7 @@ pub fn save_vm(vm: &VmFd) -> Result<VmState, StateError> {
     })
 }
 
-/// Restores the VM-wide state (before the vCPUs).
-pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), StateError> {
+fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), StateError> {
     vm.set_irqchip(&s.pic_master)
         .map_err(err("KVM_SET_IRQCHIP (PIC master)"))?;
     vm.set_irqchip(&s.pic_slave)
@@ -279,7 +329,8 @@ mod tests {
         let mut sregs = vcpu.get_sregs().expect("sregs");
         sregs.cr0 |= 1;
         vcpu.set_sregs(&sregs).expect("set sregs");
-        let saved = save_vcpu(&kvm, 0, &vcpu).expect("save vcpu");
+        let saved =
+            save_vcpu(saveable_msrs(&kvm, &vcpu).expect("msrs"), 0, &vcpu).expect("save vcpu");
         let saved_vm = save_vm(&vm).expect("save vm");
         assert!(
             saved.msrs.iter().any(|m| m.index == 0x10),
@@ -294,7 +345,8 @@ mod tests {
         let (vm2, vcpu2) = vm_and_vcpu(&kvm);
         restore_vm(&vm2, &back_vm).expect("restore vm");
         restore_vcpu(&vcpu2, &back).expect("restore vcpu");
-        let again = save_vcpu(&kvm, 0, &vcpu2).expect("save again");
+        let again =
+            save_vcpu(saveable_msrs(&kvm, &vcpu2).expect("msrs"), 0, &vcpu2).expect("save again");
         assert_eq!(again.regs.rax, 0x1234_5678);
         assert_eq!(again.regs.rip, 0x10_0042);
         assert_eq!(again.sregs.cr0 & 1, 1);

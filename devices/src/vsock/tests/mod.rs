@@ -31,7 +31,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::packet::{Endpoint, Hdr, HDR_SIZE};
-use super::{VsockError, VsockMmio, VsockMmioArgs, VsockMmioState, VsockSwitch, QUEUE_SIZE};
+use super::{VsockError, VsockMmio, VsockMmioState, VsockSwitch, QUEUE_SIZE};
 use crate::persist::Persist;
 use crate::virtio::mmio::reg;
 use crate::virtio::Interrupt;
@@ -212,7 +212,7 @@ impl MockGuest {
 
     /// The device's saved state.
     pub fn save(&self) -> VsockMmioState {
-        self.mmio.save()
+        self.mmio.save().expect("save")
     }
 
     /// Restores the device from `state` on `switch` (the memory is this guest's, as it is);
@@ -224,15 +224,15 @@ impl MockGuest {
         uds: Option<PathBuf>,
     ) -> Result<(), VsockError> {
         let (irq, wakes, irqfd) = counted_irq();
-        let args = VsockMmioArgs {
-            switch: switch.clone(),
-            cid: self.cid,
-            name: format!("p{}", self.cid),
-            mem: self.mem.clone(),
+        // Prepared (the Persist restore) and put in at once.
+        self.mmio = switch.attach_restored(
+            self.cid,
+            &format!("p{}", self.cid),
+            self.mem.clone(),
             irq,
             uds,
-        };
-        self.mmio = VsockMmio::restore(args, state)?;
+            state,
+        )?;
         self.wakes = wakes;
         self.irqfd = irqfd;
         Ok(())

@@ -59,7 +59,7 @@ impl Persist for HostRig {
     type ConstructorArgs = (super::persist_tests::RigArgs, PathBuf, UnixStream, Endpoint);
     type Error = VsockError;
 
-    fn save(&self) -> Self::State {
+    fn save(&self) -> Result<Self::State, VsockError> {
         self.rig.save()
     }
 
@@ -169,7 +169,7 @@ fn in_process_reboot_keeps_open_host_sockets_and_resets_the_rest() {
 
     // The cut: switch, devices and guest memory, frozen.
     let frozen = rig.sw.freeze();
-    let state = rig.save();
+    let state = rig.save().unwrap();
     let images: Vec<GuestImage> = rig.guests.iter().map(MockGuest::image).collect();
     drop(frozen);
 
@@ -247,7 +247,7 @@ fn new_process_restore_resets_host_connections() {
     let (mut h1, hep1) = connected(g, &uds, 80);
     h1.write_all(b"before").unwrap();
     assert_eq!(rw_from(&recv_until(g, |g| !g.is_empty()), hep1), b"before");
-    let state = crate::persist::json_round_trip(&rig.save()).unwrap();
+    let state = crate::persist::json_round_trip(&rig.save().unwrap()).unwrap();
     let args = rig.new_process_args();
     let mut restored = Rig::restore(args, &state).unwrap();
     // The old process ends: its sockets close.
@@ -284,7 +284,7 @@ fn host_bytes_written_while_frozen_are_delivered_once_after_an_in_process_restor
     h1.shutdown(std::net::Shutdown::Write).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert!(rig.guests[0].recv().is_empty(), "frozen: nothing delivered");
-    let state = rig.save();
+    let state = rig.save().unwrap();
     let image = rig.guests[0].image();
     rig.sw.detach_quiet(3);
     rig.guests[0].load_image(&image);
@@ -311,7 +311,7 @@ fn host_bytes_that_moved_after_the_cut_reset_the_connection_instead_of_vanishing
     g.add_rx(16, 4096);
     let (mut h1, hep1) = connected(g, &uds, 80);
     let frozen = rig.sw.freeze();
-    let state = rig.save();
+    let state = rig.save().unwrap();
     let image = rig.guests[0].image();
     drop(frozen);
     // Not frozen any more: the bridge reads these bytes and the guest takes them.

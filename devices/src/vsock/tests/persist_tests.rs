@@ -42,12 +42,12 @@ impl Persist for Rig {
     type Error = VsockError;
 
     /// As the monitor does: frozen while the switch and the devices are saved.
-    fn save(&self) -> RigState {
+    fn save(&self) -> Result<RigState, VsockError> {
         let _frozen = self.sw.freeze();
-        RigState {
+        Ok(RigState {
             switch: self.sw.save_state(),
             devices: self.guests.iter().map(MockGuest::save).collect(),
-        }
+        })
     }
 
     fn restore(args: RigArgs, state: &RigState) -> Result<Self, VsockError> {
