@@ -7,8 +7,11 @@ read the monitor's RSS and the resident guest memory (from /proc/PID/smaps: the 
 RAM mappings are the anonymous mappings of exactly the partition size) and report the
 monitor's own overhead per partition. Baseline, measured in the same run: spawn to first
 output line of a trivial process (`duplex --version`), the floor of any process start.
+
+`--json FILE` also writes every figure (with its baseline and unit) as JSON, for
+scripts/bench_report.py.
 """
-import json, os, statistics, subprocess, sys, tempfile, time
+import argparse, datetime, json, os, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DUPLEX = os.path.join(ROOT, "target/release/duplex")
@@ -73,10 +76,25 @@ def boot(n, mem_mib, settle_s):
     return first, guest, rss
 
 
+def figure(fid, label, value, unit, stat, baseline=None, ratio=None, goal=None, **extra):
+    f = {"id": fid, "label": label, "value": round(value, 3), "unit": unit, "stat": stat,
+         "baseline": baseline, "ratio": None if ratio is None else round(ratio, 3),
+         "ratio_meaning": "value / baseline" if ratio is not None else None, "goal": goal}
+    f.update(extra)
+    if "samples" in f:
+        f["samples"] = [round(x, 3) for x in f["samples"]]
+    return f
+
+
 def main():
+    ap = argparse.ArgumentParser(description="cold-boot and memory benchmark")
+    ap.add_argument("--json", help="also write the results as JSON to this file")
+    args = ap.parse_args()
     runs = int(os.environ.get("BENCH_RUNS", "5"))
     base = baseline_ms(runs)
     print(f"baseline: process spawn to first output line (duplex --version): {base:.2f} ms (median of {runs})")
+    spawn = {"label": "process spawn to first output line (duplex --version)", "value": round(base, 3), "unit": "ms"}
+    figures = [figure("boot.spawn_baseline", spawn["label"] + " (baseline)", base, "ms", f"median of {runs}")]
     results = {}
     for n in (1, 2, 4):
         firsts, overheads = [], []
@@ -88,9 +106,21 @@ def main():
         med, worst, ovh = results[n]
         print(f"{n} partition(s): spawn to first console line median {med:.1f} ms, worst {worst:.1f} ms "
               f"({med / base:.1f}x baseline); monitor RSS minus guest RAM touched {ovh:.2f} MiB")
+        figures.append(figure(f"boot.first_line.{n}p", f"{n} partition(s) of 64 MiB: spawn to first console line",
+                              med, "ms", f"median of {len(firsts)} (partitions x runs)", spawn, med / base,
+                              goal="<= 50 ms" if n == 2 else None, worst=round(worst, 3), samples=firsts))
+        figures.append(figure(f"boot.overhead.{n}p", f"{n} partition(s): monitor RSS minus guest RAM touched",
+                              ovh, "MiB", f"median of {runs}", samples=overheads))
     slope = (results[4][2] - results[1][2]) / 3
     print(f"monitor overhead per additional partition: {slope:.2f} MiB (goal <= 5 MiB)")
     print(f"first console line, 2-partition device: median {results[2][0]:.1f} ms (goal <= 50 ms)")
+    figures.append(figure("boot.overhead_per_partition", "monitor memory overhead per additional partition",
+                          slope, "MiB", "(4 partitions - 1) / 3, medians", goal="<= 5 MiB"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bench": "boot", "script": "scripts/bench_boot.py",
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "runs": runs, "figures": figures}, f, indent=1)
 
 
 if __name__ == "__main__":

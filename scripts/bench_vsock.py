@@ -13,8 +13,11 @@
   `duplex-bench-host` below if built; else absolute only.
 - cold boot to READY: spawn of `duplex run` on examples/device.json to the engine's and
   the controller's READY lines (the figure snapshot reboot must beat by 20x).
+
+`--json FILE` also writes every figure (with its baseline and unit) as JSON, for
+scripts/bench_report.py.
 """
-import json, os, re, statistics, subprocess, sys, tempfile, time
+import argparse, datetime, json, os, re, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DUPLEX = os.path.join(ROOT, "target/release/duplex")
@@ -64,7 +67,20 @@ def baseline(nbytes, trips):
     return json.loads(out)
 
 
+def figure(fid, label, value, unit, stat, baseline=None, ratio=None, goal=None, **extra):
+    f = {"id": fid, "label": label, "value": round(value, 3), "unit": unit, "stat": stat,
+         "baseline": baseline, "ratio": None if ratio is None else round(ratio, 3),
+         "ratio_meaning": "value / baseline" if ratio is not None else None, "goal": goal}
+    f.update(extra)
+    if "samples" in f:
+        f["samples"] = [round(x, 3) for x in f["samples"]]
+    return f
+
+
 def main():
+    ap = argparse.ArgumentParser(description="vsock, print pipeline and cold-boot-to-READY benchmark")
+    ap.add_argument("--json", help="also write the results as JSON to this file")
+    args = ap.parse_args()
     nbytes = int(os.environ.get("BENCH_VSOCK_BYTES", str(256 << 20)))
     trips = int(os.environ.get("BENCH_RTT_COUNT", "2000"))
     base = [baseline(nbytes, trips) for _ in range(RUNS)]
@@ -130,6 +146,30 @@ def main():
     r = statistics.median(rates)
     print(f"engine: {r:.0f} pages/s (256x256, host->controller->engine->host) = {r / host_rate:.3f} x the host "
           f"halftoning the same pages in one thread ({host_rate:.0f} pages/s)")
+    if args.json:
+        sp = "host AF_UNIX socketpair, two threads"
+        figures = [
+            figure("vsock.socketpair_throughput", "host AF_UNIX socketpair throughput, 64 KiB writes (baseline)",
+                   base_mbs, "MB/s", f"best of {RUNS}", samples=[b["mb_per_s"] for b in base]),
+            figure("vsock.socketpair_rtt", "host AF_UNIX socketpair round trip, 64 B (baseline)",
+                   base_rtt / 1000, "us", f"best of {RUNS}", samples=[b["rtt_avg_ns"] / 1000 for b in base]),
+            figure("vsock.throughput", "vsock partition->partition throughput, 64 KiB writes", mbs, "MB/s",
+                   f"best of {RUNS}", {"label": sp, "value": round(base_mbs, 3), "unit": "MB/s"}, mbs / base_mbs,
+                   goal=">= 0.5 x socketpair", bytes=nbytes),
+            figure("vsock.rtt", "vsock partition->partition round trip, 64 B", rtt / 1000, "us", f"best of {RUNS}",
+                   {"label": sp, "value": round(base_rtt / 1000, 3), "unit": "us"}, rtt / base_rtt,
+                   samples=[x / 1000 for x in rtts], count=trips),
+            figure("boot.cold_ready", "cold boot to READY, examples/device.json (engine calibrates 48 MiB)",
+                   statistics.median(boot), "ms", f"median of {RUNS}", samples=boot),
+            figure("print.engine_pages_per_s", "engine pages/s, 256x256, host->controller->engine->host", r,
+                   "pages/s", f"median of {RUNS}",
+                   {"label": "the host halftoning the same pages, one thread", "value": round(host_rate, 3),
+                    "unit": "pages/s"}, r / host_rate, samples=rates, pages=pages),
+        ]
+        with open(args.json, "w") as f:
+            json.dump({"bench": "vsock", "script": "scripts/bench_vsock.py",
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "runs": RUNS, "figures": figures}, f, indent=1)
 
 
 if __name__ == "__main__":
