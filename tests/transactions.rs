@@ -99,9 +99,11 @@ fn kvm_a_failed_reboot_leaves_the_old_device_running_where_it_was() {
         );
         assert_eq!(set_id(&set), id, "the set is untouched");
     }
-    // The set and the device are fine: the next reboot works and goes back to the set.
+    // The set and the device are fine: the next reboot works and goes back to the set, on
+    // VMs made ahead (at boot, and again after each restore).
     let r = dev.ok(json!({"cmd": "reboot"}));
     assert_eq!(r["set_id"], id.as_str(), "{r}");
+    assert_eq!(r["vms_made_ahead"], 2, "{r}");
     assert_running(&dev, 2);
     let mut c = JobClient::connect(&uds(&dir.0)).expect("connect after reboot");
     let jobs = c.jobs(None).expect("jobs");

@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use vm_memory::bitmap::NewBitmap;
@@ -79,6 +80,35 @@ impl SnapshotSet {
         name: &str,
         mode: LoadMode,
     ) -> Result<GuestMemoryMmap<B>, SnapshotError> {
+        self.load_memory_at::<B>(name, mode, None)
+    }
+
+    /// As [`SnapshotSet::load_memory_with_bitmap`], but each RAM region is mapped at the
+    /// given host address (one per region, in `ram` order, page aligned), replacing what
+    /// is mapped there (`MAP_FIXED`): address ranges the caller reserved (e.g. ones a KVM
+    /// memory slot already points at, so that no slot has to be registered again).
+    ///
+    /// # Safety
+    ///
+    /// Each `[addr, addr + len)` must be a range the caller owns, of the region's length,
+    /// that nothing else uses: it is replaced. The mapping is not unmapped when the memory
+    /// is dropped; the caller unmaps (or reserves again) the range once no clone of the
+    /// returned memory is left.
+    pub unsafe fn load_memory_into<B: NewBitmap>(
+        &self,
+        name: &str,
+        mode: LoadMode,
+        at: &[usize],
+    ) -> Result<GuestMemoryMmap<B>, SnapshotError> {
+        self.load_memory_at::<B>(name, mode, Some(at))
+    }
+
+    fn load_memory_at<B: NewBitmap>(
+        &self,
+        name: &str,
+        mode: LoadMode,
+        at: Option<&[usize]>,
+    ) -> Result<GuestMemoryMmap<B>, SnapshotError> {
         let chain = self.chain();
         let entries = chain
             .iter()
@@ -102,8 +132,16 @@ impl SnapshotSet {
             _ if chain.len() > 1 => base_file.try_clone().ok(),
             _ => None,
         };
+        if let Some(at) = at {
+            if at.len() != entry.ram.len() {
+                return Err(self.mem_err(
+                    name,
+                    format!("{} addresses for {} RAM regions", at.len(), entry.ram.len()),
+                ));
+            }
+        }
         let mem = match mode {
-            LoadMode::Lazy => self.map_private::<B>(name, entry, &layout, base_file)?,
+            LoadMode::Lazy => self.map_private::<B>(name, entry, &layout, base_file, at)?,
             LoadMode::LazyPrefetch => {
                 let path = base.dir.join(&base_entry.memory_file);
                 let extents = sys::page_extents(&base_file, 0, len)
@@ -114,7 +152,7 @@ impl SnapshotSet {
                         .name("snapshot-prefetch".into())
                         .spawn(move || sys::prefetch(&f, &extents));
                 }
-                self.map_private::<B>(name, entry, &layout, base_file)?
+                self.map_private::<B>(name, entry, &layout, base_file, at)?
             }
             LoadMode::Eager => {
                 let ranges: Vec<(GuestAddress, usize)> = entry
@@ -122,8 +160,11 @@ impl SnapshotSet {
                     .iter()
                     .map(|r| (GuestAddress(r.gpa), r.len as usize))
                     .collect();
-                let mem = GuestMemoryMmap::<B>::from_ranges(&ranges)
-                    .map_err(|e| self.mem_err(name, format!("allocating: {e}")))?;
+                let mem = match at {
+                    None => GuestMemoryMmap::<B>::from_ranges(&ranges)
+                        .map_err(|e| self.mem_err(name, format!("allocating: {e}")))?,
+                    Some(at) => self.map_fixed::<B>(name, entry, at, None)?,
+                };
                 let path = base.dir.join(&base_entry.memory_file);
                 let extents = sys::page_extents(&base_file, 0, len)
                     .map_err(|e| SnapshotError::io(&path, "finding data extents of", e))?;
@@ -147,14 +188,83 @@ impl SnapshotSet {
         }
     }
 
+    /// Maps each region at its address in `at` with `MAP_FIXED`: the memory file's range
+    /// (copy on write) with `file`, else fresh anonymous memory. The regions do not own
+    /// their mappings (see [`SnapshotSet::load_memory_into`]).
+    fn map_fixed<B: NewBitmap>(
+        &self,
+        name: &str,
+        entry: &PartitionEntry,
+        at: &[usize],
+        file: Option<(&Arc<File>, &[u64])>,
+    ) -> Result<GuestMemoryMmap<B>, SnapshotError> {
+        let mut regions = Vec::with_capacity(entry.ram.len());
+        for (i, (r, &addr)) in entry.ram.iter().zip(at).enumerate() {
+            let len = r.len as usize;
+            let (fd, off) = match file {
+                Some((f, offsets)) => (f.as_raw_fd(), offsets.get(i).copied().unwrap_or(0)),
+                None => (-1, 0),
+            };
+            let flags = libc::MAP_PRIVATE
+                | libc::MAP_NORESERVE
+                | libc::MAP_FIXED
+                | if fd < 0 { libc::MAP_ANONYMOUS } else { 0 };
+            let off = libc::off_t::try_from(off)
+                .map_err(|_| self.mem_err(name, format!("file offset {off} is too large")))?;
+            // SAFETY: the caller of `load_memory_into` owns `[addr, addr + len)` and lets it
+            // be replaced; `fd` (if any) is a file this set opened.
+            let p = unsafe {
+                libc::mmap(
+                    addr as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    fd,
+                    off,
+                )
+            };
+            if p == libc::MAP_FAILED || p as usize != addr {
+                return Err(self.mem_err(
+                    name,
+                    format!(
+                        "mapping region at gpa {:#x} at {addr:#x}: {}",
+                        r.gpa,
+                        std::io::Error::last_os_error()
+                    ),
+                ));
+            }
+            let mut builder = MmapRegionBuilder::new_with_bitmap(len, B::with_len(len))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags & !libc::MAP_FIXED);
+            if let Some((f, offsets)) = file {
+                let o = offsets.get(i).copied().unwrap_or(0);
+                builder = builder.with_file_offset(FileOffset::from_arc(f.clone(), o));
+            }
+            // SAFETY: `addr` is the page-aligned start of the mapping of `len` bytes just made,
+            // which stays mapped for as long as the caller keeps the range (see above).
+            let region = unsafe { builder.with_raw_mmap_pointer(addr as *mut u8) }
+                .build()
+                .map_err(|e| self.mem_err(name, format!("region at gpa {:#x}: {e}", r.gpa)))?;
+            let region = GuestRegionMmap::new(region, GuestAddress(r.gpa)).ok_or_else(|| {
+                self.mem_err(name, format!("region at gpa {:#x} overflows", r.gpa))
+            })?;
+            regions.push(region);
+        }
+        GuestMemoryMmap::from_regions(regions).map_err(|e| self.mem_err(name, format!("{e}")))
+    }
+
     fn map_private<B: NewBitmap>(
         &self,
         name: &str,
         entry: &PartitionEntry,
         layout: &Layout,
         file: File,
+        at: Option<&[usize]>,
     ) -> Result<GuestMemoryMmap<B>, SnapshotError> {
         let file = Arc::new(file);
+        if let Some(at) = at {
+            return self.map_fixed::<B>(name, entry, at, Some((&file, &layout.offsets)));
+        }
         let mut regions = Vec::with_capacity(entry.ram.len());
         for (r, &off) in entry.ram.iter().zip(&layout.offsets) {
             let len = r.len as usize;

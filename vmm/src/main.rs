@@ -123,8 +123,16 @@ fn run(args: &RunArgs) -> Result<(), String> {
         vmm_sys_util::signal::register_signal_handler(sig, on_signal)
             .map_err(|e| format!("installing the handler of signal {sig}: {e}"))?;
     }
+    if args.restore.is_some() {
+        // The restore's VMs are made while the set is opened and verified.
+        monitor.make_shells();
+    }
     match &args.restore {
-        None => monitor.start_all().map_err(|e| e.to_string())?,
+        None => {
+            monitor.start_all().map_err(|e| e.to_string())?;
+            // A first reboot from a set finds its VMs made.
+            monitor.make_shells();
+        }
         Some(dir) => {
             let mode = if args.eager {
                 duplex_snapshot::LoadMode::Eager
@@ -137,6 +145,7 @@ fn run(args: &RunArgs) -> Result<(), String> {
                     log::warn!("not restoring: {e}; falling back to a cold boot");
                     monitor.set_fallback(e.to_string());
                     monitor.start_all().map_err(|e| e.to_string())?;
+                    monitor.make_shells();
                 }
                 Err(e) => return Err(e.to_string()),
             }

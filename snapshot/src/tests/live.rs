@@ -128,3 +128,65 @@ fn update_before_write_and_bad_device_state_names_are_refused() {
     w.write_device_state("vsock", b"{}").expect("first");
     assert!(w.write_device_state("vsock", b"{}").is_err(), "twice");
 }
+
+/// A reserved address range (PROT_NONE), unmapped when dropped.
+struct Reserved(usize, usize);
+
+impl Reserved {
+    fn new(len: usize) -> Reserved {
+        // SAFETY: a new private reservation chosen by the kernel.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Reserved(p as usize, len)
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        // SAFETY: the range this value reserved; the memory mapped into it is dropped first.
+        unsafe {
+            libc::munmap(self.0 as *mut libc::c_void, self.1);
+        }
+    }
+}
+
+#[test]
+fn memory_loads_into_reserved_ranges_lazily_and_eagerly() {
+    let t = TempDir::new("live-into");
+    let mem = two_regions();
+    for gpa in [0, 7 * P, HIGH, HIGH + 9 * P] {
+        fill(&mem, gpa, 5);
+    }
+    let dest = t.path().join("set");
+    write_full(&dest, &[("engine", &mem, b"{}")]);
+    let set = open_ok(&dest);
+    for mode in [LoadMode::Lazy, LoadMode::Eager] {
+        let (low, high) = (Reserved::new(4 << 20), Reserved::new(2 << 20));
+        // SAFETY: both ranges are this test's, of the regions' lengths, and the memory is
+        // dropped before them.
+        let back = unsafe {
+            set.load_memory_into::<()>("engine", mode, &[low.0, high.0])
+                .expect("load into")
+        };
+        assert_eq!(diff(&mem, &back), Vec::<u64>::new(), "{mode:?}");
+        let host = |i: usize| {
+            back.iter()
+                .nth(i)
+                .and_then(|r| r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok())
+                .map(|p| p as usize)
+        };
+        assert_eq!((host(0), host(1)), (Some(low.0), Some(high.0)));
+        drop(back);
+    }
+    let e = unsafe { set.load_memory_into::<()>("engine", LoadMode::Lazy, &[0x1000]) };
+    assert!(e.is_err(), "one address for two regions is refused");
+}

@@ -47,6 +47,12 @@ pub enum Command {
 }
 
 impl Command {
+    /// Every command's name on the wire, in the order of the variants (the commands table
+    /// of `docs/control-api.md` lists exactly these; `tests/control_api_doc.rs` checks it).
+    pub const NAMES: &'static [&'static str] = &[
+        "status", "pause", "resume", "stop", "start", "shutdown", "console", "snapshot", "reboot",
+    ];
+
     /// The command's name on the wire (`"status"`, ...).
     pub fn name(&self) -> &'static str {
         match self {
@@ -138,6 +144,25 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every error code, in the order of the variants (the error codes table of
+    /// `docs/control-api.md` lists exactly these; `tests/control_api_doc.rs` checks it).
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::ParseError,
+        ErrorCode::InvalidRequest,
+        ErrorCode::UnknownCommand,
+        ErrorCode::UnknownPartition,
+        ErrorCode::InvalidState,
+        ErrorCode::LineTooLong,
+        ErrorCode::NotUtf8,
+        ErrorCode::InternalError,
+        ErrorCode::ShuttingDown,
+        ErrorCode::SnapshotDenied,
+        ErrorCode::SnapshotFailed,
+        ErrorCode::InvalidSnapshot,
+        ErrorCode::Busy,
+        ErrorCode::RestoreFailed,
+    ];
+
     /// The code as it appears on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -486,5 +511,105 @@ mod tests {
             assert_eq!(code.as_str(), text);
             assert_eq!(json!(code), json!(text));
         }
+    }
+
+    /// Where each code is in [`ErrorCode::ALL`]. No wildcard arm: a new variant does not
+    /// compile until it has its place here (and then in `ALL`).
+    fn error_code_position(code: ErrorCode) -> usize {
+        match code {
+            ErrorCode::ParseError => 0,
+            ErrorCode::InvalidRequest => 1,
+            ErrorCode::UnknownCommand => 2,
+            ErrorCode::UnknownPartition => 3,
+            ErrorCode::InvalidState => 4,
+            ErrorCode::LineTooLong => 5,
+            ErrorCode::NotUtf8 => 6,
+            ErrorCode::InternalError => 7,
+            ErrorCode::ShuttingDown => 8,
+            ErrorCode::SnapshotDenied => 9,
+            ErrorCode::SnapshotFailed => 10,
+            ErrorCode::InvalidSnapshot => 11,
+            ErrorCode::Busy => 12,
+            ErrorCode::RestoreFailed => 13,
+        }
+    }
+
+    /// The names inside backticks in `text` (serde's list of an enum's variants).
+    fn backticked(text: &str) -> Vec<&str> {
+        text.split('`').skip(1).step_by(2).collect()
+    }
+
+    #[test]
+    fn error_code_all_lists_every_variant_once() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(
+                error_code_position(*code),
+                i,
+                "{code} is out of place in ALL"
+            );
+            assert_eq!(json!(code), json!(code.as_str()), "{code}");
+        }
+        // Every variant, as serde knows them: an unknown name is refused with the list.
+        let refused = serde_json::from_value::<ErrorCode>(json!("no_such_code"))
+            .expect_err("not a code")
+            .to_string();
+        let (_, expected) = refused.split_once("expected").expect("variant list");
+        let variants = backticked(expected);
+        let listed: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(variants, listed, "ErrorCode::ALL against the variants");
+    }
+
+    /// Where each command is in [`Command::NAMES`]. No wildcard arm: a new variant does
+    /// not compile until it has its place here (and then in `NAMES`).
+    fn command_position(cmd: &Command) -> usize {
+        match cmd {
+            Command::Status { .. } => 0,
+            Command::Pause { .. } => 1,
+            Command::Resume { .. } => 2,
+            Command::Stop { .. } => 3,
+            Command::Start { .. } => 4,
+            Command::Shutdown => 5,
+            Command::Console { .. } => 6,
+            Command::Snapshot { .. } => 7,
+            Command::Reboot { .. } => 8,
+        }
+    }
+
+    #[test]
+    fn command_names_lists_every_command_once() {
+        let p = || "p".to_string();
+        let one_of_each = [
+            Command::Status { partition: None },
+            Command::Pause { partition: None },
+            Command::Resume { partition: None },
+            Command::Stop { partition: p() },
+            Command::Start { partition: p() },
+            Command::Shutdown,
+            Command::Console {
+                partition: p(),
+                lines: 1,
+            },
+            Command::Snapshot {
+                dest: p(),
+                parent: None,
+            },
+            Command::Reboot { from: None },
+        ];
+        assert_eq!(one_of_each.len(), Command::NAMES.len());
+        for cmd in &one_of_each {
+            let i = command_position(cmd);
+            assert_eq!(Command::NAMES.get(i), Some(&cmd.name()), "{cmd:?}");
+            // What `duplex ctl` sends for it parses back to it.
+            let line = cmd.to_request().to_string();
+            assert_eq!(parse_request(line.as_bytes()).1.as_ref(), Ok(cmd), "{line}");
+        }
+        // The parser knows every listed name, and no other.
+        for name in Command::NAMES {
+            let (_, parsed) = parse_request(json!({ "cmd": name }).to_string().as_bytes());
+            let code = parsed.err().map(|e| e.code);
+            assert_ne!(code, Some(ErrorCode::UnknownCommand), "{name}");
+        }
+        let (_, parsed) = parse_request(br#"{"cmd":"no-such-command"}"#);
+        assert_eq!(parsed.map_err(|e| e.code), Err(ErrorCode::UnknownCommand));
     }
 }

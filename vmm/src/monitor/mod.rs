@@ -18,9 +18,13 @@ use crate::api::server::ControlHandler;
 use crate::config::DeviceConfig;
 pub(crate) use crate::lock;
 use crate::partition::shared::Outcome;
+use crate::partition::shell::VmShell;
 use crate::partition::vcpu::{Ended, PartitionEvent};
 use crate::partition::{self, Partition, PartitionError, State};
 use duplex_devices::vsock::{VsockError, VsockSwitch};
+
+/// A VM shell being made on a thread of its own.
+type ShellMaking = std::thread::JoinHandle<Result<VmShell, PartitionError>>;
 
 /// Why the monitor could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,8 @@ pub struct Monitor {
     ops: ops::OpSlot,
     /// Faults armed for tests (feature `fault-injection`).
     faults: faults::Faults,
+    /// VMs being made ahead for the next restore, by partition (see `partition::shell`).
+    shells: Mutex<std::collections::HashMap<String, ShellMaking>>,
     restored_from: Mutex<Option<Value>>,
     fallback: Mutex<Option<String>>,
     device: Option<String>,
@@ -79,6 +85,7 @@ impl Monitor {
             config: config.clone(),
             ops: ops::OpSlot::default(),
             faults: faults::Faults::from_env(),
+            shells: Mutex::new(std::collections::HashMap::new()),
             restored_from: Mutex::new(None),
             fallback: Mutex::new(None),
             device: config.device.clone(),
@@ -211,6 +218,41 @@ impl Monitor {
         let p = lock(self.find(name)?);
         let tail = p.console().lock().tail(lines);
         Ok(json!({ "partition": name, "lines": tail }))
+    }
+
+    /// Starts making a VM shell (see `partition::shell`) for every partition that has none
+    /// being made, each on a thread of its own: a restore then skips creating its VMs.
+    pub fn make_shells(&self) {
+        let mut shells = lock(&self.shells);
+        for config in &self.config.partitions {
+            if shells.contains_key(&config.name) {
+                continue;
+            }
+            let (kvm, cfg) = (self.kvm.clone(), config.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("{}-shell", config.name))
+                .spawn(move || VmShell::new(&kvm, &cfg));
+            match spawned {
+                Ok(h) => {
+                    shells.insert(config.name.clone(), h);
+                }
+                Err(e) => log::warn!("making a VM shell for {}: {e}", config.name),
+            }
+        }
+    }
+
+    /// The shell made for partition `name`, waiting for it if it is still being made;
+    /// `None` if there is none (or it failed: the restore then makes its VM itself).
+    fn take_shell(&self, name: &str) -> Option<VmShell> {
+        let h = lock(&self.shells).remove(name)?;
+        match h.join() {
+            Ok(Ok(shell)) => Some(shell),
+            Ok(Err(e)) => {
+                log::warn!("VM shell for {name}: {e}");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Records why a restore was not done and the device booted cold instead.

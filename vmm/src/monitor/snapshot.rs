@@ -389,7 +389,10 @@ impl Monitor {
         kind: Operation,
     ) -> Result<Value, SnapshotFailure> {
         let op = self.ops.begin(kind).map_err(SnapshotFailure::Busy)?;
-        self.restore_in(&op, dir, mode, kind == Operation::Reboot)
+        let restored = self.restore_in(&op, dir, mode, kind == Operation::Reboot);
+        // Whether it worked or not, the next restore finds VMs made for it.
+        self.make_shells();
+        restored
     }
 
     fn restore_in(
@@ -441,6 +444,7 @@ impl Monitor {
         op.phase(Phase::Building);
         let t = Instant::now();
         let set_id = set.manifest.set_id.clone();
+        let made_ahead = std::sync::atomic::AtomicUsize::new(0);
         let (verified, built) = std::thread::scope(|scope| {
             let verifier = scope.spawn(|| {
                 let t = Instant::now();
@@ -448,7 +452,7 @@ impl Monitor {
                     .map(|v| (v.bytes_read, t.elapsed()))
                     .map_err(|e| e.to_string())
             });
-            let built = self.build_all(&set, &states, mode);
+            let built = self.build_all(&set, &states, mode, &made_ahead);
             let verified = verifier
                 .join()
                 .unwrap_or_else(|_| Err("the verify thread panicked".to_owned()));
@@ -526,6 +530,7 @@ impl Monitor {
             "set_id": set_id,
             "downtime_ms": ms(t_switch),
             "verified_bytes": verified_bytes,
+            "vms_made_ahead": made_ahead.into_inner(),
             "timings_ms": {
                 "open": ms(t_open),
                 "verify": ms(t_verify),
@@ -542,9 +547,11 @@ impl Monitor {
         set: &SnapshotSet,
         states: &[PartitionState],
         mode: LoadMode,
+        made_ahead: &std::sync::atomic::AtomicUsize,
     ) -> Result<Vec<PreparedRun>, SnapshotFailure> {
         let ended = lock(&self.ended).clone();
         let set_id = set.manifest.set_id.as_str();
+        let made_ahead = &made_ahead;
         let results: Vec<Result<PreparedRun, SnapshotFailure>> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .partitions
@@ -557,12 +564,31 @@ impl Monitor {
                             let p = lock(p);
                             (p.name().to_owned(), p.builder())
                         };
-                        let mem = set
-                            .load_memory_with_bitmap::<vm_memory::bitmap::AtomicBitmap>(&name, mode)
-                            .map_err(|e| SnapshotFailure::Invalid {
+                        let shell = self.take_shell(&name);
+                        if shell.is_some() {
+                            made_ahead.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        let invalid =
+                            |e: duplex_snapshot::SnapshotError| SnapshotFailure::Invalid {
                                 dir: set.dir.clone(),
                                 reason: e.to_string(),
-                            })?;
+                            };
+                        let mem = match &shell {
+                            // SAFETY: the reservation is the shell's alone; the shell goes
+                            // into the run with the memory, and the run drops the
+                            // reservation last. On an error both are dropped here together.
+                            Some(sh) => unsafe {
+                                set.load_memory_into::<vm_memory::bitmap::AtomicBitmap>(
+                                    &name,
+                                    mode,
+                                    &sh.reservation.addresses(),
+                                )
+                            },
+                            None => set.load_memory_with_bitmap::<vm_memory::bitmap::AtomicBitmap>(
+                                &name, mode,
+                            ),
+                        }
+                        .map_err(invalid)?;
                         builder
                             .prepare_restore(
                                 &self.kvm,
@@ -571,6 +597,7 @@ impl Monitor {
                                 mem,
                                 state,
                                 set_id,
+                                shell,
                             )
                             .map_err(|e| SnapshotFailure::RestoreFailed {
                                 step: "build",

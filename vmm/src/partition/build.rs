@@ -5,7 +5,7 @@
 use duplex_devices::GuestMemoryMmap;
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -17,6 +17,7 @@ use duplex_devices::virtio::Interrupt;
 use duplex_devices::vsock::{VsockMmio, VsockMmioArgs, VsockSwitch};
 
 use super::shared::Shared;
+use super::shell::{create_vm_base, Reservation, VmShell};
 use super::snapshot::PartitionState;
 use super::state;
 use super::vcpu::{self, Devices};
@@ -29,10 +30,12 @@ use crate::layout;
 pub enum Source<'a> {
     /// A cold boot from the partition's kernel image.
     Cold,
-    /// A snapshot: its restored memory and saved state.
+    /// A snapshot: its restored memory and saved state; with a `shell`, `mem` was loaded
+    /// into the shell's reserved addresses and the shell's VM and vCPUs are used.
     Restore {
         mem: GuestMemoryMmap,
         state: &'a PartitionState,
+        shell: Option<VmShell>,
     },
 }
 
@@ -50,6 +53,8 @@ pub struct Built {
     pub msrs: Option<&'static [u32]>,
     /// KVM's dirty-page log is on for the memory slots (restored runs: from the start).
     pub dirty_logging: bool,
+    /// The addresses the guest memory is mapped at, when built from a shell (dropped last).
+    pub reservation: Option<Reservation>,
     pub tsc_khz: u64,
 }
 
@@ -104,16 +109,7 @@ fn create_vm(
     cx: &Ctx,
     log_dirty: bool,
 ) -> Result<VmFd, PartitionError> {
-    let vm = kvm.create_vm().map_err(cx.kvm("creating the VM"))?;
-    vm.set_tss_address(layout::KVM_TSS_ADDR)
-        .map_err(cx.kvm("setting the TSS address"))?;
-    vm.create_irq_chip()
-        .map_err(cx.kvm("creating the irqchip"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(cx.kvm("creating the PIT"))?;
+    let vm = create_vm_base(kvm).map_err(cx.kvm("creating the VM"))?;
     register_slots(&vm, mem, log_dirty).map_err(|e| match e {
         SlotError::Memory(m) => cx.memory(m),
         SlotError::Kvm(source) => PartitionError::Kvm {
@@ -162,7 +158,7 @@ pub fn build(
     console_log: &ConsoleHandle,
     kvm: &Kvm,
     switch: Option<&VsockSwitch>,
-    source: Source,
+    mut source: Source,
 ) -> Result<Built, PartitionError> {
     let cx = Ctx {
         name: &config.name,
@@ -171,7 +167,7 @@ pub fn build(
     let name = config.name.clone();
     let mem = match &source {
         Source::Cold => new_memory(config)?,
-        Source::Restore { mem, state } => {
+        Source::Restore { mem, state, .. } => {
             if state.vcpus.len() != usize::from(config.vcpus) {
                 return Err(PartitionError::Restore {
                     name,
@@ -210,7 +206,28 @@ pub fn build(
     // A restored run tracks writes from the start (the next set may name this one as its
     // parent), which costs nothing extra here: the slots are registered once either way.
     let restored = matches!(source, Source::Restore { .. });
-    let vm = create_vm(kvm, &mem, &cx, restored)?;
+    let shell = match &mut source {
+        Source::Restore { shell, .. } => shell.take(),
+        Source::Cold => None,
+    };
+    let (vm, mut ready_vcpus, reservation) = match shell {
+        Some(shell) => {
+            let at: Vec<usize> = mem
+                .iter()
+                .filter_map(|r| r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok())
+                .map(|p| p as usize)
+                .collect();
+            if !shell.fits(config) || at != shell.reservation.addresses() {
+                return Err(PartitionError::Restore {
+                    name,
+                    message: "the VM shell does not fit the partition or its memory".into(),
+                });
+            }
+            (shell.vm, shell.vcpus, Some(shell.reservation))
+        }
+        None => (create_vm(kvm, &mem, &cx, restored)?, Vec::new(), None),
+    };
+    ready_vcpus.reverse();
     let restore_err = |source| PartitionError::State {
         name: name.clone(),
         source,
@@ -227,10 +244,16 @@ pub fn build(
         .map_err(cx.kvm("reading supported CPUID"))?;
     let mut vcpus = Vec::new();
     for id in 0..config.vcpus {
-        let vcpu = vm
-            .create_vcpu(u64::from(id))
-            .map_err(cx.kvm("creating a vCPU"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(cx.kvm("setting CPUID"))?;
+        let vcpu = match ready_vcpus.pop() {
+            Some(v) => v,
+            None => {
+                let vcpu = vm
+                    .create_vcpu(u64::from(id))
+                    .map_err(cx.kvm("creating a vCPU"))?;
+                vcpu.set_cpuid2(&cpuid).map_err(cx.kvm("setting CPUID"))?;
+                vcpu
+            }
+        };
         if let (0, Some(entry)) = (id, entry) {
             vcpu::set_boot_state(&vcpu, entry).map_err(cx.kvm("setting boot registers"))?;
         }
@@ -261,10 +284,35 @@ pub fn build(
         .and_then(|v| v.get_tsc_khz().ok())
         .map_or(0, u64::from);
 
-    let shared = Arc::new(match source {
+    let shared = Arc::new(match &source {
         Source::Cold => Shared::new(vcpus.len()),
         Source::Restore { .. } => Shared::new_paused(vcpus.len()),
     });
+    // The console and control page first: nothing may fail once the vsock device is
+    // attached (or prepared in the switch).
+    let (console, sysctl) = match &source {
+        Source::Cold => (
+            Console::new(console_irq, console_log.clone()),
+            Sysctl::new(tsc_khz),
+        ),
+        Source::Restore { state, .. } => (
+            Console::restore(
+                ConsoleArgs {
+                    irq: console_irq,
+                    handle: console_log.clone(),
+                },
+                &state.devices.console,
+            )
+            .map_err(|e| PartitionError::Restore {
+                name: name.clone(),
+                message: format!("console: {e}"),
+            })?,
+            match Sysctl::restore((), &state.devices.sysctl) {
+                Ok(s) => s,
+                Err(never) => match never {},
+            },
+        ),
+    };
     let vsock = match (&config.vsock, switch) {
         (None, _) => None,
         (Some(_), None) => return Err(PartitionError::NoSwitch { name }),
@@ -315,29 +363,6 @@ pub fn build(
         Some((mmio, switch)) => (Some(mmio), Some(switch)),
         None => (None, None),
     };
-    let (console, sysctl) = match &source {
-        Source::Cold => (
-            Console::new(console_irq, console_log.clone()),
-            Sysctl::new(tsc_khz),
-        ),
-        Source::Restore { state, .. } => (
-            Console::restore(
-                ConsoleArgs {
-                    irq: console_irq,
-                    handle: console_log.clone(),
-                },
-                &state.devices.console,
-            )
-            .map_err(|e| PartitionError::Restore {
-                name: name.clone(),
-                message: format!("console: {e}"),
-            })?,
-            match Sysctl::restore((), &state.devices.sysctl) {
-                Ok(s) => s,
-                Err(never) => match never {},
-            },
-        ),
-    };
     let devices = Arc::new(Devices {
         console: Mutex::new(console),
         sysctl: Mutex::new(sysctl),
@@ -353,6 +378,7 @@ pub fn build(
         vsock: vsock_switch,
         msrs,
         dirty_logging: restored,
+        reservation,
         tsc_khz,
     })
 }

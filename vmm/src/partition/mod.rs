@@ -4,6 +4,7 @@
 
 mod build;
 pub mod shared;
+pub mod shell;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
@@ -142,6 +143,10 @@ pub struct Run {
     vsock: Option<VsockSwitch>,
     /// Which writes to this run's memory are known (see [`snapshot::DirtyLog`]).
     dirty: snapshot::DirtyLog,
+    /// The address ranges the guest memory is mapped into, when the run was built from a
+    /// [`shell::VmShell`]. Last, so it is dropped last: after the VM, the vCPUs and every
+    /// device holding the memory.
+    _reservation: Option<shell::Reservation>,
 }
 
 impl Run {
@@ -558,8 +563,10 @@ impl Builder {
         mem: GuestMemoryMmap,
         state: &snapshot::PartitionState,
         set_id: &str,
+        shell: Option<shell::VmShell>,
     ) -> Result<PreparedRun, PartitionError> {
         let args = snapshot::RunArgs {
+            shell,
             config: self.config.clone(),
             console: self.console.clone(),
             kvm: kvm.clone(),
@@ -592,6 +599,7 @@ fn spawn(
         vsock,
         msrs,
         dirty_logging,
+        reservation,
         tsc_khz,
     } = built;
     let mut threads = Vec::new();
@@ -635,6 +643,7 @@ fn spawn(
         msrs,
         vsock,
         dirty: snapshot::DirtyLog::new(dirty_logging),
+        _reservation: reservation,
     })
 }
 

@@ -214,6 +214,8 @@ pub struct RunArgs {
     pub boot: u64,
     /// The set it is restored from (writes are tracked from it).
     pub set_id: String,
+    /// A VM made ahead, `mem` loaded into its reserved addresses (see [`super::shell`]).
+    pub shell: Option<super::shell::VmShell>,
 }
 
 /// A run of a partition as a snapshot sees it: VM, vCPUs and devices ([`PartitionState`];
@@ -274,6 +276,7 @@ impl Persist for Run {
         let source = build::Source::Restore {
             mem: args.mem,
             state,
+            shell: args.shell,
         };
         let built = build::build(
             &args.config,
