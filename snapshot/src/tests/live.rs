@@ -187,6 +187,7 @@ fn memory_loads_into_reserved_ranges_lazily_and_eagerly() {
         assert_eq!((host(0), host(1)), (Some(low.0), Some(high.0)));
         drop(back);
     }
+    // SAFETY: refused before anything is mapped (one address for two regions).
     let e = unsafe { set.load_memory_into::<()>("engine", LoadMode::Lazy, &[0x1000]) };
     assert!(e.is_err(), "one address for two regions is refused");
 }

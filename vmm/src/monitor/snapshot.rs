@@ -549,8 +549,12 @@ impl Monitor {
         mode: LoadMode,
         made_ahead: &std::sync::atomic::AtomicUsize,
     ) -> Result<Vec<PreparedRun>, SnapshotFailure> {
-        let ended = lock(&self.ended).clone();
-        let set_id = set.manifest.set_id.as_str();
+        let with = &partition::RestoreWith {
+            kvm: self.kvm.clone(),
+            switch: self.vsock.clone(),
+            ended: lock(&self.ended).clone(),
+            set_id: set.manifest.set_id.clone(),
+        };
         let made_ahead = &made_ahead;
         let results: Vec<Result<PreparedRun, SnapshotFailure>> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
@@ -558,7 +562,6 @@ impl Monitor {
                 .iter()
                 .zip(states)
                 .map(|(p, state)| {
-                    let ended = ended.clone();
                     scope.spawn(move || {
                         let (name, builder) = {
                             let p = lock(p);
@@ -590,15 +593,7 @@ impl Monitor {
                         }
                         .map_err(invalid)?;
                         builder
-                            .prepare_restore(
-                                &self.kvm,
-                                self.vsock.as_ref(),
-                                &ended,
-                                mem,
-                                state,
-                                set_id,
-                                shell,
-                            )
+                            .prepare_restore(with, mem, state, shell)
                             .map_err(|e| SnapshotFailure::RestoreFailed {
                                 step: "build",
                                 reason: e.to_string(),

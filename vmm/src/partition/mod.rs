@@ -557,29 +557,35 @@ impl Builder {
     /// [discarded](PreparedRun::discard), it leaves nothing behind.
     pub fn prepare_restore(
         &self,
-        kvm: &Arc<Kvm>,
-        switch: Option<&VsockSwitch>,
-        ended: &Sender<PartitionEvent>,
+        with: &RestoreWith,
         mem: GuestMemoryMmap,
         state: &snapshot::PartitionState,
-        set_id: &str,
         shell: Option<shell::VmShell>,
     ) -> Result<PreparedRun, PartitionError> {
         let args = snapshot::RunArgs {
             shell,
             config: self.config.clone(),
             console: self.console.clone(),
-            kvm: kvm.clone(),
-            switch: switch.cloned(),
-            ended: ended.clone(),
+            kvm: with.kvm.clone(),
+            switch: with.switch.clone(),
+            ended: with.ended.clone(),
             mem,
             boot: self.boot,
-            set_id: set_id.to_owned(),
+            set_id: with.set_id.clone(),
         };
         Ok(PreparedRun {
             run: Run::restore(args, state)?,
         })
     }
+}
+
+/// What every partition's restore from one set shares.
+pub struct RestoreWith {
+    pub kvm: Arc<Kvm>,
+    pub switch: Option<VsockSwitch>,
+    pub ended: Sender<PartitionEvent>,
+    /// The set restored from.
+    pub set_id: String,
 }
 
 /// A run of a built VM with its vCPU threads started, as boot number `boot`.
