@@ -152,6 +152,55 @@ fn kvm_a_restore_that_fails_while_building_falls_back_to_a_cold_boot() {
     }
 }
 
+#[test]
+fn kvm_a_guest_raised_snapshot_and_reboot_whose_restore_fails_leaves_the_device_running() {
+    require_faults();
+    let dir = TempDir::new("tx-guest");
+    let cfg = printer_config(&dir.0);
+    let set = dir.0.join("set");
+    let mut dev = boot_in_env(
+        &dir.0,
+        &cfg,
+        None,
+        &[],
+        &[("DUPLEX_FAULTS", "restore.build")],
+    );
+    wait_ready(&dev);
+    let mut c = JobClient::connect(&uds(&dir.0)).expect("connect");
+    c.call(&duplex_link::HostRequest::RequestSnapshot { reboot: true })
+        .expect("request");
+    // The set is written, the reboot from it fails while building: the device must not be
+    // left paused (it was, before restores were prepared beside the running device).
+    let deadline = Instant::now() + T;
+    while !set.join("manifest.json").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the guest-raised snapshot was never written"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let deadline = Instant::now() + T;
+    while !dev
+        .stderr_lines()
+        .iter()
+        .any(|l| l.contains("reboot from") && l.contains("injected fault"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the reboot was never tried: {:?}",
+            dev.stderr_lines()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_running(&dev, 1);
+    assert_beating(&dev);
+    let id = c
+        .submit(2, 71, 64, 64)
+        .expect("the controller still takes jobs");
+    assert_eq!(c.wait(id, T).expect("done").state, JobState::Done);
+    assert!(dev.shutdown().success());
+}
+
 /// The next snapshot check of each step fails (see `check` counts: per set, `create` and
 /// `commit` are reached once, `copy`, `pause` and `capture` once per partition).
 const SNAPSHOT_STEPS: &[(&str, &str)] = &[

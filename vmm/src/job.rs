@@ -51,6 +51,17 @@ pub struct JobClient {
 }
 
 impl JobClient {
+    /// How long one reply may take (30 s after `connect`).
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), JobError> {
+        self.stream
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .map_err(|source| JobError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// Connects to the controller's job port through the vsock bridge socket at `uds`.
     pub fn connect(uds: &Path) -> Result<JobClient, JobError> {
         Self::connect_port(uds, JOB_PORT)

@@ -138,6 +138,10 @@ impl Monitor {
         let Some(uds) = uds else { return Ok(None) };
         let mut c =
             JobClient::connect(&uds).map_err(|e| SnapshotFailure::Quiesce(e.to_string()))?;
+        // The engine gets a bounded time to reach its safe point: the snapshot holds the
+        // device's operation slot meanwhile.
+        c.set_timeout(QUIESCE_TIMEOUT)
+            .map_err(|e| SnapshotFailure::Quiesce(e.to_string()))?;
         match c.call(&HostRequest::PrepareSnapshot) {
             Ok(HostReply::SnapshotReady {
                 engine_pages_printed,
@@ -632,6 +636,9 @@ impl Monitor {
         }
     }
 }
+
+/// How long the controller (and through it the engine) has to answer a quiesce.
+pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The component name of the vsock switch's state file in a set (`vsock.devstate`).
 pub const VSOCK_STATE: &str = "vsock";
