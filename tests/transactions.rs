@@ -116,11 +116,12 @@ fn kvm_a_failed_reboot_leaves_the_old_device_running_where_it_was() {
 #[test]
 fn kvm_a_restore_that_fails_while_building_falls_back_to_a_cold_boot() {
     require_faults();
-    let dir = TempDir::new("tx-fallback");
-    let cfg = printer_config(&dir.0);
-    let set = dir.0.join("set");
-    let mut dev = boot_in(&dir.0, &cfg, None, &[]);
-    wait_ready(&dev);
+    let Printer {
+        dir,
+        cfg,
+        set,
+        mut dev,
+    } = Printer::boot("tx-fallback", "");
     dev.ok(json!({"cmd": "snapshot", "dest": set}));
     assert!(dev.shutdown().success());
 
@@ -155,17 +156,12 @@ fn kvm_a_restore_that_fails_while_building_falls_back_to_a_cold_boot() {
 #[test]
 fn kvm_a_guest_raised_snapshot_and_reboot_whose_restore_fails_leaves_the_device_running() {
     require_faults();
-    let dir = TempDir::new("tx-guest");
-    let cfg = printer_config(&dir.0);
-    let set = dir.0.join("set");
-    let mut dev = boot_in_env(
-        &dir.0,
-        &cfg,
-        None,
-        &[],
-        &[("DUPLEX_FAULTS", "restore.build")],
-    );
-    wait_ready(&dev);
+    let Printer {
+        dir,
+        cfg: _,
+        set,
+        mut dev,
+    } = Printer::boot("tx-guest", "restore.build");
     let mut c = JobClient::connect(&uds(&dir.0)).expect("connect");
     c.call(&duplex_link::HostRequest::RequestSnapshot { reboot: true })
         .expect("request");
@@ -274,18 +270,13 @@ fn kvm_a_snapshot_failing_at_any_step_changes_nothing() {
 #[test]
 fn kvm_operations_never_overlap_and_busy_names_the_running_one() {
     require_faults();
-    let dir = TempDir::new("tx-busy");
-    let cfg = printer_config(&dir.0);
-    let set = dir.0.join("set");
     // The snapshot holds for 1.5 s in its capture, partitions paused.
-    let mut dev = boot_in_env(
-        &dir.0,
-        &cfg,
-        None,
-        &[],
-        &[("DUPLEX_FAULTS", "snapshot.capture@1~1500")],
-    );
-    wait_ready(&dev);
+    let Printer {
+        dir,
+        cfg: _,
+        set,
+        mut dev,
+    } = Printer::boot("tx-busy", "snapshot.capture@1~1500");
     let sock = dev.sock.clone();
     let snap = std::thread::spawn({
         let set = set.clone();

@@ -76,3 +76,31 @@ pub fn set_memory(dir: &Path, name: &str) -> Vec<u8> {
     }
     out
 }
+
+/// The printer booted in a fresh directory (its config, save destination, and device),
+/// ready: what most snapshot tests start from.
+pub struct Printer {
+    pub dir: TempDir,
+    pub cfg: Value,
+    /// `<dir>/set`, the config's `snapshot.dir`.
+    pub set: PathBuf,
+    pub dev: Device,
+}
+
+impl Printer {
+    /// Boots the printer, its monitor armed with `faults` (`DUPLEX_FAULTS`, none if empty),
+    /// and waits until both partitions are READY.
+    pub fn boot(tag: &str, faults: &str) -> Printer {
+        let dir = TempDir::new(tag);
+        let cfg = printer_config(&dir.0);
+        let set = dir.0.join("set");
+        let env: Vec<(&str, &str)> = if faults.is_empty() {
+            Vec::new()
+        } else {
+            vec![("DUPLEX_FAULTS", faults)]
+        };
+        let dev = boot_in_env(&dir.0, &cfg, None, &[], &env);
+        wait_ready(&dev);
+        Printer { dir, cfg, set, dev }
+    }
+}
