@@ -24,11 +24,13 @@
 //! # Ok(()) }
 //! ```
 
+mod crc;
 mod error;
 mod load;
 pub mod manifest;
 mod memfile;
 mod merge;
+mod place;
 mod set;
 mod sys;
 mod writer;

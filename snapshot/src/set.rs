@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::crc;
 use crate::manifest::{self, Manifest, PartitionEntry, MANIFEST_FILE, MAX_CHAIN};
-use crate::memfile::{self, PageBits};
+use crate::memfile::PageBits;
 use crate::sys::PAGE;
 use crate::SnapshotError;
 
@@ -248,9 +249,9 @@ impl SnapshotSet {
                     .any(|p| &p.memory_file == name);
                 let path = dir.join(name);
                 let (crc, read) = if is_mem {
-                    memfile::checksum(&f, entry.len)
+                    crc::checksum(&f, entry.len)
                 } else {
-                    memfile::whole_file_crc(&f)
+                    crc::whole_file_crc(&f)
                 }
                 .map_err(|e| SnapshotError::io(&path, "reading", e))?;
                 if read != entry.len && !is_mem {

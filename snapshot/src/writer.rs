@@ -14,10 +14,12 @@ use serde_json::Value;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::crc;
 use crate::manifest::{
     self, FileEntry, Manifest, ParentRef, PartitionEntry, RamRegion, FORMAT_VERSION, MANIFEST_FILE,
 };
 use crate::memfile::{self, MemoryWriteStats, PageBits};
+use crate::place::{file_name_of, parent_dir_of, remove_in_background, remove_stale, replaceable};
 use crate::{sys, SnapshotError, SnapshotSet};
 
 /// What `commit` did and how long it took.
@@ -57,7 +59,7 @@ struct Part {
     /// The memory file: its index in `SetWriter::open`.
     mem_file: Option<usize>,
     /// The memory file's checksum, per chunk.
-    crc: Option<memfile::MemCrc>,
+    crc: Option<crc::MemCrc>,
     /// Chunks of the memory file written again ([`SetWriter::update_memory`]): their
     /// checksums are computed again at commit.
     rewritten: BTreeSet<u64>,
@@ -90,66 +92,6 @@ pub struct SetWriter {
     pub(crate) crash: Option<CrashPoint>,
     /// Tests: behave as if the file system had no `RENAME_EXCHANGE`.
     pub(crate) no_exchange: bool,
-}
-
-fn file_name_of(dest: &Path) -> Result<String, SnapshotError> {
-    dest.file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_string)
-        .ok_or_else(|| SnapshotError::Usage {
-            dest: dest.to_path_buf(),
-            partition: String::new(),
-            message: "the destination must end in a UTF-8 directory name".into(),
-        })
-}
-
-fn parent_dir_of(dest: &Path) -> PathBuf {
-    match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// True if `dest` can be replaced: it is a snapshot set (has a manifest) or an empty dir.
-fn replaceable(dest: &Path) -> Result<bool, SnapshotError> {
-    match fs::symlink_metadata(dest) {
-        Err(_) => Ok(true),
-        Ok(md) if md.is_dir() => {
-            if dest.join(MANIFEST_FILE).exists() {
-                return Ok(true);
-            }
-            let mut entries =
-                fs::read_dir(dest).map_err(|e| SnapshotError::io(dest, "reading directory", e))?;
-            Ok(entries.next().is_none())
-        }
-        Ok(_) => Ok(false),
-    }
-}
-
-/// Removes temporary directories left by writers that died (`<name>.tmp-*` not locked by a
-/// live writer), and set directories moved aside by a finished fallback commit
-/// (`<name>.old-*`, only while `<name>` itself exists).
-fn remove_stale(parent: &Path, name: &str, dest: &Path) {
-    let Ok(entries) = fs::read_dir(parent) else {
-        return;
-    };
-    let tmp_prefix = format!("{name}.tmp-");
-    let old_prefix = format!("{name}.old-");
-    for e in entries.flatten() {
-        let fname = e.file_name();
-        let Some(f) = fname.to_str() else { continue };
-        let path = e.path();
-        if f.starts_with(&tmp_prefix) {
-            let unlocked = File::open(&path)
-                .and_then(|d| sys::try_lock(&d))
-                .unwrap_or(false);
-            if unlocked {
-                let _ = fs::remove_dir_all(&path);
-            }
-        } else if f.starts_with(&old_prefix) && dest.join(MANIFEST_FILE).exists() {
-            let _ = fs::remove_dir_all(&path);
-        }
-    }
 }
 
 impl SetWriter {
@@ -460,7 +402,7 @@ impl SetWriter {
                 let fname = format!("{name}.mem");
                 let len = self.files.get(&fname).map_or(0, |e| e.len);
                 let part = &mut self.parts[i];
-                let crc = part.crc.get_or_insert_with(memfile::MemCrc::new);
+                let crc = part.crc.get_or_insert_with(crc::MemCrc::new);
                 for chunk in std::mem::take(&mut part.rewritten) {
                     crc.recompute(file, len, chunk)
                         .map_err(|e| SnapshotError::io(path, "checksumming", e))?;
@@ -652,19 +594,6 @@ impl SetWriter {
                 e,
             )),
         }
-    }
-}
-
-/// Removes a directory tree on a thread of its own (in place if no thread can be had).
-fn remove_in_background(dir: PathBuf) {
-    let d = dir.clone();
-    let spawned = std::thread::Builder::new()
-        .name("snapshot-remove".into())
-        .spawn(move || {
-            let _ = fs::remove_dir_all(&d);
-        });
-    if spawned.is_err() {
-        let _ = fs::remove_dir_all(&dir);
     }
 }
 

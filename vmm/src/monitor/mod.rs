@@ -4,6 +4,7 @@
 
 pub mod faults;
 pub mod ops;
+pub mod restore;
 pub mod snapshot;
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};

@@ -3,31 +3,33 @@
 //! resumed and stopped; how its last run ended is kept for `status`.
 
 mod build;
+mod run;
 pub mod shared;
 pub mod shell;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 
+pub use run::{discard_in_background, Builder, PreparedRun, RestoreWith, Run};
+
 use duplex_devices::GuestMemoryMmap;
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::Kvm;
 use serde::Serialize;
 
 use vmm_sys_util::signal::Killable;
 
 use duplex_devices::console::{ConsoleHandle, ConsoleOutput};
-use duplex_devices::persist::{Persist, Suspendable};
+use duplex_devices::persist::Suspendable;
 use duplex_devices::vsock::VsockSwitch;
 
 use crate::boot::BootError;
 use crate::config::{ConsoleSink, PartitionConfig};
-use shared::{CrashInfo, ExitCounts, Outcome, Shared, Want};
-use vcpu::{Devices, Ended, PartitionEvent, VcpuRunner};
+use shared::{CrashInfo, ExitCounts, Outcome, Want};
+use vcpu::PartitionEvent;
 
 /// How long pause and stop wait for vCPU threads to come out of the guest.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -121,93 +123,6 @@ impl std::fmt::Display for State {
             State::Crashed => "crashed",
         };
         f.write_str(s)
-    }
-}
-
-/// One run of a partition: the VM and its threads.
-pub struct Run {
-    vm: VmFd,
-    mem: GuestMemoryMmap,
-    vcpus: Vec<Arc<Mutex<kvm_ioctls::VcpuFd>>>,
-    devices: Arc<Devices>,
-    threads: Vec<JoinHandle<()>>,
-    shared: Arc<Shared>,
-    started: Instant,
-    boot: u64,
-    /// The partition's name (errors, logs).
-    name: String,
-    /// The MSRs saving the vCPUs reads (`None`: KVM could not list them when built).
-    msrs: Option<&'static [u32]>,
-    /// The switch this run's vsock device is attached to (detached when the run ends,
-    /// unless a restore replaced it meanwhile).
-    vsock: Option<VsockSwitch>,
-    /// Which writes to this run's memory are known (see [`snapshot::DirtyLog`]).
-    dirty: snapshot::DirtyLog,
-    /// The address ranges the guest memory is mapped into, when the run was built from a
-    /// [`shell::VmShell`]. Last, so it is dropped last: after the VM, the vCPUs and every
-    /// device holding the memory.
-    _reservation: Option<shell::Reservation>,
-}
-
-impl Run {
-    /// Ends the run: its vCPU threads leave and are joined; the VM goes when dropped.
-    /// Its vsock device is detached only if it is still the switch's attachment.
-    fn end(&mut self) -> (ExitCounts, Option<Outcome>) {
-        self.shared.finish(Outcome::Stopped);
-        let deadline = Instant::now() + PARK_TIMEOUT;
-        while self.shared.lock().live > 0 && Instant::now() < deadline {
-            kick_all(&self.threads);
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        for t in std::mem::take(&mut self.threads) {
-            let _ = t.join();
-        }
-        if let (Some(switch), Some(mmio)) = (&self.vsock, &self.devices.vsock) {
-            switch.detach_device(mmio);
-        }
-        let outcome = self.shared.lock().outcome.clone();
-        (self.shared.exits.read(), outcome)
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        self.end();
-    }
-}
-
-/// A run built from a snapshot, its vCPU threads parked, not yet part of the device: the
-/// prepare half of a restore ([`Builder::prepare_restore`], [`Partition::install`]).
-pub struct PreparedRun {
-    run: Run,
-}
-
-impl PreparedRun {
-    /// Its vsock device, prepared in the switch, for [`VsockSwitch::replace`].
-    pub fn vsock_device(&self) -> Option<&duplex_devices::vsock::VsockMmio> {
-        self.run.devices.vsock.as_ref()
-    }
-
-    /// Throws the run away (the restore did not commit).
-    pub fn discard(self) {
-        drop(self);
-    }
-}
-
-/// Ends runs replaced by a restore on a thread of their own, off the critical path (the
-/// VM teardown, unmapping its memory and joining its threads take milliseconds).
-pub fn discard_in_background(runs: Vec<Run>) {
-    if runs.is_empty() {
-        return;
-    }
-    let spawned = std::thread::Builder::new()
-        .name("teardown".into())
-        .spawn(move || {
-            drop(runs);
-        });
-    if let Err(e) = spawned {
-        // The closure, and the runs with it, was dropped: they ended in place.
-        log::warn!("teardown thread: {e}; the replaced runs were ended in place");
     }
 }
 
@@ -388,7 +303,7 @@ impl Partition {
         ended: &Sender<PartitionEvent>,
         boot: u64,
     ) -> Result<Run, PartitionError> {
-        spawn(&self.config.name, built, ended, boot)
+        run::spawn(&self.config.name, built, ended, boot)
     }
 
     /// Parks every vCPU; returns once they are all out of the guest.
@@ -541,116 +456,6 @@ impl Drop for Partition {
         }
         self.reap();
     }
-}
-
-/// What [`Partition::builder`] takes of a partition: enough to build a run from a set.
-pub struct Builder {
-    config: PartitionConfig,
-    console: ConsoleHandle,
-    boot: u64,
-}
-
-impl Builder {
-    /// Builds a run of the partition from a snapshot (`mem` is its restored memory) with
-    /// its vCPU threads started but parked, without touching the partition or its current
-    /// run: [`Partition::install`] makes it the partition's run. Dropped or
-    /// [discarded](PreparedRun::discard), it leaves nothing behind.
-    pub fn prepare_restore(
-        &self,
-        with: &RestoreWith,
-        mem: GuestMemoryMmap,
-        state: &snapshot::PartitionState,
-        shell: Option<shell::VmShell>,
-    ) -> Result<PreparedRun, PartitionError> {
-        let args = snapshot::RunArgs {
-            shell,
-            config: self.config.clone(),
-            console: self.console.clone(),
-            kvm: with.kvm.clone(),
-            switch: with.switch.clone(),
-            ended: with.ended.clone(),
-            mem,
-            boot: self.boot,
-            set_id: with.set_id.clone(),
-        };
-        Ok(PreparedRun {
-            run: Run::restore(args, state)?,
-        })
-    }
-}
-
-/// What every partition's restore from one set shares.
-pub struct RestoreWith {
-    pub kvm: Arc<Kvm>,
-    pub switch: Option<VsockSwitch>,
-    pub ended: Sender<PartitionEvent>,
-    /// The set restored from.
-    pub set_id: String,
-}
-
-/// A run of a built VM with its vCPU threads started, as boot number `boot`.
-fn spawn(
-    name: &str,
-    built: build::Built,
-    ended: &Sender<PartitionEvent>,
-    boot: u64,
-) -> Result<Run, PartitionError> {
-    let name = name.to_owned();
-    let build::Built {
-        vm,
-        mem,
-        vcpus,
-        devices,
-        shared,
-        vsock,
-        msrs,
-        dirty_logging,
-        reservation,
-        tsc_khz,
-    } = built;
-    let mut threads = Vec::new();
-    for (i, vcpu) in vcpus.iter().enumerate() {
-        let runner = VcpuRunner {
-            vcpu: vcpu.clone(),
-            shared: shared.clone(),
-            devices: devices.clone(),
-            tsc_khz,
-            ended: ended.clone(),
-            id: Ended {
-                name: name.clone(),
-                boot,
-            },
-        };
-        let spawned = std::thread::Builder::new()
-            .name(format!("{name}-vcpu{i}"))
-            .spawn(move || runner.run());
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(source) => {
-                shared.finish(Outcome::Stopped);
-                kick_all(&threads);
-                if let (Some(switch), Some(mmio)) = (&vsock, &devices.vsock) {
-                    switch.detach_device(mmio);
-                }
-                return Err(PartitionError::Thread { name, source });
-            }
-        }
-    }
-    Ok(Run {
-        vm,
-        mem,
-        vcpus,
-        devices,
-        threads,
-        shared,
-        started: Instant::now(),
-        boot,
-        name,
-        msrs,
-        vsock,
-        dirty: snapshot::DirtyLog::new(dirty_logging),
-        _reservation: reservation,
-    })
 }
 
 /// The signal that brings a vCPU thread out of KVM_RUN.

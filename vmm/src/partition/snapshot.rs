@@ -285,7 +285,7 @@ impl Persist for Run {
             args.switch.as_ref(),
             source,
         )?;
-        let mut run = super::spawn(&args.config.name, built, &args.ended, args.boot)?;
+        let mut run = super::run::spawn(&args.config.name, built, &args.ended, args.boot)?;
         run.dirty.restored(&args.set_id);
         Ok(run)
     }
