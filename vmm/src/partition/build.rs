@@ -51,8 +51,6 @@ pub struct Built {
     pub vsock: Option<VsockSwitch>,
     /// The MSRs saving this run's vCPUs reads (`None`: KVM could not list them).
     pub msrs: Option<&'static [u32]>,
-    /// KVM's dirty-page log is on for the memory slots (restored runs: from the start).
-    pub dirty_logging: bool,
     /// The addresses the guest memory is mapped at, when built from a shell (dropped last).
     pub reservation: Option<Reservation>,
     pub tsc_khz: u64,
@@ -103,14 +101,9 @@ pub fn new_memory(config: &PartitionConfig) -> Result<GuestMemoryMmap, Partition
 }
 
 /// The VM with its irqchip, PIT and memory slots.
-fn create_vm(
-    kvm: &Kvm,
-    mem: &GuestMemoryMmap,
-    cx: &Ctx,
-    log_dirty: bool,
-) -> Result<VmFd, PartitionError> {
+fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, cx: &Ctx) -> Result<VmFd, PartitionError> {
     let vm = create_vm_base(kvm).map_err(cx.kvm("creating the VM"))?;
-    register_slots(&vm, mem, log_dirty).map_err(|e| match e {
+    register_slots(&vm, mem).map_err(|e| match e {
         SlotError::Memory(m) => cx.memory(m),
         SlotError::Kvm(source) => PartitionError::Kvm {
             name: cx.name.to_owned(),
@@ -128,19 +121,15 @@ pub enum SlotError {
 }
 
 /// Registers every RAM region of `mem` as a KVM memory slot (slot i = region i), with
-/// KVM's dirty-page log on or off. Registering an existing slot again changes its flags.
-pub fn register_slots(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), SlotError> {
+/// KVM's dirty-page log on.
+fn register_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), SlotError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| SlotError::Memory(e.to_string()))?;
         let slot_region = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: if log_dirty {
-                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
+            flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -203,9 +192,11 @@ pub fn build(
         Source::Restore { .. } => None,
     };
 
-    // A restored run tracks writes from the start (the next set may name this one as its
-    // parent), which costs nothing extra here: the slots are registered once either way.
-    let restored = matches!(source, Source::Restore { .. });
+    // Every run tracks its writes from the start (KVM's dirty log on every slot): a live
+    // snapshot needs the log, and registering the slots again to switch it on later costs
+    // 5-12 ms here. Guest RAM is not backed by huge pages (THP is `madvise` here and the
+    // monitor does not ask), so the log costs the running guest nothing until a snapshot
+    // harvests it (write faults then mark pages again).
     let shell = match &mut source {
         Source::Restore { shell, .. } => shell.take(),
         Source::Cold => None,
@@ -225,7 +216,7 @@ pub fn build(
             }
             (shell.vm, shell.vcpus, Some(shell.reservation))
         }
-        None => (create_vm(kvm, &mem, &cx, restored)?, Vec::new(), None),
+        None => (create_vm(kvm, &mem, &cx)?, Vec::new(), None),
     };
     ready_vcpus.reverse();
     let restore_err = |source| PartitionError::State {
@@ -377,7 +368,6 @@ pub fn build(
         shared,
         vsock: vsock_switch,
         msrs,
-        dirty_logging: restored,
         reservation,
         tsc_khz,
     })

@@ -167,7 +167,6 @@ pub(super) fn spawn(
         shared,
         vsock,
         msrs,
-        dirty_logging,
         reservation,
         tsc_khz,
     } = built;
@@ -211,7 +210,7 @@ pub(super) fn spawn(
         name,
         msrs,
         vsock,
-        dirty: snapshot::DirtyLog::new(dirty_logging),
+        dirty: snapshot::DirtyLog::new(),
         _reservation: reservation,
     })
 }

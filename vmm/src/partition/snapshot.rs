@@ -51,19 +51,15 @@ pub struct PartitionState {
 /// that fails leaves it as it was, so the next incremental set misses nothing.
 #[derive(Debug, Default)]
 pub struct DirtyLog {
-    logging: bool,
     since: Option<String>,
     /// Harvested since `since` (one bitmap per RAM region), or nothing harvested yet.
     pending: Option<Vec<Vec<u64>>>,
 }
 
 impl DirtyLog {
-    /// A log for a new run; `logging`: KVM's dirty log is already on.
-    pub fn new(logging: bool) -> Self {
-        DirtyLog {
-            logging,
-            ..Default::default()
-        }
+    /// A log for a new run (KVM's dirty log is on from the start).
+    pub fn new() -> Self {
+        DirtyLog::default()
     }
 
     /// The run was restored from set `set_id` with the dirty log on from the start.
@@ -99,11 +95,9 @@ impl Partition {
     /// the guest's writes from KVM's dirty log, the monitor's own (virtio rings and
     /// buffers) from the memory's bitmap; one bit per 4 KiB page, one `Vec` per region.
     /// Both logs are cleared, and what they held joins the run's pending pages (see
-    /// [`DirtyLog`]). KVM's log is switched on if it was off (the first call then reports
-    /// no guest pages: use it for a full snapshot).
+    /// [`DirtyLog`]).
     pub fn harvest_dirty(&mut self) -> Result<Vec<Vec<u64>>, PartitionError> {
         let name = self.config.name.clone();
-        let mib = self.config.memory_mib;
         let run = self
             .run
             .as_mut()
@@ -112,30 +106,6 @@ impl Partition {
                 state: State::Stopped,
                 op: "report dirty pages",
             })?;
-        if !run.dirty.logging {
-            // On before the bitmaps are read: a write from now on is in one log or the
-            // other (the caller then copies everything once).
-            super::build::register_slots(&run.vm, &run.mem, true).map_err(|e| match e {
-                super::build::SlotError::Memory(message) => PartitionError::Memory {
-                    name: name.clone(),
-                    mib,
-                    message,
-                },
-                super::build::SlotError::Kvm(source) => PartitionError::Kvm {
-                    name: name.clone(),
-                    what: "turning the dirty log on",
-                    source,
-                },
-            })?;
-            run.dirty.logging = true;
-            let fresh: Vec<Vec<u64>> = run
-                .mem
-                .iter()
-                .map(|r| std::ops::Deref::deref(r).bitmap().get_and_reset())
-                .collect();
-            run.dirty.add(&fresh);
-            return Ok(fresh);
-        }
         let mut out = Vec::new();
         for (slot, region) in run.mem.iter().enumerate() {
             let mut bits = std::ops::Deref::deref(region).bitmap().get_and_reset();
