@@ -71,7 +71,8 @@ pub enum SnapshotError {
          removed and the destination is unchanged"
     )]
     NoSpace { path: PathBuf },
-    /// `manifest.json` cannot be read as a version-1 manifest, or contradicts itself.
+    /// `manifest.json` cannot be read as a manifest of this format version, or contradicts
+    /// itself.
     #[error("snapshot set {dir}: manifest.json: {message}")]
     Manifest { dir: PathBuf, message: String },
     /// The writer was used in a way the format does not allow (a caller bug).

@@ -10,7 +10,8 @@ use crate::{LoadMode, SetWriter, SnapshotError, SnapshotSet};
 
 /// Flattens the chain ending at `child` into a full set at `dest` (committed atomically like
 /// [`SetWriter::commit`]; `dest` may be `child` itself). Every checksum of the chain is
-/// verified first. The new set keeps the child's device config, states and `extra`.
+/// verified first. The new set keeps the child's device config, partition and device
+/// states, and `extra`.
 pub fn merge(child: &Path, dest: &Path) -> Result<(), SnapshotError> {
     let set = SnapshotSet::open(child)?;
     set.verify()?;
@@ -20,6 +21,11 @@ pub fn merge(child: &Path, dest: &Path) -> Result<(), SnapshotError> {
         w.write_memory(&p.name, &mem, None)?;
         drop(mem);
         w.write_state(&p.name, &set.read_state(&p.name)?)?;
+    }
+    for component in set.manifest.device_states.keys() {
+        if let Some(state) = set.read_device_state(component)? {
+            w.write_device_state(component, &state)?;
+        }
     }
     w.commit(
         set.manifest.device_config.clone(),
@@ -78,6 +84,7 @@ pub fn inspect(dir: &Path) -> Result<Value, SnapshotError> {
         "format_version": m.format_version,
         "set_id": m.set_id,
         "created_unix_ms": m.created_unix_ms,
+        "device_states": m.device_states,
         "incremental": m.parent.is_some(),
         "parent": m.parent,
         "chain": chain,

@@ -140,7 +140,6 @@ fn cpath(path: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
-/// Makes a directory's entries durable.
 /// Starts writeback of `file`'s dirty pages without waiting for it (best effort: the fsync
 /// at commit is what makes the data durable).
 pub fn start_writeback(file: &File) {
@@ -151,6 +150,7 @@ pub fn start_writeback(file: &File) {
     }
 }
 
+/// Makes a directory's entries durable.
 pub fn fsync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }

@@ -255,7 +255,10 @@ impl SetWriter {
     /// Writes a partition's memory: every resident non-zero page (full set), or only the
     /// pages set in `dirty` (incremental set: one bitmap per RAM region, in `mem`'s region
     /// order, bit `i % 64` of word `i / 64` for page `i`, as KVM's dirty log gives it).
-    /// The partition must be paused: its vCPUs and devices must not write `mem` meanwhile.
+    /// For a stop-and-copy set the partition is paused meanwhile. A live snapshot calls it
+    /// while the partition runs, then [`update_memory`](Self::update_memory) paused with
+    /// every page written since this call began (KVM's dirty log and the devices' bitmap,
+    /// both cleared before it).
     pub fn write_memory<B: Bitmap>(
         &mut self,
         partition: &str,

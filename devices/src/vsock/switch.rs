@@ -184,6 +184,9 @@ impl Inner {
     /// Detaches `cid` only if it is still attachment `attach_id` (a run that ends after a
     /// restore replaced it leaves the new attachment alone).
     pub fn detach_attachment(&mut self, cid: u64, attach_id: u64) {
+        // A device prepared for a restore that did not commit: drop its side (it holds the
+        // partition's memory and interrupt).
+        self.pending.remove(&attach_id);
         if self
             .ports
             .get(&cid)

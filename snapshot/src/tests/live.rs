@@ -191,3 +191,37 @@ fn memory_loads_into_reserved_ranges_lazily_and_eagerly() {
     let e = unsafe { set.load_memory_into::<()>("engine", LoadMode::Lazy, &[0x1000]) };
     assert!(e.is_err(), "one address for two regions is refused");
 }
+
+#[test]
+fn merge_keeps_the_newest_device_states() {
+    let t = TempDir::new("live-merge");
+    let mem = two_regions();
+    fill(&mem, 0, 1);
+    let parent = t.path().join("parent");
+    let mut w = SetWriter::create(&parent, None).expect("create");
+    w.write_memory("engine", &mem, None).expect("memory");
+    w.write_state("engine", b"{}").expect("state");
+    w.write_device_state("vsock", b"old").expect("device state");
+    w.commit(serde_json::json!({}), serde_json::Value::Null)
+        .expect("commit");
+    fill(&mem, P, 2);
+    let child = t.path().join("child");
+    let p = open_ok(&parent);
+    let mut w = SetWriter::create(&child, Some(&p)).expect("create");
+    w.write_memory("engine", &mem, Some(&bits(&[P])))
+        .expect("memory");
+    w.write_state("engine", b"{}").expect("state");
+    w.write_device_state("vsock", b"new").expect("device state");
+    w.commit(serde_json::json!({}), serde_json::Value::Null)
+        .expect("commit");
+    let merged = t.path().join("merged");
+    crate::merge(&child, &merged).expect("merge");
+    let m = open_ok(&merged);
+    m.verify().expect("verify");
+    assert_eq!(
+        m.read_device_state("vsock").expect("read"),
+        Some(b"new".to_vec())
+    );
+    let back = m.load_memory("engine", LoadMode::Eager).expect("load");
+    assert_eq!(diff(&mem, &back), Vec::<u64>::new());
+}

@@ -42,7 +42,7 @@ pub enum Command {
         parent: Option<String>,
     },
     /// Tear every partition down and start all of them from the set `from` (default: the
-    /// config's `snapshot.dir`), in this process; with `snapshot`, take that snapshot first.
+    /// config's `snapshot.dir`), in this process.
     Reboot { from: Option<String> },
 }
 
@@ -343,7 +343,10 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, ApiError> {
         _ => {
             return Err(ApiError::new(
                 ErrorCode::UnknownCommand,
-                format!("unknown command \"{name}\" (commands: status, pause, resume, stop, start, shutdown, console)"),
+                format!(
+                    "unknown command \"{name}\" (commands: {})",
+                    Command::NAMES.join(", ")
+                ),
             ))
         }
     };

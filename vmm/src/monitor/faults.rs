@@ -47,13 +47,27 @@ impl Faults {
             let spec = std::env::var("DUPLEX_FAULTS").unwrap_or_default();
             let mut armed = Vec::new();
             for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                let (item, hold_ms) = match item.split_once('~') {
-                    Some((s, ms)) => (s, ms.parse::<u64>().ok()),
+                let (rest, hold_ms) = match item.split_once('~') {
+                    Some((s, ms)) => match ms.parse::<u64>() {
+                        Ok(ms) => (s, Some(ms)),
+                        Err(_) => {
+                            log::warn!(
+                                "DUPLEX_FAULTS: {item:?}: ~{ms} is not milliseconds; ignored"
+                            );
+                            continue;
+                        }
+                    },
                     None => (item, None),
                 };
-                let (step, nth) = match item.split_once('@') {
-                    Some((s, n)) => (s, n.parse::<u32>().ok()),
-                    None => (item, None),
+                let (step, nth) = match rest.split_once('@') {
+                    Some((s, n)) => match n.parse::<u32>() {
+                        Ok(n) => (s, Some(n)),
+                        Err(_) => {
+                            log::warn!("DUPLEX_FAULTS: {item:?}: @{n} is not a count; ignored");
+                            continue;
+                        }
+                    },
+                    None => (rest, None),
                 };
                 if !STEPS.contains(&step) {
                     log::warn!("DUPLEX_FAULTS: unknown step {step:?} (known: {STEPS:?})");

@@ -282,8 +282,13 @@ impl Monitor {
         *g
     }
 
-    /// Stops every partition that still runs.
+    /// Stops every partition that still runs, once the running operation (if any) is
+    /// done (it gets 10 s; then they are stopped anyway).
     pub fn stop_all(&self) {
+        let _op = self
+            .ops
+            .begin_wait(ops::Operation::Stop, Duration::from_secs(10))
+            .map_err(|busy| log::warn!("stopping every partition although {busy}"));
         for p in &self.partitions {
             let mut p = lock(p);
             if matches!(p.state(), State::Running | State::Paused) {
@@ -345,7 +350,7 @@ impl Monitor {
         // (a restore that replaces this run makes the event stale: checked below).
         let _op = match self
             .ops
-            .begin_wait(ops::Operation::GuestReboot, Duration::from_secs(30))
+            .begin_wait(ops::Operation::PartitionEnded, Duration::from_secs(30))
         {
             Ok(g) => g,
             Err(busy) => {
@@ -353,6 +358,7 @@ impl Monitor {
                 return;
             }
         };
+        _op.phase(ops::Phase::Working);
         let mut p = lock(p);
         if p.boot_id() != Some(ended.boot) {
             return;

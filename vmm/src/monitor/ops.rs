@@ -21,8 +21,9 @@ pub enum Operation {
     Resume,
     Start,
     Stop,
-    /// A partition's cold reboot the guest asked for.
-    GuestReboot,
+    /// A partition's run ended (crash, power-off, reboot request): reaping it, and
+    /// cold-booting it again when its guest asked to reboot.
+    PartitionEnded,
 }
 
 impl Operation {
@@ -35,7 +36,7 @@ impl Operation {
             Operation::Resume => "resume",
             Operation::Start => "start",
             Operation::Stop => "stop",
-            Operation::GuestReboot => "guest_reboot",
+            Operation::PartitionEnded => "partition_ended",
         }
     }
 }
@@ -204,7 +205,7 @@ mod tests {
         let s = slot.clone();
         let g = slot.begin(Operation::Reboot).expect("free");
         let t = std::thread::spawn(move || {
-            s.begin_wait(Operation::GuestReboot, Duration::from_secs(10))
+            s.begin_wait(Operation::PartitionEnded, Duration::from_secs(10))
                 .map(|_| ())
         });
         std::thread::sleep(Duration::from_millis(30));

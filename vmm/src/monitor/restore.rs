@@ -72,9 +72,9 @@ pub fn check_config(
 }
 
 impl Monitor {
-    /// Starts every partition from the set at `dir` (see the module docs): `Restore` in a
-    /// new process, `Reboot` in place. `keep_host_sockets`: host vsock connections idle
-    /// since the cut keep their sockets (in place only).
+    /// Starts every partition from the set at `dir` (see the module docs): `kind` is
+    /// `Restore` in a new process, or `Reboot` in place, where host vsock connections idle
+    /// since the cut keep their sockets.
     pub fn restore_from(
         &self,
         dir: &Path,

@@ -149,6 +149,8 @@ impl Monitor {
                 self.quiesce().map(|v| (v, t.elapsed()))
             });
             let copied = self.copy_memory(&mut writer, parent.is_some());
+            // The copy is done; the engine may still be on its way to its safe point.
+            op.phase(Phase::Quiescing);
             let quiesced = q
                 .join()
                 .unwrap_or_else(|_| Err(SnapshotFailure::Quiesce("the quiesce panicked".into())));

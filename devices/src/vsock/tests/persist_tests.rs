@@ -466,3 +466,30 @@ fn invalid_device_states_are_refused_and_attach_nothing() {
         .expect("the saved state itself");
     assert_eq!(sw.stats().partitions.len(), 1);
 }
+
+/// A device prepared for a restore that never commits leaves nothing in the switch once
+/// dropped; `replace` refuses a device that is not prepared (any more).
+#[test]
+fn a_prepared_device_that_is_dropped_leaves_nothing_behind() {
+    let sw = VsockSwitch::new().unwrap();
+    let a = MockGuest::new(&sw, 3, None);
+    let saved = a.save();
+    let state = sw.save_state();
+    let (irq, _, _) = super::counted_irq();
+    let prepared = sw
+        .prepare_restored(3, "p3", a.mem.clone(), irq, None, &saved)
+        .expect("prepare");
+    assert_eq!(sw.with(|i| i.pending.len()), 1);
+    sw.detach_device(&prepared);
+    assert_eq!(
+        sw.with(|i| i.pending.len()),
+        0,
+        "the prepared side is dropped"
+    );
+    let e = sw
+        .replace(&state, &[&prepared], false)
+        .expect_err("not prepared any more");
+    assert!(e.to_string().contains("not prepared"), "{e}");
+    // The live partition was not touched.
+    assert_eq!(sw.stats().partitions.len(), 1);
+}
