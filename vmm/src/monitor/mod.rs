@@ -346,8 +346,13 @@ impl Monitor {
         let Ok(p) = self.find(&ended.name) else {
             return;
         };
-        // A guest's cold reboot is a device operation too: it waits for the running one
-        // (a restore that replaces this run makes the event stale: checked below).
+        // A message about a run that is not the partition's current one (replaced by a
+        // restore, or prepared and thrown away) is stale: no operation for it.
+        if lock(p).boot_id() != Some(ended.boot) {
+            return;
+        }
+        // Handling the end is a device operation too: it waits for the running one (a
+        // restore that replaces this run meanwhile makes the event stale: checked again).
         let _op = match self
             .ops
             .begin_wait(ops::Operation::PartitionEnded, Duration::from_secs(30))

@@ -270,7 +270,7 @@ impl Partition {
         Builder {
             config: self.config.clone(),
             console: self.console.clone(),
-            boot: self.boots + 1,
+            boot: run::next_boot_id(),
         }
     }
 
@@ -290,7 +290,7 @@ impl Partition {
         built: build::Built,
         ended: &Sender<PartitionEvent>,
     ) -> Result<(), PartitionError> {
-        let run = self.spawn(built, ended, self.boots + 1)?;
+        let run = self.spawn(built, ended, run::next_boot_id())?;
         self.boots += 1;
         self.last = None;
         self.run = Some(run);
@@ -370,7 +370,7 @@ impl Partition {
         }
     }
 
-    /// The boot number of the current run, if any.
+    /// The id of the current run (unique in the process), if any.
     pub fn boot_id(&self) -> Option<u64> {
         self.run.as_ref().map(|r| r.boot)
     }

@@ -151,7 +151,14 @@ pub struct RestoreWith {
     pub set_id: String,
 }
 
-/// A run of a built VM with its vCPU threads started, as boot number `boot`.
+/// A new run id, unique in the process: a late message from a run (its `Ended`) can never
+/// be taken for one of a later run, even of a run that was prepared and thrown away.
+pub(super) fn next_boot_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A run of a built VM with its vCPU threads started, as run id `boot`.
 pub(super) fn spawn(
     name: &str,
     built: build::Built,

@@ -180,7 +180,7 @@ pub struct RunArgs {
     pub ended: Sender<PartitionEvent>,
     /// The partition's restored guest memory.
     pub mem: GuestMemoryMmap,
-    /// The boot number the run gets.
+    /// The run id it gets (see `run::next_boot_id`).
     pub boot: u64,
     /// The set it is restored from (writes are tracked from it).
     pub set_id: String,
