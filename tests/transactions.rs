@@ -64,8 +64,10 @@ fn kvm_a_failed_reboot_leaves_the_old_device_running_where_it_was() {
     let dir = TempDir::new("tx-reboot");
     let cfg = printer_config(&dir.0);
     let set = dir.0.join("set");
-    // First reboot fails while building, the second while switching, the third works.
-    let faults = [("DUPLEX_FAULTS", "restore.build@1,restore.switch@1")];
+    // The first reboot fails while building, the second while switching, the third while
+    // pausing the old device (its engine: the 5th pause check, after the snapshot's two and
+    // the second reboot's two), the fourth works.
+    let faults = [("DUPLEX_FAULTS", "restore.build@1,restore.switch@1,pause@5")];
     let mut dev = boot_in_env(&dir.0, &cfg, None, &[], &faults);
     wait_ready(&dev);
     let mut c = JobClient::connect(&uds(&dir.0)).expect("connect");
@@ -77,7 +79,7 @@ fn kvm_a_failed_reboot_leaves_the_old_device_running_where_it_was() {
     let later = c.submit(2, 32, 64, 64).expect("submit");
     c.wait(later, T).expect("done");
 
-    for step in ["build", "switch"] {
+    for step in ["build", "switch", "pause"] {
         let r = dev.request(json!({"cmd": "reboot"}));
         assert_eq!(r["ok"], false, "{r}");
         assert_eq!(r["error"]["code"], "restore_failed", "{r}");
@@ -98,6 +100,19 @@ fn kvm_a_failed_reboot_leaves_the_old_device_running_where_it_was() {
             "the device is where it was, not at the set"
         );
         assert_eq!(set_id(&set), id, "the set is untouched");
+    }
+    // Dirty tracking lost nothing: an incremental set on the last one equals a full set of
+    // the same moment.
+    dev.ok(json!({"cmd": "pause"}));
+    let (child, full) = (dir.0.join("child"), dir.0.join("full"));
+    dev.ok(json!({"cmd": "snapshot", "dest": child, "parent": set}));
+    dev.ok(json!({"cmd": "snapshot", "dest": full}));
+    dev.ok(json!({"cmd": "resume"}));
+    for name in ["engine", "controller"] {
+        assert!(
+            set_memory(&child, name) == set_memory(&full, name),
+            "{name}: parent + child differs from a full set of the same moment"
+        );
     }
     // The set and the device are fine: the next reboot works and goes back to the set, on
     // VMs made ahead (at boot, and again after each restore).
