@@ -13,6 +13,9 @@ scripts/bench_report.py.
 """
 import argparse, datetime, json, os, statistics, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import figure  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DUPLEX = os.path.join(ROOT, "target/release/duplex")
 GUESTS = os.path.join(ROOT, "guests/target/x86_64-unknown-none/release")
@@ -74,16 +77,6 @@ def boot(n, mem_mib, settle_s):
         p.terminate()
         p.wait(timeout=20)
     return first, guest, rss
-
-
-def figure(fid, label, value, unit, stat, baseline=None, ratio=None, goal=None, **extra):
-    f = {"id": fid, "label": label, "value": round(value, 3), "unit": unit, "stat": stat,
-         "baseline": baseline, "ratio": None if ratio is None else round(ratio, 3),
-         "ratio_meaning": "value / baseline" if ratio is not None else None, "goal": goal}
-    f.update(extra)
-    if "samples" in f:
-        f["samples"] = [round(x, 3) for x in f["samples"]]
-    return f
 
 
 def main():

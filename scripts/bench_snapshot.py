@@ -15,7 +15,11 @@ its reply's `timings_ms` (median, best) beside the whole restore in a new proces
 `--json FILE` also writes every figure (with its baseline and unit) and the per-size
 medians as JSON, for scripts/bench_report.py.
 """
+import sys
 import argparse, datetime, json, os, socket, statistics, subprocess, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import figure  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DUPLEX = os.path.join(ROOT, "target/release/duplex")
@@ -144,16 +148,6 @@ def one(total_mib):
         out["restore_to_running_ms"] = sum(timings.get(k, 0) for k in ("build", "switch", "restore", "resume"))
         out["restore_total_ms"] = timings["total"]
     return out
-
-
-def figure(fid, label, value, unit, stat, baseline=None, ratio=None, goal=None, **extra):
-    f = {"id": fid, "label": label, "value": round(value, 3), "unit": unit, "stat": stat,
-         "baseline": baseline, "ratio": None if ratio is None else round(ratio, 3),
-         "ratio_meaning": "value / baseline" if ratio is not None else None, "goal": goal}
-    f.update(extra)
-    if "samples" in f:
-        f["samples"] = [round(x, 3) for x in f["samples"]]
-    return f
 
 
 def main():

@@ -19,6 +19,9 @@ scripts/bench_report.py.
 """
 import argparse, datetime, json, os, re, statistics, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import figure  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DUPLEX = os.path.join(ROOT, "target/release/duplex")
 GUESTS = os.path.join(ROOT, "guests/target/x86_64-unknown-none/release")
@@ -65,16 +68,6 @@ def baseline(nbytes, trips):
                           "unix_baseline", "--", str(nbytes), str(trips), "64"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out)
-
-
-def figure(fid, label, value, unit, stat, baseline=None, ratio=None, goal=None, **extra):
-    f = {"id": fid, "label": label, "value": round(value, 3), "unit": unit, "stat": stat,
-         "baseline": baseline, "ratio": None if ratio is None else round(ratio, 3),
-         "ratio_meaning": "value / baseline" if ratio is not None else None, "goal": goal}
-    f.update(extra)
-    if "samples" in f:
-        f["samples"] = [round(x, 3) for x in f["samples"]]
-    return f
 
 
 def main():

@@ -104,3 +104,14 @@ impl Printer {
         Printer { dir, cfg, set, dev }
     }
 }
+
+/// Asserts that every partition's memory in the incremental set `child` (its chain
+/// resolved) equals that of the full set `full`, taken at the same moment.
+pub fn assert_same_memory(child: &Path, full: &Path, what: &str) {
+    for name in ["engine", "controller"] {
+        assert!(
+            set_memory(child, name) == set_memory(full, name),
+            "{what}: {name}: parent + child differs from a full set of the same moment"
+        );
+    }
+}

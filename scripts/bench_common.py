@@ -1,0 +1,12 @@
+"""What the bench_*.py scripts share: one figure of a results file (see
+scripts/bench_report.py), with its baseline from the same run."""
+
+
+def figure(fid, label, value, unit, stat, baseline=None, ratio=None, goal=None, **extra):
+    f = {"id": fid, "label": label, "value": round(value, 3), "unit": unit, "stat": stat,
+         "baseline": baseline, "ratio": None if ratio is None else round(ratio, 3),
+         "ratio_meaning": "value / baseline" if ratio is not None else None, "goal": goal}
+    f.update(extra)
+    if "samples" in f:
+        f["samples"] = [round(x, 3) for x in f["samples"]]
+    return f
