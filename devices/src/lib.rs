@@ -5,12 +5,14 @@
 //!   control socket and crash reports read.
 //! - [`sysctl`]: the system control page of the guest ABI (`docs/guest-abi.md`): power off,
 //!   reboot, wait, fault and panic reports, TSC frequency.
+//! - [`net`]: virtio-net for partitions, backed by a host TAP device (`docs/net.md`).
 //! - [`persist`]: snapshot save and restore of devices ([`persist::Persist`]).
 //! - [`virtio`]: the virtio-mmio transport (version 2) and the device interface behind it.
 //! - [`vsock`]: virtio-vsock devices for partitions and the switch that connects them to each
 //!   other by CID and to host programs through Unix sockets (`docs/vsock.md`).
 
 pub mod console;
+pub mod net;
 pub mod persist;
 pub mod sysctl;
 pub mod virtio;

@@ -7,6 +7,8 @@
 //! set `DRIVER_OK`.
 
 pub mod mmio;
+#[cfg(test)]
+pub(crate) mod test_driver;
 
 use crate::GuestMemoryMmap;
 use std::fmt;
@@ -95,6 +97,19 @@ pub enum ActivateError {
 }
 
 /// A virtio device behind a transport.
+/// Copies the device configuration space `config` from `offset` into `data`; bytes past
+/// its end read as 0 (what `VirtioDevice::read_config` does for a fixed config space).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 pub trait VirtioDevice: Send {
     /// The virtio device ID (e.g. 19 for vsock).
     fn device_type(&self) -> u32;

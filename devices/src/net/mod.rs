@@ -1,0 +1,273 @@
+//! virtio-net for partitions (`docs/net.md`): an Ethernet NIC (device ID 1) on the
+//! virtio-mmio transport, whose other end is a [`NetBackend`] — a host TAP device ([`Tap`])
+//! or, for tests, an in-memory [`pair`].
+//!
+//! - Queues: rx = 0, tx = 1 (no control queue, one queue pair). Features offered: `MAC` and
+//!   `STATUS` (the transport adds `VERSION_1`): no offloads, no mergeable buffers, exactly
+//!   what virtio-drivers 0.13 takes. Config space: `mac[6]`, `status` u16 (`LINK_UP`).
+//! - Every buffer starts with the 12-byte `virtio_net_hdr_v1` ([`NetHdr`]).
+//! - TX runs inline on the `QueueNotify` of the tx queue; RX runs when the owner calls
+//!   [`NetMmio::process_rx`] because the backend's fd ([`NetMmio::backend_fd`]) is readable,
+//!   and on the guest's `QueueNotify` of the rx queue. The owner polls that fd only while
+//!   [`NetMmio::wants_rx_poll`] says so (while the guest has RX buffers): a frame with no
+//!   buffer to go to stays in the backend (the TAP's kernel queue), and a level-triggered fd
+//!   is not left to spin.
+//! - Counters: [`NetStats`]. Snapshots: [`NetMmio`] implements
+//!   [`Persist`](crate::persist::Persist) ([`NetMmioState`]) and
+//!   [`Suspendable`](crate::persist::Suspendable).
+
+mod backend;
+mod chain;
+mod device;
+mod persist;
+mod tap;
+
+#[cfg(test)]
+mod tests;
+
+use crate::GuestMemoryMmap;
+use std::os::unix::io::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::virtio::mmio::{MmioError, MmioTransport};
+use crate::virtio::Interrupt;
+
+pub use backend::{pair, NetBackend, PairBackend, PairPeer};
+pub use device::Net;
+pub use persist::{NetMmioArgs, NetMmioState};
+pub use tap::{Tap, TapError};
+
+/// The virtio device ID of a network card.
+pub const DEVICE_ID: u32 = 1;
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Queue indexes.
+pub const RX_QUEUE: u16 = 0;
+pub const TX_QUEUE: u16 = 1;
+/// `VIRTIO_NET_F_MAC`: the config space holds the MAC address.
+pub const F_MAC: u64 = 1 << 5;
+/// `VIRTIO_NET_F_STATUS`: the config space holds the link status.
+pub const F_STATUS: u64 = 1 << 16;
+/// `VIRTIO_NET_S_LINK_UP`.
+pub const STATUS_LINK_UP: u16 = 1;
+/// Length of the device configuration space (`mac`, `status`).
+pub const CONFIG_LEN: usize = 8;
+/// Length of `virtio_net_hdr_v1` (`num_buffers` included, as with `VERSION_1`).
+pub const NET_HDR_LEN: usize = 12;
+/// The longest frame (without the header) the device carries either way.
+pub const MAX_FRAME_LEN: usize = 65535;
+/// An Ethernet header (destination, source, EtherType): the shortest frame sent.
+pub const ETH_HDR_LEN: usize = 14;
+
+/// `virtio_net_hdr_v1` (virtio 1.2 §5.1.6), little-endian.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+    pub num_buffers: u16,
+}
+
+impl NetHdr {
+    /// The header the device puts before every received frame: no checksum or GSO
+    /// information (none was negotiated), one buffer.
+    pub const RX: NetHdr = NetHdr {
+        flags: 0,
+        gso_type: 0,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: 0,
+        csum_offset: 0,
+        num_buffers: 1,
+    };
+
+    /// The header's bytes.
+    pub fn to_bytes(&self) -> [u8; NET_HDR_LEN] {
+        let mut b = [0u8; NET_HDR_LEN];
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        for (i, v) in [
+            self.hdr_len,
+            self.gso_size,
+            self.csum_start,
+            self.csum_offset,
+            self.num_buffers,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            b[2 + 2 * i..4 + 2 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    /// A header read from its bytes.
+    pub fn from_bytes(b: &[u8; NET_HDR_LEN]) -> Self {
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        NetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u16_at(2),
+            gso_size: u16_at(4),
+            csum_start: u16_at(6),
+            csum_offset: u16_at(8),
+            num_buffers: u16_at(10),
+        }
+    }
+}
+
+/// The device's counters (`status`). Frames are counted without their header, bytes are
+/// the frames' bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStats {
+    /// Frames (and their bytes) delivered to the guest.
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    /// Frames (and their bytes) the guest sent that the backend took.
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Frames from the backend that were dropped: longer than the guest's buffer, or
+    /// shorter than a header.
+    pub rx_dropped: u64,
+    /// Frames from the guest the backend did not take (its queue full, the link down).
+    pub tx_dropped: u64,
+    /// Chains the guest offered that were returned unused (length 0): too short, of the
+    /// wrong direction, outside guest memory, a frame with offload fields set.
+    pub malformed_rx: u64,
+    pub malformed_tx: u64,
+    /// Backend reads or writes that failed other than with "would block".
+    pub backend_errors: u64,
+}
+
+/// Why a network device could not be built or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The MAC address is multicast or all zeros.
+    #[error("net: {0} is not a unicast MAC address")]
+    BadMac(String),
+    /// The transport could not be created or restored.
+    #[error("net: {0}")]
+    Mmio(#[from] MmioError),
+    /// A saved state is not valid; nothing was built.
+    #[error("net: invalid saved state: {0}")]
+    InvalidState(String),
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Whether `mac` may be a NIC's address: not multicast (nor broadcast), not all zeros.
+pub fn mac_is_unicast(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 == 0 && mac.iter().any(|&b| b != 0)
+}
+
+/// A partition's network card: its virtio-mmio window (0x1000 bytes) in front of a
+/// [`Net`] device. Register accesses come from vCPU threads, [`process_rx`](Self::process_rx)
+/// from the owner's event loop; one lock serializes them, and interrupts are raised after
+/// it is released.
+pub struct NetMmio<B: NetBackend> {
+    transport: Mutex<MmioTransport<Net<B>>>,
+}
+
+impl<B: NetBackend> std::fmt::Debug for NetMmio<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetMmio")
+            .field("mac", &format_mac(&self.mac()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: NetBackend> NetMmio<B> {
+    /// A network card with address `mac` over `backend`, in guest memory `mem`, raising `irq`.
+    pub fn new(
+        backend: B,
+        mac: [u8; 6],
+        mem: GuestMemoryMmap,
+        irq: Interrupt,
+    ) -> Result<Self, NetError> {
+        if !mac_is_unicast(&mac) {
+            return Err(NetError::BadMac(format_mac(&mac)));
+        }
+        let transport = MmioTransport::new(Net::new(backend, mac), mem, Arc::new(irq))?;
+        Ok(Self::from_transport(transport))
+    }
+
+    fn from_transport(transport: MmioTransport<Net<B>>) -> Self {
+        NetMmio {
+            transport: Mutex::new(transport),
+        }
+    }
+
+    fn transport(&self) -> MutexGuard<'_, MmioTransport<Net<B>>> {
+        self.transport
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the transport, then raises the interrupt the device asked for (outside
+    /// the lock, so a partition's wake-up never runs under it).
+    fn with<R>(&self, f: impl FnOnce(&mut MmioTransport<Net<B>>) -> R) -> R {
+        let (result, irq) = {
+            let mut t = self.transport();
+            let result = f(&mut t);
+            (result, t.device_mut().take_irq())
+        };
+        if let Some(irq) = irq {
+            irq.trigger();
+        }
+        result
+    }
+
+    /// A guest read at `offset` within the window.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        self.transport().read(offset, data);
+    }
+
+    /// A guest write at `offset` within the window (a `QueueNotify` of tx sends at once).
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        self.with(|t| t.write(offset, data));
+    }
+
+    /// Moves frames waiting in the backend into the guest's RX buffers, as far as buffers
+    /// allow; frames with no buffer stay in the backend. Call it when the backend's fd is
+    /// readable.
+    pub fn process_rx(&self) {
+        self.with(|t| t.device_mut().process_rx());
+    }
+
+    /// Whether the owner should poll the backend's fd now: the device is started, awake,
+    /// and the guest has RX buffers. Check again after every call into the device.
+    pub fn wants_rx_poll(&self) -> bool {
+        self.transport().device().wants_rx_poll()
+    }
+
+    /// The backend's fd, readable when a frame waits.
+    pub fn backend_fd(&self) -> RawFd {
+        self.transport().device().backend().raw_fd()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> NetStats {
+        self.transport().device().stats()
+    }
+
+    /// The card's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.transport().device().mac()
+    }
+
+    /// Register accesses the transport ignored (misaligned, wrong size, unknown).
+    pub fn bad_accesses(&self) -> u64 {
+        self.transport().bad_accesses()
+    }
+}
