@@ -283,3 +283,55 @@ fn kvm_incremental_set_equals_a_full_set_of_the_same_moment() {
     assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![id, id2]);
     assert!(dev.shutdown().success());
 }
+
+/// This machine's KVM keeps the host's TSC for a restored vCPU: the guests' time bias
+/// (guest-abi.md, "Time across a restore") must carry their time over. A set restored
+/// 12 s after its cut, with a job in flight, goes on from the cut: the controller does not
+/// take the 12 s for an engine silent beyond its 10 s limit, and the job completes once.
+#[test]
+fn kvm_a_set_restored_long_after_its_cut_goes_on_from_the_cut() {
+    require_kvm();
+    let dir = TempDir::new("snap-late");
+    let cfg = printer_config(&dir.0);
+    let set = dir.0.join("set");
+    let mut dev = boot_in(&dir.0, &cfg, None, &[]);
+    wait_ready(&dev);
+    let mut c = JobClient::connect(&uds(&dir.0)).expect("connect");
+    let job = c.submit(2_000, 81, 64, 64).expect("submit");
+    let deadline = Instant::now() + T;
+    while c.jobs(Some(job)).expect("status")[0].pages_done < 10 {
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    dev.ok(json!({"cmd": "snapshot", "dest": set}));
+    assert!(dev.shutdown().success());
+    std::thread::sleep(Duration::from_secs(12));
+
+    let mut dev = boot_in(&dir.0, &cfg, Some(&set), &[]);
+    let mut c = JobClient::connect(&uds(&dir.0)).expect("connect after restore");
+    let done = c.wait(job, T).expect("the job finishes");
+    let console: Vec<String> = dev
+        .stdout_lines()
+        .into_iter()
+        .filter(|l| !l.contains("heartbeat"))
+        .collect();
+    assert_eq!(
+        done.state,
+        JobState::Done,
+        "{done:?}; consoles: {console:?}"
+    );
+    let expected: Vec<u32> = (0..2_000)
+        .map(|p| expected_page_checksum(81, p, 64, 64))
+        .collect();
+    assert_eq!(done.checksums, expected);
+    assert_eq!(
+        engine_pages(&mut c),
+        2_000,
+        "each page printed exactly once"
+    );
+    assert!(
+        !console.iter().any(|l| l.contains("went silent")),
+        "the restore made the guest's clock jump: {console:?}"
+    );
+    assert!(dev.shutdown().success());
+}

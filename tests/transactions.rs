@@ -469,25 +469,21 @@ fn kvm_four_clients_at_random_for_30s_while_a_job_prints() {
     for (s, _) in &sets {
         verify(s);
     }
-    // Sets restore to a device whose job completes exactly once: every set young enough
-    // when its restore starts, newest first. A restored vCPU's TSC cannot be set on this
-    // machine's KVM (it keeps the host's; see docs/decisions.md), so a guest restored from
-    // an older set sees its clock jump by the set's age, and the controller resets its
-    // link to an engine it has not heard from for 10 s, failing a job in flight. Sets
-    // older than that are checked only by `verify` above.
-    const YOUNG: Duration = Duration::from_secs(5);
+    // Every set restores to a device whose job completes exactly once, however old the
+    // set (a restore moves the guests' time bias by the set's age: see guest-abi.md).
     let expected: Vec<u32> = (0..CHAOS_PAGES)
         .map(|p| expected_page_checksum(CHAOS_SEED, p, 64, 64))
         .collect();
     let mut checked = 0;
-    for (s, taken) in sets.iter().rev() {
-        if taken.elapsed() > YOUNG {
-            break;
-        }
+    let mut printing_at_the_cut = 0;
+    for (s, _) in &sets {
         let mut dev = boot_in(&dir.0, &cfg, Some(s), &[]);
         let _ = dev.request(json!({"cmd": "resume"}));
         let _ = dev.request(json!({"cmd": "start", "partition": "counter"}));
         let mut c = JobClient::connect(&uds(&dir.0)).expect("connect after restore");
+        if c.jobs(Some(job)).expect("status")[0].state != JobState::Done {
+            printing_at_the_cut += 1;
+        }
         let done = c
             .wait(job, Duration::from_secs(120))
             .expect("the job finishes");
@@ -502,6 +498,9 @@ fn kvm_four_clients_at_random_for_30s_while_a_job_prints() {
         assert!(dev.shutdown().success());
         checked += 1;
     }
-    eprintln!("chaos: {} sets verified, {checked} restored", sets.len());
-    assert!(checked > 0, "no set was restored");
+    eprintln!(
+        "chaos: {} sets verified and restored, {printing_at_the_cut} with the job printing",
+        sets.len()
+    );
+    assert_eq!(checked, sets.len());
 }

@@ -43,6 +43,11 @@ pub mod reg {
     /// W, 4 bytes: the guest asks for a coordinated snapshot (1) or a snapshot and a
     /// reboot from it (2); other values are ignored.
     pub const SNAPSHOT_REQUEST: u64 = 0x48;
+    /// W (8 bytes): the guest-physical address of the guest's time bias, a u64 (8-byte
+    /// aligned) that the guest subtracts from the TSC to tell time; 0 unregisters it.
+    pub const TIME_BIAS_ADDR: u64 = 0x50;
+    /// R (8 bytes): the time bias the monitor keeps (also written at `TIME_BIAS_ADDR`).
+    pub const TIME_BIAS: u64 = 0x58;
 }
 
 /// A fault the guest reported about itself.
@@ -108,6 +113,13 @@ pub struct Sysctl {
     tsc_khz: u64,
     fault: FaultReport,
     bad_accesses: u64,
+    /// Where the guest keeps its time bias (0: it did not say).
+    #[serde(default)]
+    time_bias_addr: u64,
+    /// The guest's time bias: ticks the guest subtracts from the TSC (see `docs/guest-abi.md`,
+    /// "Time across a restore").
+    #[serde(default)]
+    time_bias: u64,
 }
 
 fn le_value(data: &[u8]) -> u64 {
@@ -126,6 +138,22 @@ impl Sysctl {
         }
     }
 
+    /// Where the guest keeps its time bias, if it registered one.
+    pub fn time_bias_addr(&self) -> Option<u64> {
+        (self.time_bias_addr != 0).then_some(self.time_bias_addr)
+    }
+
+    /// The guest's time bias (0 unless a restore moved its TSC).
+    pub fn time_bias(&self) -> u64 {
+        self.time_bias
+    }
+
+    /// Adds `ticks` (wrapping) to the time bias; returns the new bias.
+    pub fn add_time_bias(&mut self, ticks: u64) -> u64 {
+        self.time_bias = self.time_bias.wrapping_add(ticks);
+        self.time_bias
+    }
+
     /// Accesses that were misaligned, of the wrong size, or outside any register.
     pub fn bad_accesses(&self) -> u64 {
         self.bad_accesses
@@ -141,6 +169,8 @@ impl Sysctl {
             | reg::PANIC
             | reg::SNAPSHOT_REQUEST => Some(4),
             reg::TSC_KHZ
+            | reg::TIME_BIAS_ADDR
+            | reg::TIME_BIAS
             | reg::WAIT_UNTIL
             | reg::FAULT_VECTOR
             | reg::FAULT_ERROR
@@ -167,6 +197,7 @@ impl Sysctl {
             reg::MAGIC => MAGIC.into(),
             reg::VERSION => ABI_VERSION.into(),
             reg::TSC_KHZ => self.tsc_khz,
+            reg::TIME_BIAS => self.time_bias,
             _ => 0,
         };
         let n = data.len();
@@ -199,6 +230,15 @@ impl Sysctl {
             }
             reg::FAULT_COMMIT => SysctlAction::Fault(std::mem::take(&mut self.fault)),
             reg::PANIC => SysctlAction::Panic(value32),
+            reg::TIME_BIAS_ADDR => {
+                // An unaligned address cannot hold the u64: refused (counted).
+                if value.is_multiple_of(8) {
+                    self.time_bias_addr = value;
+                } else {
+                    self.bad_accesses += 1;
+                }
+                SysctlAction::None
+            }
             reg::SNAPSHOT_REQUEST => match value32 {
                 1 => SysctlAction::SnapshotRequest { reboot: false },
                 2 => SysctlAction::SnapshotRequest { reboot: true },
@@ -348,5 +388,31 @@ mod tests {
         assert_eq!(exception_name(13), "#GP");
         assert_eq!(exception_name(8), "#DF");
         assert_eq!(exception_name(200), "interrupt");
+    }
+
+    #[test]
+    fn the_time_bias_is_registered_read_and_kept_across_a_restore() {
+        let mut s = Sysctl::new(2_500_000);
+        assert_eq!(s.time_bias_addr(), None);
+        // An unaligned address is refused and counted.
+        s.write(reg::TIME_BIAS_ADDR, &0x1004u64.to_le_bytes());
+        assert_eq!((s.time_bias_addr(), s.bad_accesses()), (None, 1));
+        s.write(reg::TIME_BIAS_ADDR, &0x20_0000u64.to_le_bytes());
+        assert_eq!(s.time_bias_addr(), Some(0x20_0000));
+        assert_eq!(s.add_time_bias(1000), 1000);
+        assert_eq!(
+            s.add_time_bias(u64::MAX),
+            999,
+            "wrapping: a TSC may also go back"
+        );
+        let mut d = [0u8; 8];
+        s.read(reg::TIME_BIAS, &mut d);
+        assert_eq!(u64::from_le_bytes(d), 999);
+        let back = Sysctl::restore((), &crate::persist::json_round_trip(&s).expect("json"))
+            .expect("restore");
+        assert_eq!(
+            (back.time_bias_addr(), back.time_bias()),
+            (Some(0x20_0000), 999)
+        );
     }
 }

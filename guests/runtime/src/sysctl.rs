@@ -25,6 +25,8 @@ mod reg {
     pub const FAULT_COMMIT: usize = 0x38;
     pub const PANIC: usize = 0x40;
     pub const SNAPSHOT_REQUEST: usize = 0x48;
+    pub const TIME_BIAS_ADDR: usize = 0x50;
+    pub const TIME_BIAS: usize = 0x58;
 }
 
 /// Values of the `SNAPSHOT_REQUEST` register.
@@ -49,6 +51,16 @@ fn read64(offset: usize) -> u64 {
 fn write32(offset: usize, value: u32) {
     // SAFETY: as in `read32`; writes only reach the monitor, never guest memory.
     unsafe { core::ptr::write_volatile((SYSCTL_BASE + offset) as *mut u32, value) }
+}
+
+/// Tells the monitor where this partition keeps its time bias (see `time`).
+pub fn register_time_bias(addr: u64) {
+    write64(reg::TIME_BIAS_ADDR, addr);
+}
+
+/// The time bias the monitor keeps for this partition.
+pub fn time_bias() -> u64 {
+    read64(reg::TIME_BIAS)
 }
 
 fn write64(offset: usize, value: u64) {

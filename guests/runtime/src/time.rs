@@ -2,6 +2,12 @@
 //!
 //! The TSC frequency comes from the system control page's `TSC_KHZ` register, read once
 //! at start-up ([`init`]). `rdtsc` is allowed in ring 3 (CR4.TSD is clear).
+//!
+//! Guest time is the TSC less a *time bias* the monitor keeps: a restore from a snapshot
+//! set may not be able to give the vCPU back the TSC it had at the cut (on some hosts the
+//! TSC stays the host's), so the monitor adds the jump to the bias, in this partition's
+//! memory (the variable registered at start-up, `TIME_BIAS_ADDR`), and time goes on from
+//! where it was. `WAIT_UNTIL` deadlines are in guest time too (the monitor adds the bias).
 
 use core::ops::{Add, Sub};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -14,10 +20,17 @@ const FALLBACK_TSC_KHZ: u64 = 1_000_000;
 
 static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
 
-/// Records the TSC frequency. Returns false if `khz` was 0 and a fallback is used.
+/// Ticks subtracted from the TSC: written by the monitor when a restore moved the TSC.
+static TIME_BIAS: AtomicU64 = AtomicU64::new(0);
+
+/// Records the TSC frequency and registers the time bias with the monitor. Returns false
+/// if `khz` was 0 and a fallback is used.
 pub(crate) fn init(khz: u64) -> bool {
     let ok = khz != 0;
     TSC_KHZ.store(if ok { khz } else { FALLBACK_TSC_KHZ }, Ordering::Relaxed);
+    TIME_BIAS.store(sysctl::time_bias(), Ordering::Relaxed);
+    // Guest memory is identity mapped: the variable's address is its guest-physical one.
+    sysctl::register_time_bias(core::ptr::addr_of!(TIME_BIAS) as u64);
     ok
 }
 
@@ -26,9 +39,15 @@ pub fn tsc_khz() -> u64 {
     TSC_KHZ.load(Ordering::Relaxed)
 }
 
-/// Reads the time-stamp counter.
+/// The guest's time in TSC ticks: the time-stamp counter less the time bias.
 #[inline]
 pub fn rdtsc() -> u64 {
+    raw_tsc().wrapping_sub(TIME_BIAS.load(Ordering::Relaxed))
+}
+
+/// Reads the time-stamp counter itself.
+#[inline]
+pub fn raw_tsc() -> u64 {
     let lo: u32;
     let hi: u32;
     // SAFETY: `rdtsc` only reads the TSC into EDX:EAX; it touches no memory or stack.

@@ -171,6 +171,39 @@ impl Partition {
     }
 }
 
+impl Run {
+    /// After a restore: if the vCPU's TSC is not the one saved (some hosts keep their own
+    /// for a new vCPU), adds the difference to the guest's time bias, in the system control
+    /// page and in the guest's variable, so that the guest's time goes on from the cut
+    /// (`docs/guest-abi.md`, "Time across a restore"). A guest that keeps no bias is left
+    /// as it is.
+    fn carry_time_over(&self, state: &PartitionState) -> Result<(), PartitionError> {
+        let saved = state
+            .vcpus
+            .first()
+            .and_then(|v| v.msrs.iter().find(|m| m.index == 0x10))
+            .map(|m| m.data);
+        let (Some(saved), Some(vcpu)) = (saved, self.vcpus.first()) else {
+            return Ok(());
+        };
+        let Some(now) = super::vcpu::guest_tsc(&lock(vcpu)) else {
+            return Ok(());
+        };
+        let mut sysctl = lock(&self.devices.sysctl);
+        let Some(addr) = sysctl.time_bias_addr() else {
+            return Ok(());
+        };
+        let bias = sysctl.add_time_bias(now.wrapping_sub(saved));
+        use vm_memory::Bytes;
+        self.mem
+            .write_obj(bias, vm_memory::GuestAddress(addr))
+            .map_err(|e| PartitionError::Restore {
+                name: self.name.clone(),
+                message: format!("writing the time bias at {addr:#x}: {e}"),
+            })
+    }
+}
+
 /// What restoring a [`Run`] needs besides its state.
 pub struct RunArgs {
     pub config: PartitionConfig,
@@ -257,6 +290,7 @@ impl Persist for Run {
         )?;
         let mut run = super::run::spawn(&args.config.name, built, &args.ended, args.boot)?;
         run.dirty.restored(&args.set_id);
+        run.carry_time_over(state)?;
         Ok(run)
     }
 }

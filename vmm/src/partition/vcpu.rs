@@ -128,7 +128,7 @@ pub fn set_boot_state(vcpu: &VcpuFd, entry: BootEntry) -> Result<(), kvm_ioctls:
 }
 
 /// The guest's current TSC.
-fn guest_tsc(vcpu: &VcpuFd) -> Option<u64> {
+pub(crate) fn guest_tsc(vcpu: &VcpuFd) -> Option<u64> {
     let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
         index: IA32_TSC,
         ..Default::default()
@@ -304,6 +304,14 @@ impl VcpuRunner {
     }
 
     fn sleep_until(&self, deadline: u64) {
+        // The guest's deadline is in its time (TSC less its bias, when it keeps one).
+        let deadline = {
+            let sysctl = lock(&self.devices.sysctl);
+            match sysctl.time_bias_addr() {
+                Some(_) => deadline.wrapping_add(sysctl.time_bias()),
+                None => deadline,
+            }
+        };
         let Some(now) = guest_tsc(&lock(&self.vcpu)) else {
             return;
         };
