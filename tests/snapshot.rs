@@ -179,14 +179,7 @@ fn kvm_the_controller_itself_can_raise_the_snapshot_and_reboot() {
     c.call(&HostRequest::RequestSnapshot { reboot: false })
         .expect("request");
     dev.wait_line("controller", "snapshot requested (reboot=false)", T);
-    let deadline = Instant::now() + T;
-    while !set.join("manifest.json").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the guest-raised snapshot was never written"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_set(&set);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
         .args(["snapshot", "verify"])
         .arg(&set)

@@ -177,14 +177,7 @@ fn kvm_a_guest_raised_snapshot_and_reboot_whose_restore_fails_leaves_the_device_
         .expect("request");
     // The set is written, the reboot from it fails while building: the device must not be
     // left paused (it was, before restores were prepared beside the running device).
-    let deadline = Instant::now() + T;
-    while !set.join("manifest.json").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the guest-raised snapshot was never written"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_set(&set);
     let deadline = Instant::now() + T;
     while !dev
         .stderr_lines()

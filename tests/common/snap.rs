@@ -115,3 +115,16 @@ pub fn assert_same_memory(child: &Path, full: &Path, what: &str) {
         );
     }
 }
+
+/// Waits until a set appears at `set` (a snapshot the guest raised is written on a
+/// thread of the monitor's own).
+pub fn wait_for_set(set: &Path) {
+    let deadline = std::time::Instant::now() + T;
+    while !set.join("manifest.json").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest-raised snapshot was never written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
