@@ -171,7 +171,17 @@ struct Batch<'a> {
 /// while the copy goes on, so that the commit's fsync has only the tail left to wait for.
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
-impl Batch<'_> {
+impl<'a> Batch<'a> {
+    fn new(file: &'a File, path: &'a Path) -> Self {
+        Batch {
+            file,
+            path,
+            buf: Vec::with_capacity(BATCH_PAGES * PAGE),
+            offset: 0,
+            unsynced: 0,
+        }
+    }
+
     fn flush(&mut self) -> Result<(), SnapshotError> {
         if !self.buf.is_empty() {
             self.file
@@ -249,13 +259,7 @@ pub(crate) fn write<B: Bitmap>(
         ..Default::default()
     };
     let mut crc = MemCrc::new();
-    let mut batch = Batch {
-        file,
-        path,
-        buf: Vec::with_capacity(BATCH_PAGES * PAGE),
-        offset: 0,
-        unsynced: 0,
-    };
+    let mut batch = Batch::new(file, path);
     let swap = sys::swap_active();
     let mut res = Vec::new();
     let mut file_base = 0u64;
@@ -382,13 +386,7 @@ pub(crate) fn overwrite<B: Bitmap>(
         )));
     }
     let mut stats = MemoryWriteStats::default();
-    let mut batch = Batch {
-        file,
-        path,
-        buf: Vec::with_capacity(BATCH_PAGES * PAGE),
-        offset: 0,
-        unsynced: 0,
-    };
+    let mut batch = Batch::new(file, path);
     let mut file_base = 0u64;
     for (ri, (region, bits)) in mem.iter().zip(delta).enumerate() {
         let pages = (region.len() / PAGE as u64) as usize;

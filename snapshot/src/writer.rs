@@ -285,13 +285,7 @@ impl SetWriter {
             _ => {}
         }
         if let Some(p) = &self.parent {
-            let ram: Vec<RamRegion> = mem
-                .iter()
-                .map(|r| RamRegion {
-                    gpa: r.start_addr().0,
-                    len: r.len(),
-                })
-                .collect();
+            let ram = ram_layout(mem);
             match p.partitions.iter().find(|e| e.name == partition) {
                 None => return Err(self.usage(partition, "the parent set has no such partition")),
                 Some(e) if e.ram != ram => {
@@ -346,14 +340,7 @@ impl SetWriter {
         let Some(fi) = self.parts[i].mem_file else {
             return Err(self.usage(partition, "memory updated before it was written"));
         };
-        let ram: Vec<RamRegion> = mem
-            .iter()
-            .map(|r| RamRegion {
-                gpa: r.start_addr().0,
-                len: r.len(),
-            })
-            .collect();
-        if self.parts[i].ram.as_ref() != Some(&ram) {
+        if self.parts[i].ram.as_ref() != Some(&ram_layout(mem)) {
             return Err(self.usage(partition, "the guest RAM layout changed between passes"));
         }
         let usage = |m: String| SnapshotError::Usage {
@@ -598,6 +585,16 @@ impl SetWriter {
             )),
         }
     }
+}
+
+/// The RAM regions of `mem`, in order, as a manifest records them.
+fn ram_layout<B: Bitmap>(mem: &GuestMemoryMmap<B>) -> Vec<RamRegion> {
+    mem.iter()
+        .map(|r| RamRegion {
+            gpa: r.start_addr().0,
+            len: r.len(),
+        })
+        .collect()
 }
 
 impl Drop for SetWriter {

@@ -151,21 +151,10 @@ impl VsockSwitch {
                     "the device was not prepared".into(),
                 ));
             };
-            inner.check_attachable(port.cid)?;
-            if let Some(path) = &port.uds {
-                inner.bridge.bind(port.cid, path)?;
-            }
-            inner.state.backlogs.entry(port.cid).or_default();
             let cid = port.cid;
-            inner.insert_bound_port(
-                cid,
-                port.attach_id,
-                &port.name,
-                port.mem,
-                port.irq,
-                port.uds,
-                port.queues,
-            );
+            inner.check_attachable(cid)?;
+            inner.state.backlogs.entry(cid).or_default();
+            inner.insert_port(port)?;
             // Packets queued at the cut (and RSTs of dropped host links) go in as RX
             // buffers allow; host connections may read again.
             inner.drain_rx(cid);

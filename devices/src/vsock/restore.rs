@@ -246,7 +246,7 @@ impl Inner {
         self.apply_state(set, keep_host_sockets);
         for p in ports {
             self.state.backlogs.entry(p.cid).or_default();
-            self.insert_bound_port(p.cid, p.attach_id, &p.name, p.mem, p.irq, p.uds, p.queues);
+            self.insert_bound_port(p);
         }
         for cid in cids {
             self.drain_rx(cid);

@@ -13,6 +13,7 @@ use virtio_vsock::packet::VsockPacket;
 
 use super::host::Bridge;
 use super::packet::{op, Endpoint, Hdr, Pending, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
+use super::restore::PreparedPort;
 use super::state::{
     Backlog, ConnKey, ConnState, ConnStats, Connection, PortStats, SwitchState, VsockStats,
 };
@@ -103,7 +104,17 @@ impl Inner {
         self.check_attachable(cid)?;
         self.drop_conns_of(cid);
         self.state.backlogs.insert(cid, Backlog::default());
-        self.insert_port(cid, name, mem, irq, uds, None)
+        let attach_id = self.reserve_attach_id();
+        self.insert_port(PreparedPort {
+            cid,
+            attach_id,
+            name: name.to_owned(),
+            mem,
+            irq,
+            uds,
+            queues: None,
+        })?;
+        Ok(attach_id)
     }
 
     /// Whether `cid` may be attached now.
@@ -117,23 +128,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Adds the port of `cid` (listening on `uds`), with `queues` if its device is started;
-    /// returns its attachment id. Its backlog must exist.
-    pub(crate) fn insert_port(
-        &mut self,
-        cid: u64,
-        name: &str,
-        mem: GuestMemoryMmap,
-        irq: Arc<Interrupt>,
-        uds: Option<PathBuf>,
-        queues: Option<Vec<Queue>>,
-    ) -> Result<u64, VsockError> {
-        if let Some(path) = &uds {
-            self.bridge.bind(cid, path)?;
+    /// Binds the port's listener (if it has a `uds`) and adds the port. Its backlog must
+    /// exist.
+    pub(crate) fn insert_port(&mut self, port: PreparedPort) -> Result<(), VsockError> {
+        if let Some(path) = &port.uds {
+            self.bridge.bind(port.cid, path)?;
         }
-        let attach_id = self.reserve_attach_id();
-        self.insert_bound_port(cid, attach_id, name, mem, irq, uds, queues);
-        Ok(attach_id)
+        self.insert_bound_port(port);
+        Ok(())
     }
 
     /// A new attachment id (an attachment not in the table yet, see `PreparedPort`).
@@ -143,22 +145,22 @@ impl Inner {
         attach_id
     }
 
-    /// Adds the port of `cid` as attachment `attach_id`; its listener (if any) is bound.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn insert_bound_port(
-        &mut self,
-        cid: u64,
-        attach_id: u64,
-        name: &str,
-        mem: GuestMemoryMmap,
-        irq: Arc<Interrupt>,
-        uds: Option<PathBuf>,
-        queues: Option<Vec<Queue>>,
-    ) {
+    /// Adds a port whose listener (if any) is bound.
+    pub(crate) fn insert_bound_port(&mut self, port: PreparedPort) {
+        let PreparedPort {
+            cid,
+            attach_id,
+            name,
+            mem,
+            irq,
+            uds,
+            queues,
+        } = port;
+        log::info!("vsock: {name} attached as CID {cid}");
         self.ports.insert(
             cid,
             Port {
-                name: name.to_string(),
+                name,
                 attach_id,
                 mem,
                 irq,
@@ -166,7 +168,6 @@ impl Inner {
                 uds,
             },
         );
-        log::info!("vsock: {name} attached as CID {cid}");
     }
 
     /// Detaches `cid`: its peers get RSTs, its host sockets and listener are closed, its

@@ -153,16 +153,12 @@ impl Monitor {
         });
         let (prepared, verified_bytes, t_verify) = match (verified, built) {
             (Ok((bytes, t)), Ok(p)) => (p, bytes, t),
-            (Err(e), built) => {
-                if let Ok(p) = built {
-                    p.into_iter().for_each(PreparedRun::discard);
-                }
-                return Err(invalid(e));
-            }
+            // Runs built for a set that fails verification end as they are dropped.
+            (Err(e), _) => return Err(invalid(e)),
             (Ok(_), Err(e)) => return Err(e),
         };
         if let Err(e) = self.faults.check("restore.build") {
-            prepared.into_iter().for_each(PreparedRun::discard);
+            drop(prepared);
             return Err(SnapshotFailure::RestoreFailed {
                 step: "build",
                 reason: e.to_string(),
@@ -176,7 +172,7 @@ impl Monitor {
         let asleep = match self.sleep_all() {
             Ok(a) => a,
             Err(reason) => {
-                prepared.into_iter().for_each(PreparedRun::discard);
+                drop(prepared);
                 return Err(SnapshotFailure::RestoreFailed {
                     step: "pause",
                     reason,
@@ -200,7 +196,7 @@ impl Monitor {
             });
         if let Err(reason) = switched {
             drop(asleep);
-            prepared.into_iter().for_each(PreparedRun::discard);
+            drop(prepared);
             return Err(SnapshotFailure::RestoreFailed {
                 step: "switch",
                 reason,
@@ -306,22 +302,7 @@ impl Monitor {
                 })
                 .collect()
         });
-        let mut ok = Vec::new();
-        let mut first_err = None;
-        for r in results {
-            match r {
-                Ok(p) => ok.push(p),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        match first_err {
-            None => Ok(ok),
-            Some(e) => {
-                ok.into_iter().for_each(PreparedRun::discard);
-                Err(e)
-            }
-        }
+        // On an error the runs built so far are dropped, which ends them.
+        results.into_iter().collect()
     }
 }

@@ -66,17 +66,19 @@ impl Monitor {
     /// snapshotted as it stands (a paused engine could not answer, and no `resume` can
     /// come while the snapshot holds the device).
     fn quiesce(&self) -> Result<Option<Value>, SnapshotFailure> {
-        let all_running = self
+        if !self
             .partitions
             .iter()
-            .all(|p| lock(p).state() == State::Running);
-        let running = |_: &str| all_running;
+            .all(|p| lock(p).state() == State::Running)
+        {
+            return Ok(None);
+        }
         let uds = self
             .config
             .partitions
             .iter()
             .find_map(|p| match (p.role, &p.vsock) {
-                (Role::Controller, Some(v)) if running(&p.name) => v.uds.clone(),
+                (Role::Controller, Some(v)) => v.uds.clone(),
                 _ => None,
             });
         let Some(uds) = uds else { return Ok(None) };

@@ -71,7 +71,8 @@ impl Drop for Run {
     }
 }
 
-/// A run built from a snapshot, its vCPU threads parked, not yet part of the device: the
+/// A run built from a snapshot, its vCPU threads parked, not yet part of the device (a
+/// dropped one ends): the
 /// prepare half of a restore ([`Builder::prepare_restore`], [`Partition::install`]).
 pub struct PreparedRun {
     pub(super) run: Run,
@@ -81,11 +82,6 @@ impl PreparedRun {
     /// Its vsock device, prepared in the switch, for [`VsockSwitch::replace`].
     pub fn vsock_device(&self) -> Option<&duplex_devices::vsock::VsockMmio> {
         self.run.devices.vsock.as_ref()
-    }
-
-    /// Throws the run away (the restore did not commit).
-    pub fn discard(self) {
-        drop(self);
     }
 }
 
@@ -117,7 +113,7 @@ impl Builder {
     /// Builds a run of the partition from a snapshot (`mem` is its restored memory) with
     /// its vCPU threads started but parked, without touching the partition or its current
     /// run: [`Partition::install`] makes it the partition's run. Dropped or
-    /// [discarded](PreparedRun::discard), it leaves nothing behind.
+    /// dropped, it leaves nothing behind (its threads end, its vsock device leaves the switch).
     pub fn prepare_restore(
         &self,
         with: &RestoreWith,
