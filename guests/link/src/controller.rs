@@ -27,7 +27,7 @@ use alloc::vec::Vec;
 use crate::frame::{FrameError, MAX_FRAME};
 use crate::msg::{
     error_code, EngineInfo, EngineState, FromEngine, HostReply, HostRequest, JobInfo, JobState,
-    ToEngine, MAX_ACTIVE_JOBS, MAX_FINISHED_JOBS, MAX_JOB_PAGES, MAX_PAGE_PIXELS,
+    ToEngine, MAX_ACTIVE_JOBS, MAX_FINISHED_JOBS, MAX_JOB_KEY_LEN, MAX_JOB_PAGES, MAX_PAGE_PIXELS,
 };
 use crate::print::page_raster;
 
@@ -84,6 +84,8 @@ struct Job {
     sent: u32,
     checksums: Vec<u32>,
     error: Option<String>,
+    /// The `SubmitKeyedJob` key, if it came with one.
+    key: Option<String>,
 }
 
 /// A request to the engine waiting for its reply.
@@ -130,6 +132,8 @@ pub struct Controller {
     active: VecDeque<u64>,
     /// Ids of finished jobs, oldest first.
     finished: VecDeque<u64>,
+    /// Job keys of remembered jobs (`SubmitKeyedJob`), to their job ids.
+    keys: BTreeMap<String, u64>,
     link: Link,
     /// Requests to the engine, oldest first.
     waiting: VecDeque<Waiting>,
@@ -154,6 +158,7 @@ impl Controller {
             next_id: 1,
             active: VecDeque::new(),
             finished: VecDeque::new(),
+            keys: BTreeMap::new(),
             link: Link::Down,
             waiting: VecDeque::new(),
             hold: false,
@@ -222,7 +227,17 @@ impl Controller {
                 width,
                 height,
             } => {
-                let reply = self.submit(pages, seed, width, height, &mut out);
+                let reply = self.submit(pages, seed, width, height, None, &mut out);
+                self.fill(client, seq, reply, &mut out);
+            }
+            HostRequest::SubmitKeyedJob {
+                key,
+                pages,
+                seed,
+                width,
+                height,
+            } => {
+                let reply = self.submit_keyed(key, pages, seed, width, height, &mut out);
                 self.fill(client, seq, reply, &mut out);
             }
             HostRequest::JobStatus { id: Some(id) } => {
@@ -458,12 +473,57 @@ impl Controller {
 
     // ---- internals ------------------------------------------------------------------
 
+    /// `SubmitKeyedJob`: a known key answers with its job (if the parameters are the
+    /// same); a new one queues a job as `SubmitJob` does.
+    fn submit_keyed(
+        &mut self,
+        key: String,
+        pages: u32,
+        seed: u64,
+        width: u16,
+        height: u16,
+        out: &mut Vec<Action>,
+    ) -> HostReply {
+        if key.is_empty() || key.len() > MAX_JOB_KEY_LEN || key.chars().any(char::is_control) {
+            return error(
+                error_code::INVALID_JOB,
+                format!("job key must be 1..={MAX_JOB_KEY_LEN} bytes without control characters"),
+            );
+        }
+        if let Some(&id) = self.keys.get(&key) {
+            let same = self.jobs.get(&id).is_some_and(|j| {
+                (j.pages, j.seed, j.width, j.height) == (pages, seed, width, height)
+            });
+            if !same {
+                return error(
+                    error_code::INVALID_JOB,
+                    format!("job key {key:?} was used for job {id} with other parameters"),
+                );
+            }
+            out.push(Action::Log(format!(
+                "job {id} submitted again (key {key:?})"
+            )));
+            return HostReply::KeyedJobAccepted {
+                id,
+                duplicate: true,
+            };
+        }
+        match self.submit(pages, seed, width, height, Some(key), out) {
+            HostReply::JobAccepted { id } => HostReply::KeyedJobAccepted {
+                id,
+                duplicate: false,
+            },
+            other => other,
+        }
+    }
+
     fn submit(
         &mut self,
         pages: u32,
         seed: u64,
         width: u16,
         height: u16,
+        key: Option<String>,
         out: &mut Vec<Action>,
     ) -> HostReply {
         if pages == 0 || pages > MAX_JOB_PAGES {
@@ -498,8 +558,12 @@ impl Controller {
                 sent: 0,
                 checksums: Vec::new(),
                 error: None,
+                key: key.clone(),
             },
         );
+        if let Some(key) = key {
+            self.keys.insert(key, id);
+        }
         self.active.push_back(id);
         out.push(Action::Log(format!(
             "job {id} queued: {pages} pages {width}x{height}"
@@ -610,7 +674,9 @@ impl Controller {
         self.finished.push_back(id);
         while self.finished.len() > MAX_FINISHED_JOBS {
             if let Some(old) = self.finished.pop_front() {
-                self.jobs.remove(&old);
+                if let Some(key) = self.jobs.remove(&old).and_then(|j| j.key) {
+                    self.keys.remove(&key);
+                }
             }
         }
     }

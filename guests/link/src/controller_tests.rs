@@ -603,6 +603,7 @@ fn all_jobs_fit_one_frame() {
                 sent: MAX_JOB_PAGES,
                 checksums: vec![u32::MAX; MAX_JOB_PAGES as usize],
                 error: None,
+                key: None,
             },
         );
     }
@@ -612,3 +613,6 @@ fn all_jobs_fit_one_frame() {
     let frame = crate::try_encode(&HostReply::Jobs(all)).expect("fits");
     assert!(frame.len() <= MAX_FRAME);
 }
+
+#[path = "controller_keyed_tests.rs"]
+mod keyed;

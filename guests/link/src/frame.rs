@@ -34,10 +34,7 @@ impl fmt::Display for FrameError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FrameError::TooLong(n) => {
-                write!(
-                    f,
-                    "frame of {n} bytes is longer than the {MAX_FRAME}-byte limit"
-                )
+                write!(f, "frame of {n} bytes is longer than the limit")
             }
             FrameError::Decode => write!(f, "frame is not a valid message"),
             FrameError::Encode => write!(f, "message cannot be encoded"),
@@ -100,6 +97,8 @@ pub struct FrameDecoder<T> {
     start: usize,
     /// A [`FrameError::TooLong`] seen: the stream is lost.
     failed: bool,
+    /// Largest body accepted ([`MAX_FRAME`] unless set by [`FrameDecoder::with_limit`]).
+    limit: usize,
     _msg: PhantomData<fn() -> T>,
 }
 
@@ -109,6 +108,7 @@ impl<T> Default for FrameDecoder<T> {
             buf: Vec::new(),
             start: 0,
             failed: false,
+            limit: MAX_FRAME,
             _msg: PhantomData,
         }
     }
@@ -118,6 +118,15 @@ impl<T: DeserializeOwned> FrameDecoder<T> {
     /// An empty decoder.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty decoder that takes frames of at most `limit` body bytes (capped at
+    /// [`MAX_FRAME`]); a longer one is [`FrameError::TooLong`].
+    pub fn with_limit(limit: usize) -> Self {
+        FrameDecoder {
+            limit: limit.min(MAX_FRAME),
+            ..Self::default()
+        }
     }
 
     /// Appends received bytes.
@@ -155,7 +164,7 @@ impl<T: DeserializeOwned> FrameDecoder<T> {
         let avail = &self.buf[self.start..];
         let header: [u8; HEADER_LEN] = avail.get(..HEADER_LEN)?.try_into().ok()?;
         let len = u32::from_le_bytes(header);
-        if len as usize > MAX_FRAME {
+        if len as usize > self.limit {
             self.failed = true;
             self.buf = Vec::new();
             self.start = 0;

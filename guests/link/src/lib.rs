@@ -35,7 +35,7 @@ pub use frame::{decode_body, encode, try_encode, FrameDecoder, FrameError, HEADE
 pub use msg::{
     error_code, EngineInfo, EngineState, FromEngine, HostReply, HostRequest, JobInfo, JobState,
     ToEngine, DEFAULT_ENGINE_CID, DEFAULT_PAGE_HEIGHT, DEFAULT_PAGE_WIDTH, JOB_PORT, LINK_PORT,
-    MAX_ACTIVE_JOBS, MAX_FINISHED_JOBS, MAX_JOB_PAGES, MAX_PAGE_PIXELS,
+    MAX_ACTIVE_JOBS, MAX_FINISHED_JOBS, MAX_JOB_KEY_LEN, MAX_JOB_PAGES, MAX_PAGE_PIXELS,
 };
 pub use print::{
     expected_page_checksum, gamma_table, halftone, halftone_stride, identity_table, page_checksum,

@@ -32,6 +32,8 @@ pub const MAX_PAGE_PIXELS: u32 = 768 * 1024;
 pub const MAX_ACTIVE_JOBS: usize = 1024;
 /// Most finished (done or failed) jobs the controller remembers; the oldest are forgotten.
 pub const MAX_FINISHED_JOBS: usize = 1024;
+/// Longest `SubmitKeyedJob` key, in bytes.
+pub const MAX_JOB_KEY_LEN: usize = 64;
 
 /// The `code` of [`HostReply::Error`] (HTTP-like numbers).
 pub mod error_code {
@@ -99,6 +101,22 @@ pub enum HostRequest {
         /// Restart the device from the snapshot set once it is written.
         reboot: bool,
     },
+    /// Submit a job identified by `key` (idempotent): while the controller remembers a
+    /// job with this key (active, or among the last [`MAX_FINISHED_JOBS`] finished), the
+    /// same request queues nothing and is answered with that job's id.
+    SubmitKeyedJob {
+        /// The idempotency key (a cloud job id): 1..=[`MAX_JOB_KEY_LEN`] bytes, no
+        /// control characters.
+        key: String,
+        /// As `SubmitJob`.
+        pages: u32,
+        /// As `SubmitJob`.
+        seed: u64,
+        /// As `SubmitJob`.
+        width: u16,
+        /// As `SubmitJob`.
+        height: u16,
+    },
 }
 
 /// Controller → host, on the job port: exactly one reply per request, in request order.
@@ -128,6 +146,13 @@ pub enum HostReply {
         engine_pages_printed: u64,
         /// Jobs queued or printing at the controller when the approval arrived.
         jobs_queued: u32,
+    },
+    /// Answer to `SubmitKeyedJob`.
+    KeyedJobAccepted {
+        /// The job with this key.
+        id: u64,
+        /// The key was known: nothing new was queued.
+        duplicate: bool,
     },
 }
 

@@ -64,6 +64,7 @@ pub mod console;
 pub mod fault;
 pub mod heap;
 pub mod heartbeat;
+pub mod net;
 mod panic;
 pub mod start;
 pub mod sysctl;
