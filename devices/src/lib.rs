@@ -5,6 +5,8 @@
 //!   control socket and crash reports read.
 //! - [`sysctl`]: the system control page of the guest ABI (`docs/guest-abi.md`): power off,
 //!   reboot, wait, fault and panic reports, TSC frequency.
+//! - [`event_loop`]: the device event loop (rust-vmm `event-manager` on a thread of its own)
+//!   that devices wait on for their host-side fds: TAP devices, the vsock host bridge.
 //! - [`net`]: virtio-net for partitions, backed by a host TAP device (`docs/net.md`).
 //! - [`persist`]: snapshot save and restore of devices ([`persist::Persist`]).
 //! - [`virtio`]: the virtio-mmio transport (version 2) and the device interface behind it.
@@ -12,6 +14,7 @@
 //!   other by CID and to host programs through Unix sockets (`docs/vsock.md`).
 
 pub mod console;
+pub mod event_loop;
 pub mod net;
 pub mod persist;
 pub mod sysctl;

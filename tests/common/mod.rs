@@ -8,6 +8,8 @@
 #![allow(dead_code)]
 
 pub mod livecut;
+pub mod netns;
+pub mod relaynet;
 pub mod snap;
 
 use std::io::{BufRead, BufReader, Write};

@@ -32,17 +32,32 @@ pub const VIRTIO_MMIO_START: u64 = MMIO_START + 0x2000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// The GSI of the vsock device's interrupt.
 pub const VSOCK_GSI: u32 = 5;
+/// The second virtio-mmio device window (the network card), 4 KiB.
+pub const NET_MMIO: u64 = VIRTIO_MMIO_START + VIRTIO_MMIO_SIZE;
+/// The GSI of the network card's interrupt.
+pub const NET_GSI: u32 = 6;
 /// The GSI of the console UART (COM1).
 pub const CONSOLE_GSI: u32 = 4;
 
-/// The kernel command line entry announcing the vsock device, in Linux's syntax.
-pub fn vsock_cmdline_entry() -> String {
+/// The kernel command line entry announcing a virtio-mmio window at `addr` with interrupt
+/// `gsi`, in Linux's syntax.
+fn virtio_cmdline_entry(addr: u64, gsi: u32) -> String {
     format!(
         "virtio_mmio.device={}K@{:#x}:{}",
         VIRTIO_MMIO_SIZE >> 10,
-        VIRTIO_MMIO_START,
-        VSOCK_GSI
+        addr,
+        gsi
     )
+}
+
+/// The kernel command line entry announcing the vsock device.
+pub fn vsock_cmdline_entry() -> String {
+    virtio_cmdline_entry(VIRTIO_MMIO_START, VSOCK_GSI)
+}
+
+/// The kernel command line entry announcing the network card.
+pub fn net_cmdline_entry() -> String {
+    virtio_cmdline_entry(NET_MMIO, NET_GSI)
 }
 
 /// Where KVM's TSS for real-mode emulation lives (3 pages, inside the MMIO hole).
@@ -69,6 +84,8 @@ mod tests {
     #[test]
     fn vsock_cmdline_entry_uses_linux_syntax() {
         assert_eq!(vsock_cmdline_entry(), "virtio_mmio.device=4K@0xd0002000:5");
+        assert_eq!(net_cmdline_entry(), "virtio_mmio.device=4K@0xd0003000:6");
+        const { assert!(NET_MMIO + VIRTIO_MMIO_SIZE <= MMIO_START + MMIO_SIZE) };
     }
 
     #[test]

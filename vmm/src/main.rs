@@ -201,8 +201,13 @@ fn main() -> ExitCode {
         Cmd::Check { config } => DeviceConfig::load(config)
             .map(|c| {
                 for p in &c.partitions {
+                    let net = p
+                        .net
+                        .as_ref()
+                        .map(|n| format!(", net tap {} mac {}", n.tap, n.mac))
+                        .unwrap_or_default();
                     println!(
-                        "{}: {} {} MiB, {} vCPU(s), kernel {}",
+                        "{}: {} {} MiB, {} vCPU(s), kernel {}{net}",
                         p.name,
                         p.role.as_str(),
                         p.memory_mib,

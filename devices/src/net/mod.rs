@@ -11,7 +11,9 @@
 //!   and on the guest's `QueueNotify` of the rx queue. The owner polls that fd only while
 //!   [`NetMmio::wants_rx_poll`] says so (while the guest has RX buffers): a frame with no
 //!   buffer to go to stays in the backend (the TAP's kernel queue), and a level-triggered fd
-//!   is not left to spin.
+//!   is not left to spin. The card writes an eventfd ([`NetMmio::rx_poll_fd`]) when that
+//!   turns true on another thread; [`NetPoller`] is the card's subscriber on the device
+//!   event loop ([`crate::event_loop`]) that does all this.
 //! - Counters: [`NetStats`]. Snapshots: [`NetMmio`] implements
 //!   [`Persist`](crate::persist::Persist) ([`NetMmioState`]) and
 //!   [`Suspendable`](crate::persist::Suspendable).
@@ -20,24 +22,27 @@ mod backend;
 mod chain;
 mod device;
 mod persist;
+mod poller;
 mod tap;
 
 #[cfg(test)]
 mod tests;
 
 use crate::GuestMemoryMmap;
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
 use crate::virtio::mmio::{MmioError, MmioTransport};
 use crate::virtio::Interrupt;
+use vmm_sys_util::eventfd::EventFd;
 
 pub use backend::{pair, NetBackend, PairBackend, PairPeer};
 pub use device::Net;
 pub use persist::{NetMmioArgs, NetMmioState};
-pub use tap::{Tap, TapError};
+pub use poller::NetPoller;
+pub use tap::{name_ok as tap_name_ok, Tap, TapError};
 
 /// The virtio device ID of a network card.
 pub const DEVICE_ID: u32 = 1;
@@ -156,6 +161,9 @@ pub enum NetError {
     /// A saved state is not valid; nothing was built.
     #[error("net: invalid saved state: {0}")]
     InvalidState(String),
+    /// The eventfd that tells the owner's loop to look again could not be made.
+    #[error("net: eventfd: {0}")]
+    EventFd(std::io::Error),
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
@@ -177,6 +185,9 @@ pub fn mac_is_unicast(mac: &[u8; 6]) -> bool {
 /// it is released.
 pub struct NetMmio<B: NetBackend> {
     transport: Mutex<MmioTransport<Net<B>>>,
+    /// Written when [`wants_rx_poll`](Self::wants_rx_poll) turns true (the guest added RX
+    /// buffers, the card started or woke): the owner's loop watches it and looks again.
+    rx_poll_changed: EventFd,
 }
 
 impl<B: NetBackend> std::fmt::Debug for NetMmio<B> {
@@ -199,13 +210,14 @@ impl<B: NetBackend> NetMmio<B> {
             return Err(NetError::BadMac(format_mac(&mac)));
         }
         let transport = MmioTransport::new(Net::new(backend, mac), mem, Arc::new(irq))?;
-        Ok(Self::from_transport(transport))
+        Self::from_transport(transport)
     }
 
-    fn from_transport(transport: MmioTransport<Net<B>>) -> Self {
-        NetMmio {
+    fn from_transport(transport: MmioTransport<Net<B>>) -> Result<Self, NetError> {
+        Ok(NetMmio {
             transport: Mutex::new(transport),
-        }
+            rx_poll_changed: EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd)?,
+        })
     }
 
     fn transport(&self) -> MutexGuard<'_, MmioTransport<Net<B>>> {
@@ -216,12 +228,21 @@ impl<B: NetBackend> NetMmio<B> {
 
     /// Runs `f` on the transport, then raises the interrupt the device asked for (outside
     /// the lock, so a partition's wake-up never runs under it).
+    /// When [`wants_rx_poll`](Self::wants_rx_poll) turns true, writes the eventfd the
+    /// owner's loop watches ([`rx_poll_fd`](Self::rx_poll_fd)).
     fn with<R>(&self, f: impl FnOnce(&mut MmioTransport<Net<B>>) -> R) -> R {
-        let (result, irq) = {
+        let (result, irq, poll_now) = {
             let mut t = self.transport();
+            let before = t.device().wants_rx_poll();
             let result = f(&mut t);
-            (result, t.device_mut().take_irq())
+            let poll_now = !before && t.device().wants_rx_poll();
+            (result, t.device_mut().take_irq(), poll_now)
         };
+        if poll_now {
+            if let Err(e) = self.rx_poll_changed.write(1) {
+                log::warn!("net: telling the loop to poll: {e}");
+            }
+        }
         if let Some(irq) = irq {
             irq.trigger();
         }
@@ -254,6 +275,20 @@ impl<B: NetBackend> NetMmio<B> {
     /// The backend's fd, readable when a frame waits.
     pub fn backend_fd(&self) -> RawFd {
         self.transport().device().backend().raw_fd()
+    }
+
+    /// An eventfd (nonblocking) written whenever [`wants_rx_poll`](Self::wants_rx_poll) may
+    /// have turned true on another thread; the owner's loop watches it, reads it
+    /// ([`take_rx_poll_change`](Self::take_rx_poll_change)) and looks again.
+    pub fn rx_poll_fd(&self) -> RawFd {
+        self.rx_poll_changed.as_raw_fd()
+    }
+
+    /// Resets [`rx_poll_fd`](Self::rx_poll_fd); call it before looking at
+    /// [`wants_rx_poll`](Self::wants_rx_poll), so that a change after the look is not lost.
+    pub fn take_rx_poll_change(&self) {
+        // Nothing to read is fine: it was already taken.
+        let _ = self.rx_poll_changed.read();
     }
 
     /// The counters.

@@ -124,7 +124,17 @@ impl<B: NetBackend> Persist for NetMmio<B> {
         let device = Net::restored(backend, mac, state.stats, active);
         let transport =
             MmioTransport::restore_state(MmioArgs { device, mem, irq }, &state.transport)?;
-        Ok(NetMmio::from_transport(transport))
+        NetMmio::from_transport(transport)
+    }
+}
+
+impl<B: NetBackend> NetMmio<B> {
+    fn sleep_card(&self) {
+        self.transport().device_mut().sleep();
+    }
+
+    fn wake_card(&self) {
+        self.with(|t| t.device_mut().wake());
     }
 }
 
@@ -132,11 +142,26 @@ impl<B: NetBackend> Suspendable for NetMmio<B> {
     type Error = std::convert::Infallible;
 
     fn sleep(&mut self) -> Result<(), Self::Error> {
-        self.transport().device_mut().sleep();
+        self.sleep_card();
         Ok(())
     }
 
     fn wake(&mut self) {
-        self.with(|t| t.device_mut().wake());
+        self.wake_card();
+    }
+}
+
+/// A card shared between the vCPU threads and the event loop (as the monitor holds it) is
+/// put to sleep the same way (its state is behind its lock).
+impl<B: NetBackend> Suspendable for Arc<NetMmio<B>> {
+    type Error = std::convert::Infallible;
+
+    fn sleep(&mut self) -> Result<(), Self::Error> {
+        self.sleep_card();
+        Ok(())
+    }
+
+    fn wake(&mut self) {
+        self.wake_card();
     }
 }

@@ -51,8 +51,8 @@ pub struct Tap {
     name: String,
 }
 
-/// Whether `name` can be an interface name.
-fn name_ok(name: &str) -> bool {
+/// Whether `name` can be an interface name: 1 to 15 bytes, without `/`, whitespace or NUL.
+pub fn name_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() < libc::IFNAMSIZ
         && !name
@@ -114,6 +114,17 @@ impl Tap {
     /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Another handle on the same TAP queue (`dup`): frames waiting in the kernel's queue are
+    /// read through whichever handle reads first, and the interface stays while any handle
+    /// is open. The monitor keeps one per partition and gives each run's card a clone, so a
+    /// reboot in place keeps the interface and the frames that wait in it.
+    pub fn try_clone(&self) -> io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
     }
 }
 

@@ -6,7 +6,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::path::Path;
 
-use super::host::Phase;
+use super::bridge::Phase;
 use super::packet::{op, Hdr, Pending, SHUTDOWN_F_RECEIVE, SHUTDOWN_F_SEND};
 use super::state::{ConnKey, ConnState, Connection, HostLink, HostOrigin};
 use super::switch::Inner;

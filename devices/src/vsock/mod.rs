@@ -7,8 +7,9 @@
 //! - Guest TX is processed inline on the vCPU thread that wrote `QueueNotify`: the switch
 //!   parses the packets (virtio-vsock), routes them by destination CID into the receiver's RX
 //!   queue, or into its backlog when the RX queue has no buffers.
-//! - A host-bridge thread (epoll) accepts host connections on each partition's `uds`, and is
-//!   the vsock endpoint (CID 2) for them, with credit-based flow control.
+//! - The host bridge, a subscriber on the device event loop ([`crate::event_loop`]), accepts
+//!   host connections on each partition's `uds`, and is the vsock endpoint (CID 2) for them,
+//!   with credit-based flow control.
 //! - All switch state sits behind one mutex; its plain-data part ([`SwitchState`]) is
 //!   serializable for snapshots.
 //! - Snapshots (`persist`, `restore`): [`VsockSwitch::save_state`] /
@@ -16,6 +17,7 @@
 //!   [`Persist`](crate::persist::Persist) ([`VsockMmioState`]), and
 //!   [`VsockSwitch::freeze`] stops all delivery while a consistent cut is taken.
 
+mod bridge;
 mod host;
 mod hostlink;
 pub mod packet;
@@ -30,13 +32,12 @@ mod tests;
 
 use crate::GuestMemoryMmap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use virtio_queue::Queue;
 
-use vmm_sys_util::eventfd::EventFd;
-
+use crate::event_loop::{EventLoop, SubscriptionKey};
 use crate::virtio::mmio::{MmioError, MmioTransport};
 use crate::virtio::{ActivateError, Interrupt, VirtioDevice};
 
@@ -94,9 +95,12 @@ pub enum VsockError {
     /// The `uds` path exists and is not a socket (it is not removed).
     #[error("vsock: uds {0} exists and is not a socket")]
     UdsNotSocket(PathBuf),
-    /// The host bridge (epoll, thread) could not start.
+    /// The host bridge (its eventfd, timer) could not be set up.
     #[error("vsock: host bridge: {0}")]
     Bridge(std::io::Error),
+    /// The device event loop could not be started or did not take the bridge.
+    #[error("vsock: {0}")]
+    EventLoop(#[from] crate::event_loop::EventLoopError),
     /// The transport could not be created or restored.
     #[error("vsock: {0}")]
     Mmio(#[from] MmioError),
@@ -108,18 +112,21 @@ pub enum VsockError {
     Attached(u64),
 }
 
-/// What the switch's mutex protects, and the wake-up of the host-bridge thread.
+/// What the switch's mutex protects.
 struct Shared {
     inner: Mutex<switch::Inner>,
-    stop: EventFd,
-    /// Signalled when the switch thaws (the host bridge waits on it while frozen).
-    thawed: Condvar,
 }
 
-impl Drop for Shared {
+/// The switch's place on a device event loop: the bridge's subscriber is removed when the
+/// last handle on the switch goes (and a loop the switch started for itself stops then).
+struct OnLoop {
+    event_loop: EventLoop,
+    key: SubscriptionKey,
+}
+
+impl Drop for OnLoop {
     fn drop(&mut self) {
-        // Ends the host-bridge thread (it holds only a weak reference).
-        let _ = self.stop.write(1);
+        self.event_loop.remove(self.key);
     }
 }
 
@@ -127,6 +134,7 @@ impl Drop for Shared {
 #[derive(Clone)]
 pub struct VsockSwitch {
     shared: Arc<Shared>,
+    _on_loop: Arc<OnLoop>,
 }
 
 impl std::fmt::Debug for VsockSwitch {
@@ -136,22 +144,28 @@ impl std::fmt::Debug for VsockSwitch {
 }
 
 impl VsockSwitch {
-    /// A switch with no partitions; starts the host-bridge thread.
+    /// A switch with no partitions, whose host bridge runs on a device event loop of its
+    /// own (tests, tools; the monitor shares one loop: [`VsockSwitch::on_loop`]).
     pub fn new() -> Result<Self, VsockError> {
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::Bridge)?;
-        let bridge = host::Bridge::new(&stop).map_err(VsockError::Bridge)?;
-        let epoll = bridge.epoll();
+        VsockSwitch::on_loop(&EventLoop::start("vsock-bridge")?)
+    }
+
+    /// A switch with no partitions, whose host bridge is a subscriber of `event_loop`.
+    pub fn on_loop(event_loop: &EventLoop) -> Result<Self, VsockError> {
+        let bridge = bridge::Bridge::new().map_err(VsockError::Bridge)?;
         let shared = Arc::new(Shared {
             inner: Mutex::new(switch::Inner::new(bridge)),
-            stop,
-            thawed: Condvar::new(),
         });
-        let weak = Arc::downgrade(&shared);
-        std::thread::Builder::new()
-            .name("vsock-bridge".into())
-            .spawn(move || host::run(weak, epoll))
-            .map_err(VsockError::Bridge)?;
-        Ok(VsockSwitch { shared })
+        let subscriber =
+            bridge::BridgeSubscriber::new(shared.clone()).map_err(VsockError::Bridge)?;
+        let key = event_loop.add(Box::new(subscriber))?;
+        Ok(VsockSwitch {
+            shared,
+            _on_loop: Arc::new(OnLoop {
+                event_loop: event_loop.clone(),
+                key,
+            }),
+        })
     }
 
     /// Attaches a partition with `cid`: returns its virtio-mmio window. With `uds`, host
@@ -207,15 +221,10 @@ impl Shared {
     /// Runs `f` on the locked state, then raises the interrupts it asked for (outside the
     /// lock, so a partition's wake-up never runs under it).
     fn with<R>(&self, f: impl FnOnce(&mut switch::Inner) -> R) -> R {
-        self.locked(false, f)
+        self.locked(f)
     }
 
-    /// [`with`](Self::with), once the switch is not frozen (the host bridge's events).
-    fn with_thawed<R>(&self, f: impl FnOnce(&mut switch::Inner) -> R) -> R {
-        self.locked(true, f)
-    }
-
-    fn locked<R>(&self, thawed: bool, f: impl FnOnce(&mut switch::Inner) -> R) -> R {
+    fn locked<R>(&self, f: impl FnOnce(&mut switch::Inner) -> R) -> R {
         let (result, irqs) = {
             let mut inner = match self.inner.lock() {
                 Ok(inner) => inner,
@@ -228,12 +237,6 @@ impl Shared {
                     inner
                 }
             };
-            while thawed && inner.frozen > 0 {
-                inner = self
-                    .thawed
-                    .wait(inner)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-            }
             let result = f(&mut inner);
             (result, std::mem::take(&mut inner.to_notify))
         };

@@ -267,7 +267,6 @@ impl Suspendable for VsockSwitch {
     /// One freeze fewer; at the last, what waited is done.
     fn wake(&mut self) {
         self.with(|inner| inner.thaw());
-        self.shared.thawed.notify_all();
     }
 }
 

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use virtio_queue::Queue;
 
-use super::host::{Phase, ERR_UNAVAILABLE, MAX_CONNECT_LINE};
+use super::bridge::Phase;
+use super::host::{ERR_UNAVAILABLE, MAX_CONNECT_LINE};
 use super::packet::{op, Pending, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
 use super::state::{ConnKey, HostOrigin, SwitchState};
 use super::switch::{Inner, CONTROL_SLACK, FIRST_HOST_PORT};
@@ -326,5 +327,7 @@ impl Inner {
         for token in self.bridge.tokens_of(None) {
             self.update_interest(token);
         }
+        // Sockets and listeners the loop took out while frozen go back in.
+        self.bridge.touch_all();
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 
-use super::host::Bridge;
+use super::bridge::Bridge;
 use super::packet::{op, Endpoint, Hdr, Pending, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
 use super::restore::PreparedPort;
 use super::state::{

@@ -61,6 +61,11 @@ pub fn mac_string(net: &Net) -> alloc::string::String {
     let m = net.mac_address();
     alloc::format!(
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        m[4],
+        m[5]
     )
 }

@@ -26,10 +26,17 @@ fn login_proof_verifies_only_with_the_same_secret_relay_and_challenge() {
     assert!(verify_login_proof(&SECRET, "relay-1", &challenge, &proof));
     assert!(!verify_login_proof(&OTHER, "relay-1", &challenge, &proof));
     assert!(!verify_login_proof(&SECRET, "relay-2", &challenge, &proof));
-    assert!(!verify_login_proof(&SECRET, "relay-1", &[1; CHALLENGE_LEN], &proof));
+    assert!(!verify_login_proof(
+        &SECRET,
+        "relay-1",
+        &[1; CHALLENGE_LEN],
+        &proof
+    ));
     let mut flipped = proof;
     flipped[31] ^= 1;
-    assert!(!verify_login_proof(&SECRET, "relay-1", &challenge, &flipped));
+    assert!(!verify_login_proof(
+        &SECRET, "relay-1", &challenge, &flipped
+    ));
 }
 
 #[test]
@@ -127,7 +134,10 @@ fn wire_bytes_of_the_first_messages_are_as_documented() {
 fn oversized_frames_are_refused_by_the_decoders_limit() {
     let mut dec = control_decoder::<RelayToMediator>();
     dec.push(&((MAX_CONTROL_FRAME as u32) + 1).to_le_bytes());
-    assert!(matches!(dec.next_message(), Some(Err(FrameError::TooLong(_)))));
+    assert!(matches!(
+        dec.next_message(),
+        Some(Err(FrameError::TooLong(_)))
+    ));
     assert!(dec.is_failed());
     let mut dec = tunnel_decoder::<CloudToRelay>();
     let big = encode(&CloudToRelay::JobData {
@@ -138,7 +148,10 @@ fn oversized_frames_are_refused_by_the_decoders_limit() {
     assert!(matches!(dec.next_message(), Some(Ok(_))));
     let mut dec = control_decoder::<CloudToRelay>();
     dec.push(&big);
-    assert!(matches!(dec.next_message(), Some(Err(FrameError::TooLong(_)))));
+    assert!(matches!(
+        dec.next_message(),
+        Some(Err(FrameError::TooLong(_)))
+    ));
 }
 
 #[test]

@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot::{probe_kernel, BootError};
 
+mod net;
+pub use net::{parse_mac, NetConfig};
+
 /// Most vCPUs one partition may have.
 pub const MAX_VCPUS: u8 = 64;
 /// Longest partition name (names appear in socket paths and log prefixes).
@@ -80,6 +83,9 @@ pub struct PartitionConfig {
     /// A virtio-vsock device for talking to other partitions and the host (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-net card backed by a host TAP device (optional; see `docs/net.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetConfig>,
 }
 
 /// A partition's virtio-vsock device (see `docs/vsock.md`).
@@ -282,6 +288,8 @@ impl DeviceConfig {
         }
         let mut seen = HashSet::new();
         let mut cids = HashSet::new();
+        let mut taps = HashSet::new();
+        let mut macs = HashSet::new();
         for (index, p) in self.partitions.iter().enumerate() {
             if let Err(problem) = check_name(&p.name) {
                 return Err(invalid(format!("partitions[{index}].name"), problem));
@@ -353,6 +361,21 @@ impl DeviceConfig {
                             format!("path must be 1..={MAX_UDS_LEN} bytes long"),
                         ));
                     }
+                }
+            }
+            if let Some(n) = &p.net {
+                net::check(n).map_err(|(field, problem)| invalid(at(field), problem))?;
+                if !taps.insert(n.tap.as_str()) {
+                    return Err(invalid(
+                        at("net.tap"),
+                        format!("tap {} is used by another partition", n.tap),
+                    ));
+                }
+                if !macs.insert(n.mac_bytes().map_err(|e| invalid(at("net.mac"), e))?) {
+                    return Err(invalid(
+                        at("net.mac"),
+                        format!("mac {} is used by another partition", n.mac),
+                    ));
                 }
             }
             probe_kernel(&p.kernel, bytes).map_err(|source| ConfigError::Kernel {

@@ -108,6 +108,19 @@ fn broken_configs_are_refused_with_a_precise_message() {
         ("vsock duplicate cid", format!(r#"{{"partitions": [{{"name": "engine", "role": "engine", {ok}, "vsock": {{"cid": 3}}}}, {{"name": "ctl", "role": "controller", {ok}, "vsock": {{"cid": 3}}}}]}}"#), vec!["\"ctl\": vsock.cid", "cid 3 is used"]),
         ("vsock uds too long", one(&format!(r#"{ok}, "vsock": {{"cid": 3, "uds": "/{}"}}"#, "u".repeat(120))), vec!["vsock.uds", "bytes long"]),
         ("vsock unknown field", one(&format!(r#"{ok}, "vsock": {{"cid": 3, "port": 1}}"#)), vec!["unknown field `port`"]),
+        ("net tap empty", one(&format!(r#"{ok}, "net": {{"tap": "", "mac": "52:54:00:12:34:56"}}"#)), vec!["\"engine\": net.tap", "not a valid interface name"]),
+        ("net tap too long", one(&format!(r#"{ok}, "net": {{"tap": "sixteen-bytes-xx", "mac": "52:54:00:12:34:56"}}"#)), vec!["\"engine\": net.tap", "sixteen-bytes-xx"]),
+        ("net tap slash", one(&format!(r#"{ok}, "net": {{"tap": "a/b", "mac": "52:54:00:12:34:56"}}"#)), vec!["net.tap", "a/b"]),
+        ("net tap space", one(&format!(r#"{ok}, "net": {{"tap": "a b", "mac": "52:54:00:12:34:56"}}"#)), vec!["net.tap", "a b"]),
+        ("net mac missing", one(&format!(r#"{ok}, "net": {{"tap": "dplx0"}}"#)), vec!["missing field `mac`", "\"engine\""]),
+        ("net mac malformed", one(&format!(r#"{ok}, "net": {{"tap": "dplx0", "mac": "52:54:00:12:34"}}"#)), vec!["\"engine\": net.mac", "six hex bytes"]),
+        ("net mac multicast", one(&format!(r#"{ok}, "net": {{"tap": "dplx0", "mac": "01:00:5e:00:00:01"}}"#)), vec!["\"engine\": net.mac", "not a unicast"]),
+        ("net mac broadcast", one(&format!(r#"{ok}, "net": {{"tap": "dplx0", "mac": "ff:ff:ff:ff:ff:ff"}}"#)), vec!["net.mac", "not a unicast"]),
+        ("net mac zero", one(&format!(r#"{ok}, "net": {{"tap": "dplx0", "mac": "00:00:00:00:00:00"}}"#)), vec!["net.mac", "not a unicast"]),
+        ("net unknown field", one(&format!(r#"{ok}, "net": {{"tap": "dplx0", "mac": "52:54:00:12:34:56", "vhost": true}}"#)), vec!["unknown field `vhost`"]),
+        ("net duplicate tap", format!(r#"{{"partitions": [{{"name": "r1", "role": "relay", {ok}, "net": {{"tap": "dplx0", "mac": "52:54:00:00:00:01"}}}}, {{"name": "r2", "role": "relay", {ok}, "net": {{"tap": "dplx0", "mac": "52:54:00:00:00:02"}}}}]}}"#), vec!["\"r2\": net.tap", "tap dplx0 is used"]),
+        ("net duplicate mac", format!(r#"{{"partitions": [{{"name": "r1", "role": "relay", {ok}, "net": {{"tap": "dplx0", "mac": "52:54:00:00:00:01"}}}}, {{"name": "r2", "role": "relay", {ok}, "net": {{"tap": "dplx1", "mac": "52:54:00:00:00:01"}}}}]}}"#), vec!["\"r2\": net.mac", "is used by another"]),
+        ("net duplicate mac other case", format!(r#"{{"partitions": [{{"name": "r1", "role": "relay", {ok}, "net": {{"tap": "dplx0", "mac": "52:54:00:00:00:aa"}}}}, {{"name": "r2", "role": "relay", {ok}, "net": {{"tap": "dplx1", "mac": "52:54:00:00:00:AA"}}}}]}}"#), vec!["\"r2\": net.mac"]),
         ("kernel too big for memory", one(r#""kernel": "pvh.elf", "memory_mib": 1"#), vec!["\"engine\"", "pvh.elf"]),
     ];
     for (i, (what, text, expected)) in cases.iter().enumerate() {
@@ -143,7 +156,8 @@ fn a_good_config_loads_with_defaults_and_resolved_paths() {
             {{"name": "engine", "role": "engine", "kernel": "pvh.elf", "memory_mib": 16}},
             {{"name": "controller-2", "role": "controller", "kernel": "{}", "memory_mib": 1024,
               "vcpus": 64, "cmdline": "{}", "console": {{"file": "logs/ctl.log"}}}},
-            {{"name": "r_1", "role": "relay", "kernel": "bz.img", "memory_mib": 2, "console": "stdout"}}]}}"#,
+            {{"name": "r_1", "role": "relay", "kernel": "bz.img", "memory_mib": 2, "console": "stdout",
+              "net": {{"tap": "dplx-relay0", "mac": "52:54:00:AB:cd:01"}}}}]}}"#,
         d.join("pvh.elf").display(),
         "c".repeat(MAX_CMDLINE_LEN)
     );
@@ -168,6 +182,10 @@ fn a_good_config_loads_with_defaults_and_resolved_paths() {
     assert_eq!(ctl.console, ConsoleSink::File(d.join("logs/ctl.log")));
     assert_eq!(config.partitions[2].kernel, d.join("bz.img"));
     assert_eq!(config.partitions[2].role.to_string(), "relay");
+    let net = config.partitions[2].net.as_ref().expect("net");
+    assert_eq!(net.tap, "dplx-relay0");
+    assert_eq!(net.mac_bytes(), Ok([0x52, 0x54, 0, 0xab, 0xcd, 1]));
+    assert!(engine.net.is_none());
     // Serialized form (kept in snapshots) parses back to the same config.
     let json = serde_json::to_string(&config).expect("serialize");
     assert_eq!(DeviceConfig::parse(&json, &file).expect("reparse"), config);

@@ -22,6 +22,7 @@ use crate::partition::shared::Outcome;
 use crate::partition::shell::VmShell;
 use crate::partition::vcpu::{Ended, PartitionEvent};
 use crate::partition::{self, Partition, PartitionError, State};
+use duplex_devices::event_loop::{EventLoop, EventLoopError};
 use duplex_devices::vsock::{VsockError, VsockSwitch};
 
 /// A VM shell being made on a thread of its own.
@@ -39,6 +40,9 @@ pub enum MonitorError {
     /// The vsock switch could not be started.
     #[error("starting the vsock switch: {0}")]
     Vsock(VsockError),
+    /// The device event loop could not be started.
+    #[error("{0}")]
+    EventLoop(EventLoopError),
     /// A partition failed to be created or started.
     #[error(transparent)]
     Partition(#[from] PartitionError),
@@ -59,6 +63,8 @@ pub struct Monitor {
     device: Option<String>,
     partitions: Vec<Mutex<Partition>>,
     vsock: Option<VsockSwitch>,
+    /// The device event loop (network cards, the vsock host bridge).
+    event_loop: EventLoop,
     ended: Mutex<Sender<PartitionEvent>>,
     shutdown: Mutex<bool>,
     shutdown_cv: Condvar,
@@ -70,13 +76,14 @@ impl Monitor {
     pub fn new(config: &DeviceConfig) -> Result<Arc<Monitor>, MonitorError> {
         let kvm = Kvm::new().map_err(MonitorError::Kvm)?;
         partition::install_kick_handler().map_err(MonitorError::Signal)?;
+        let event_loop = EventLoop::start("device-loop").map_err(MonitorError::EventLoop)?;
         let partitions = config
             .partitions
             .iter()
-            .map(|p| Partition::new(p.clone()).map(Mutex::new))
+            .map(|p| Partition::new(p.clone(), &event_loop).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
         let vsock = if config.partitions.iter().any(|p| p.vsock.is_some()) {
-            Some(VsockSwitch::new().map_err(MonitorError::Vsock)?)
+            Some(VsockSwitch::on_loop(&event_loop).map_err(MonitorError::Vsock)?)
         } else {
             None
         };
@@ -92,6 +99,7 @@ impl Monitor {
             device: config.device.clone(),
             partitions,
             vsock,
+            event_loop,
             ended: Mutex::new(tx),
             shutdown: Mutex::new(false),
             shutdown_cv: Condvar::new(),
@@ -157,6 +165,7 @@ impl Monitor {
             "restored_from": lock(&self.restored_from).clone(),
             "fallback": lock(&self.fallback).clone(),
             "vsock": self.vsock.as_ref().map(|v| serde_json::to_value(v.stats()).unwrap_or(Value::Null)),
+            "event_loop": serde_json::to_value(self.event_loop.stats()).unwrap_or(Value::Null),
         }))
     }
 

@@ -57,6 +57,29 @@ pub fn check_config(
                 p.name
             )));
         }
+        match (&s.net, &p.net) {
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(invalid(format!(
+                    "partition {}: the set has a network card, the config none",
+                    p.name
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(format!(
+                    "partition {}: the config has a network card, the set none",
+                    p.name
+                )))
+            }
+            // The guest knows its MAC; the TAP may be another one.
+            (Some(a), Some(b)) if a.mac_bytes() != b.mac_bytes() => {
+                return Err(invalid(format!(
+                    "partition {}: net.mac is {} in the config but {} in the set",
+                    p.name, b.mac, a.mac
+                )))
+            }
+            (Some(_), Some(_)) => {}
+        }
     }
     if let Some(extra) = saved
         .partitions
@@ -304,5 +327,47 @@ impl Monitor {
         });
         // On an error the runs built so far are dropped, which ends them.
         results.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(net: &str) -> DeviceConfig {
+        let text = format!(
+            r#"{{"partitions": [{{"name": "relay", "role": "relay", "kernel": "k",
+                "memory_mib": 16{net}}}]}}"#
+        );
+        DeviceConfig::parse(&text, Path::new("device.json")).expect("config")
+    }
+
+    #[test]
+    fn a_set_and_a_config_must_agree_on_the_network_card() {
+        let card = r#", "net": {"tap": "dplx0", "mac": "52:54:00:12:34:56"}"#;
+        let other_tap = r#", "net": {"tap": "dplx9", "mac": "52:54:00:12:34:56"}"#;
+        let other_mac = r#", "net": {"tap": "dplx0", "mac": "52:54:00:12:34:57"}"#;
+        let dir = Path::new("/set");
+        let saved = |net: &str| serde_json::to_value(config(net)).expect("json");
+        assert!(check_config(dir, &saved(card), &config(card)).is_ok());
+        assert!(check_config(dir, &saved(card), &config(other_tap)).is_ok());
+        assert!(check_config(dir, &saved(""), &config("")).is_ok());
+        for (set, cfg, words) in [
+            (card, "", "the set has a network card, the config none"),
+            ("", card, "the config has a network card, the set none"),
+            (
+                card,
+                other_mac,
+                "net.mac is 52:54:00:12:34:57 in the config",
+            ),
+        ] {
+            let err = check_config(dir, &saved(set), &config(cfg)).expect_err(words);
+            assert!(matches!(err, SnapshotFailure::Invalid { .. }));
+            let msg = err.to_string();
+            assert!(
+                msg.contains("partition relay") && msg.contains(words),
+                "{msg}"
+            );
+        }
     }
 }

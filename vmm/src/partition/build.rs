@@ -11,11 +11,13 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use duplex_devices::console::{Console, ConsoleArgs, ConsoleHandle};
+use duplex_devices::net::{NetMmio, NetMmioArgs};
 use duplex_devices::persist::Persist;
 use duplex_devices::sysctl::Sysctl;
 use duplex_devices::virtio::Interrupt;
 use duplex_devices::vsock::{VsockMmio, VsockMmioArgs, VsockSwitch};
 
+use super::net::{PartitionNet, RunNet};
 use super::shared::Shared;
 use super::shell::{create_vm_base, Reservation, VmShell};
 use super::snapshot::PartitionState;
@@ -49,6 +51,8 @@ pub struct Built {
     /// The vsock switch this run's device is (or, restored, will be, when the restore
     /// commits with [`VsockSwitch::replace`]) attached to.
     pub vsock: Option<VsockSwitch>,
+    /// The run's network card (not yet on the device event loop).
+    pub net: Option<RunNet>,
     /// The MSRs saving this run's vCPUs reads (`None`: KVM could not list them).
     pub msrs: Option<&'static [u32]>,
     /// The addresses the guest memory is mapped at, when built from a shell (dropped last).
@@ -147,6 +151,7 @@ pub fn build(
     console_log: &ConsoleHandle,
     kvm: &Kvm,
     switch: Option<&VsockSwitch>,
+    net: Option<&PartitionNet>,
     mut source: Source,
 ) -> Result<Built, PartitionError> {
     let cx = Ctx {
@@ -173,11 +178,15 @@ pub fn build(
     let entry = match &source {
         Source::Cold => {
             let mut cmdline = config.cmdline.clone();
-            if config.vsock.is_some() {
+            let entries = [
+                config.vsock.is_some().then(layout::vsock_cmdline_entry),
+                config.net.is_some().then(layout::net_cmdline_entry),
+            ];
+            for entry in entries.into_iter().flatten() {
                 if !cmdline.is_empty() {
                     cmdline.push(' ');
                 }
-                cmdline.push_str(&layout::vsock_cmdline_entry());
+                cmdline.push_str(&entry);
             }
             let ram = layout::ram_ranges(config.memory_mib << 20);
             Some(
@@ -304,6 +313,8 @@ pub fn build(
             },
         ),
     };
+    // The card before the vsock device: nothing may fail once that is attached.
+    let net = build_net(config, net, &vm, &mem, &shared, &source, &cx)?;
     let vsock = match (&config.vsock, switch) {
         (None, _) => None,
         (Some(_), None) => return Err(PartitionError::NoSwitch { name }),
@@ -359,6 +370,7 @@ pub fn build(
         sysctl: Mutex::new(sysctl),
         console_log: console_log.clone(),
         vsock: vsock_mmio,
+        net: net.as_ref().map(|n| n.card.clone()),
     });
     Ok(Built {
         vm,
@@ -367,8 +379,83 @@ pub fn build(
         devices,
         shared,
         vsock: vsock_switch,
+        net,
         msrs,
         reservation,
         tsc_khz,
     })
+}
+
+/// The run's network card, when the partition has one: its interrupt wired to
+/// [`layout::NET_GSI`], its backend a duplicate of the partition's TAP; new for a cold boot,
+/// restored (and validated) from the state otherwise.
+fn build_net(
+    config: &PartitionConfig,
+    net: Option<&PartitionNet>,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    shared: &Arc<Shared>,
+    source: &Source,
+    cx: &Ctx,
+) -> Result<Option<RunNet>, PartitionError> {
+    let name = cx.name.to_owned();
+    let restore_err = |message: String| PartitionError::Restore {
+        name: name.clone(),
+        message,
+    };
+    let saved = match source {
+        Source::Cold => None,
+        Source::Restore { state, .. } => state.devices.net.as_ref(),
+    };
+    let net = match (&config.net, net) {
+        (None, _) => {
+            if saved.is_some() {
+                return Err(restore_err(
+                    "the state has a network card, the config none".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => {
+            return Err(PartitionError::Net {
+                name,
+                message: "the partition's TAP is not open".into(),
+            })
+        }
+        (Some(_), Some(net)) => net,
+    };
+    let irqfd = cx.eventfd("creating the network card's eventfd")?;
+    vm.register_irqfd(&irqfd, layout::NET_GSI)
+        .map_err(cx.kvm("wiring the network card's interrupt"))?;
+    let waker = Arc::downgrade(shared);
+    let wake = Arc::new(move || {
+        if let Some(s) = waker.upgrade() {
+            s.wake_guest();
+        }
+    });
+    let irq = Interrupt::new(irqfd, wake);
+    let backend = net.backend(&name)?;
+    let card = match source {
+        Source::Cold => {
+            NetMmio::new(backend, net.mac(), mem.clone(), irq).map_err(|e| PartitionError::Net {
+                name: name.clone(),
+                message: e.to_string(),
+            })?
+        }
+        Source::Restore { .. } => {
+            let Some(saved) = saved else {
+                return Err(restore_err(
+                    "the config has a network card, the state none".into(),
+                ));
+            };
+            let args = NetMmioArgs {
+                backend,
+                mac: net.mac(),
+                mem: mem.clone(),
+                irq,
+            };
+            NetMmio::restore(args, saved).map_err(|e| restore_err(e.to_string()))?
+        }
+    };
+    Ok(Some(net.run_net(card)))
 }

@@ -3,6 +3,7 @@
 //! resumed and stopped; how its last run ended is kept for `status`.
 
 mod build;
+pub mod net;
 mod run;
 pub mod shared;
 pub mod shell;
@@ -23,8 +24,11 @@ use serde::Serialize;
 use vmm_sys_util::signal::Killable;
 
 use duplex_devices::console::{ConsoleHandle, ConsoleOutput};
+use duplex_devices::event_loop::EventLoop;
+use duplex_devices::net::NetStats;
 use duplex_devices::persist::Suspendable;
 use duplex_devices::vsock::VsockSwitch;
+use std::sync::Arc;
 
 use crate::boot::BootError;
 use crate::config::{ConsoleSink, PartitionConfig};
@@ -80,6 +84,9 @@ pub enum PartitionError {
         name: String,
         source: duplex_devices::vsock::VsockError,
     },
+    /// The network card's TAP could not be opened, or the card could not be built.
+    #[error("partition {name}: network card: {message}")]
+    Net { name: String, message: String },
     /// The partition has a vsock device but the monitor has no switch.
     #[error("partition {name}: has a vsock device but the monitor has no vsock switch")]
     NoSwitch { name: String },
@@ -143,6 +150,9 @@ pub struct PartitionStatus {
     /// Guest register accesses the devices ignored (misaligned, wrong size, unknown
     /// register), per device, in the current run (see `docs/guest-abi.md`).
     pub bad_accesses: BadAccesses,
+    /// The network card: TAP, MAC and counters (absent without one; see `docs/net.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net: Option<net::NetStatus>,
 }
 
 /// Ignored register accesses of one run, per device.
@@ -152,6 +162,8 @@ pub struct BadAccesses {
     pub sysctl: u64,
     /// The vsock device's virtio-mmio window (0 without one).
     pub vsock: u64,
+    /// The network card's virtio-mmio window (0 without one).
+    pub net: u64,
 }
 
 /// A partition of the device.
@@ -165,11 +177,27 @@ pub struct Partition {
     boots: u64,
     /// Paused by [`Suspendable::sleep`] (so [`Suspendable::wake`] resumes it).
     asleep: bool,
+    /// The TAP of its network card, open for the partition's life (each run's card gets a
+    /// duplicate).
+    net: Option<Arc<net::PartitionNet>>,
+    /// The run's network card was put to sleep by [`Suspendable::sleep`].
+    card_asleep: bool,
+    /// The card's counters when the last run ended.
+    last_net: Option<NetStats>,
 }
 
 impl Partition {
-    /// A partition from its config; opens its console sink.
-    pub fn new(config: PartitionConfig) -> Result<Self, PartitionError> {
+    /// A partition from its config; opens its console sink, and the TAP of its network card
+    /// (whose runs' cards wait on `event_loop`).
+    pub fn new(config: PartitionConfig, event_loop: &EventLoop) -> Result<Self, PartitionError> {
+        let net = match &config.net {
+            Some(n) => Some(Arc::new(net::PartitionNet::open(
+                &config.name,
+                n,
+                event_loop,
+            )?)),
+            None => None,
+        };
         let output = match &config.console {
             ConsoleSink::Stdout => ConsoleOutput::Stdout {
                 prefix: config.name.clone(),
@@ -195,6 +223,9 @@ impl Partition {
             last_exits: ExitCounts::default(),
             boots: 0,
             asleep: false,
+            net,
+            card_asleep: false,
+            last_net: None,
         })
     }
 
@@ -258,6 +289,7 @@ impl Partition {
             &self.console,
             kvm,
             switch,
+            self.net.as_deref(),
             build::Source::Cold,
         )?;
         self.launch(built, ended)
@@ -271,14 +303,19 @@ impl Partition {
             config: self.config.clone(),
             console: self.console.clone(),
             boot: run::next_boot_id(),
+            net: self.net.clone(),
         }
     }
 
     /// Makes a prepared run the partition's run, paused (resume it to run); returns the
     /// run it replaces, for the caller to end ([`discard_in_background`]).
+    /// The replaced run's card stays asleep (it shares the TAP) until it is dropped.
     pub fn install(&mut self, prepared: PreparedRun) -> Option<Run> {
-        let old = self.run.replace(prepared.run);
+        let mut run = prepared.run;
+        run.subscribe_net();
+        let old = self.run.replace(run);
         self.asleep = false;
+        self.card_asleep = false;
         self.boots += 1;
         self.last = None;
         old
@@ -290,7 +327,8 @@ impl Partition {
         built: build::Built,
         ended: &Sender<PartitionEvent>,
     ) -> Result<(), PartitionError> {
-        let run = self.spawn(built, ended, run::next_boot_id())?;
+        let mut run = self.spawn(built, ended, run::next_boot_id())?;
+        run.subscribe_net();
         self.boots += 1;
         self.last = None;
         self.run = Some(run);
@@ -364,6 +402,7 @@ impl Partition {
         }
         if let Some(mut run) = self.run.take() {
             let (exits, outcome) = run.end();
+            self.last_net = run.net.as_ref().map(|n| n.card.stats());
             self.last_exits = exits;
             self.last = outcome;
             self.console.lock().flush_partial();
@@ -422,25 +461,49 @@ impl Partition {
                 .map_or_else(BadAccesses::default, |r| BadAccesses {
                     sysctl: crate::lock(&r.devices.sysctl).bad_accesses(),
                     vsock: r.devices.vsock.as_ref().map_or(0, |v| v.bad_accesses()),
+                    net: r.devices.net.as_ref().map_or(0, |n| n.bad_accesses()),
                 }),
+            net: self.net.as_ref().map(|n| {
+                let counters = match &self.run {
+                    Some(r) => r.devices.net.as_ref().map(|c| c.stats()),
+                    None => self.last_net,
+                };
+                net::NetStatus::new(n, counters.unwrap_or_default())
+            }),
         }
+    }
+
+    /// The current run's network card, if any.
+    fn card(&self) -> Option<Arc<net::Card>> {
+        self.run.as_ref().and_then(|r| r.devices.net.clone())
     }
 }
 
-/// A partition is quiet at a cut when its vCPUs are parked: `sleep` pauses it if it runs,
-/// `wake` resumes it only if `sleep` paused it.
+/// A partition is quiet at a cut when its vCPUs are parked and its network card asleep:
+/// `sleep` pauses it if it runs, `wake` resumes it only if `sleep` paused it.
 impl Suspendable for Partition {
     type Error = PartitionError;
 
+    /// Its network card sleeps too, whatever the partition's state: a card delivers frames
+    /// into the memory of a paused guest as well.
     fn sleep(&mut self) -> Result<(), PartitionError> {
         if self.state() == State::Running {
             self.pause()?;
             self.asleep = true;
         }
+        if let Some(mut card) = self.card() {
+            let Ok(()) = card.sleep();
+            self.card_asleep = true;
+        }
         Ok(())
     }
 
     fn wake(&mut self) {
+        if std::mem::take(&mut self.card_asleep) {
+            if let Some(mut card) = self.card() {
+                card.wake();
+            }
+        }
         if std::mem::take(&mut self.asleep) {
             if let Err(e) = self.resume() {
                 log::error!("partition {}: waking: {e}", self.config.name);

@@ -14,6 +14,7 @@ use duplex_devices::persist::Persist;
 use duplex_devices::vsock::VsockSwitch;
 use duplex_devices::GuestMemoryMmap;
 
+use super::net::{PartitionNet, RunNet};
 use super::shared::{ExitCounts, Outcome, Shared};
 use super::vcpu::{Devices, Ended, PartitionEvent, VcpuRunner};
 use super::{build, kick_all, shell, snapshot, PartitionError, PARK_TIMEOUT};
@@ -36,6 +37,9 @@ pub struct Run {
     /// The switch this run's vsock device is attached to (detached when the run ends,
     /// unless a restore replaced it meanwhile).
     pub(super) vsock: Option<VsockSwitch>,
+    /// The run's network card and its place on the device event loop (taken off when the
+    /// run ends).
+    pub(super) net: Option<RunNet>,
     /// Which writes to this run's memory are known (see [`snapshot::DirtyLog`]).
     pub(super) dirty: snapshot::DirtyLog,
     /// The address ranges the guest memory is mapped into, when the run was built from a
@@ -59,6 +63,9 @@ impl Run {
         }
         if let (Some(switch), Some(mmio)) = (&self.vsock, &self.devices.vsock) {
             switch.detach_device(mmio);
+        }
+        if let Some(net) = &mut self.net {
+            net.unsubscribe();
         }
         let outcome = self.shared.lock().outcome.clone();
         (self.shared.exits.read(), outcome)
@@ -85,6 +92,18 @@ impl PreparedRun {
     }
 }
 
+impl Run {
+    /// Puts the run's network card on the device event loop (a cold boot's start, a
+    /// restored run's install).
+    pub(super) fn subscribe_net(&mut self) {
+        if let Some(net) = &mut self.net {
+            if let Err(e) = net.subscribe() {
+                log::error!("partition {}: network card: {e}", self.name);
+            }
+        }
+    }
+}
+
 /// Ends runs replaced by a restore on a thread of their own, off the critical path (the
 /// VM teardown, unmapping its memory and joining its threads take milliseconds).
 pub fn discard_in_background(runs: Vec<Run>) {
@@ -107,6 +126,7 @@ pub struct Builder {
     pub(super) config: PartitionConfig,
     pub(super) console: ConsoleHandle,
     pub(super) boot: u64,
+    pub(super) net: Option<Arc<PartitionNet>>,
 }
 
 impl Builder {
@@ -131,6 +151,7 @@ impl Builder {
             mem,
             boot: self.boot,
             set_id: with.set_id.clone(),
+            net: self.net.clone(),
         };
         Ok(PreparedRun {
             run: Run::restore(args, state)?,
@@ -169,6 +190,7 @@ pub(super) fn spawn(
         devices,
         shared,
         vsock,
+        net,
         msrs,
         reservation,
         tsc_khz,
@@ -213,6 +235,7 @@ pub(super) fn spawn(
         name,
         msrs,
         vsock,
+        net,
         dirty: snapshot::DirtyLog::new(),
         _reservation: reservation,
     })

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use duplex_devices::console::ConsoleState;
+use duplex_devices::net::NetMmioState;
 use duplex_devices::persist::Persist;
 use duplex_devices::sysctl::Sysctl;
 use duplex_devices::vsock::VsockMmioState;
@@ -31,6 +32,9 @@ pub struct DevicesState {
     pub console: ConsoleState,
     pub sysctl: Sysctl,
     pub vsock: Option<VsockMmioState>,
+    /// The network card (absent in sets of partitions without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetMmioState>,
 }
 
 /// Everything of a partition but its memory.
@@ -219,6 +223,8 @@ pub struct RunArgs {
     pub set_id: String,
     /// A VM made ahead, `mem` loaded into its reserved addresses (see [`super::shell`]).
     pub shell: Option<super::shell::VmShell>,
+    /// The partition's TAP, when it has a network card.
+    pub net: Option<Arc<super::net::PartitionNet>>,
 }
 
 /// A run of a partition as a snapshot sees it: VM, vCPUs and devices ([`PartitionState`];
@@ -263,6 +269,10 @@ impl Persist for Run {
                 Some(v) => Some(v.save().map_err(|e| device("the vsock device", &e))?),
                 None => None,
             },
+            net: match &self.devices.net {
+                Some(n) => Some(n.save().map_err(|e| device("the network card", &e))?),
+                None => None,
+            },
         };
         Ok(PartitionState {
             version: STATE_VERSION,
@@ -274,7 +284,8 @@ impl Persist for Run {
     }
 
     /// A new run from `state`, its vCPU threads started but parked, its vsock device
-    /// prepared in the switch (put in when the restore commits).
+    /// prepared in the switch (put in when the restore commits), its network card not yet
+    /// on the device event loop (put on when the run is installed).
     fn restore(args: RunArgs, state: &PartitionState) -> Result<Run, PartitionError> {
         let source = build::Source::Restore {
             mem: args.mem,
@@ -286,6 +297,7 @@ impl Persist for Run {
             &args.console,
             &args.kvm,
             args.switch.as_ref(),
+            args.net.as_deref(),
             source,
         )?;
         let mut run = super::run::spawn(&args.config.name, built, &args.ended, args.boot)?;

@@ -28,6 +28,9 @@ pub struct Devices {
     pub console_log: ConsoleHandle,
     /// The vsock device's virtio-mmio window, when the partition has one.
     pub vsock: Option<VsockMmio>,
+    /// The network card's virtio-mmio window, when the partition has one (shared with the
+    /// device event loop, which moves received frames into it).
+    pub net: Option<Arc<super::net::Card>>,
 }
 
 /// Identifies one run of a partition (so a late message about an old run is ignored).
@@ -350,6 +353,11 @@ fn virtio_offset(addr: u64) -> Option<u64> {
         .filter(|o| *o < layout::VIRTIO_MMIO_SIZE)
 }
 
+fn net_offset(addr: u64) -> Option<u64> {
+    addr.checked_sub(layout::NET_MMIO)
+        .filter(|o| *o < layout::VIRTIO_MMIO_SIZE)
+}
+
 fn mmio_read(devices: &Devices, addr: u64, data: &mut [u8]) {
     if let Some(off) = addr.checked_sub(layout::CONSOLE_MMIO).filter(|o| *o < 8) {
         lock(&devices.console).read(off, data);
@@ -357,6 +365,8 @@ fn mmio_read(devices: &Devices, addr: u64, data: &mut [u8]) {
         lock(&devices.sysctl).read(off, data);
     } else if let (Some(off), Some(vsock)) = (virtio_offset(addr), &devices.vsock) {
         vsock.read(off, data);
+    } else if let (Some(off), Some(net)) = (net_offset(addr), &devices.net) {
+        net.read(off, data);
     } else {
         data.fill(0xff);
     }
@@ -374,6 +384,10 @@ fn mmio_write(devices: &Devices, addr: u64, data: &[u8]) -> Next {
     }
     if let (Some(off), Some(vsock)) = (virtio_offset(addr), &devices.vsock) {
         vsock.write(off, data);
+        return Next::Continue;
+    }
+    if let (Some(off), Some(net)) = (net_offset(addr), &devices.net) {
+        net.write(off, data);
         return Next::Continue;
     }
     let Some(off) = sysctl_offset(addr) else {

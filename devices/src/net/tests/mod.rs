@@ -7,6 +7,7 @@ mod device_tests;
 mod driver_tests;
 mod hal;
 mod persist_tests;
+mod poller_tests;
 mod tap_tests;
 
 use crate::GuestMemoryMmap;
@@ -78,7 +79,7 @@ pub(super) struct Driver {
 
 /// A network card and its driver.
 pub(super) struct Card {
-    pub mmio: NetMmio<PairBackend>,
+    pub mmio: Arc<NetMmio<PairBackend>>,
     pub drv: Driver,
 }
 
@@ -88,7 +89,7 @@ impl Card {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (backend, peer) = pair(capacity).unwrap();
         let (irq, wakes) = counted_irq();
-        let mmio = NetMmio::new(backend.clone(), MAC, mem.clone(), irq).unwrap();
+        let mmio = Arc::new(NetMmio::new(backend.clone(), MAC, mem.clone(), irq).unwrap());
         Card {
             mmio,
             drv: Driver {

@@ -21,7 +21,7 @@ impl Persist for Card {
 
     fn restore(args: CardArgs, state: &NetMmioState) -> Result<Self, NetError> {
         Ok(Card {
-            mmio: NetMmio::restore(args.net, state)?,
+            mmio: Arc::new(NetMmio::restore(args.net, state)?),
             drv: args.drv,
         })
     }
@@ -136,7 +136,7 @@ fn a_card_that_was_not_started_comes_back_not_started_and_starts_later() {
         irq,
     };
     let mut r = Card {
-        mmio: NetMmio::restore(args, &state).unwrap(),
+        mmio: Arc::new(NetMmio::restore(args, &state).unwrap()),
         drv: c.drv.clone(),
     };
     r.init();
@@ -176,6 +176,6 @@ fn restore_refuses_another_mac_and_inconsistent_queues() {
         Err(NetError::Mmio(_))
     ));
     // The good state still restores, and the card works.
-    c.mmio = NetMmio::restore(args(&c, MAC), &state).unwrap();
+    c.mmio = Arc::new(NetMmio::restore(args(&c, MAC), &state).unwrap());
     assert_eq!(c.send(&frame(60, 1)), vec![0]);
 }
