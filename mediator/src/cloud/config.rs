@@ -1,0 +1,128 @@
+//! The cloud print service's configuration file (JSON; `docs/mediator.md#duplex-cloud`).
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+
+use duplex_tunnel::{parse_key, KEY_LEN};
+use serde::Deserialize;
+
+use crate::server::config::ConfigError;
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], duplex_tunnel::DEFAULT_TUNNEL_PORT))
+}
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9080))
+}
+fn default_user() -> String {
+    "cloud".into()
+}
+fn default_retry_base_ms() -> u64 {
+    250
+}
+fn default_retry_max_ms() -> u64 {
+    5_000
+}
+fn default_poll_ms() -> u64 {
+    500
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloudConfig {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    #[serde(default)]
+    dial: Option<SocketAddrV4>,
+    #[serde(default = "default_api_listen")]
+    api_listen: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+    mediator: String,
+    token: String,
+    ticket_key: String,
+    #[serde(default = "default_user")]
+    user: String,
+    #[serde(default = "default_retry_base_ms")]
+    retry_base_ms: u64,
+    #[serde(default = "default_retry_max_ms")]
+    retry_max_ms: u64,
+    #[serde(default = "default_poll_ms")]
+    poll_ms: u64,
+}
+
+/// A checked configuration of `duplex-cloud serve`.
+#[derive(Clone, Debug)]
+pub struct CloudConfig {
+    /// Where relays' dial-backs are accepted (TLS).
+    pub listen: SocketAddr,
+    /// The address relays are told to dial; `None`: the bound listen address (which must
+    /// then be an IPv4 address other than 0.0.0.0).
+    pub dial: Option<SocketAddrV4>,
+    /// The local API (`submit`, `/v1/tunnels`).
+    pub api_listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The mediator's API, `http://host:port`.
+    pub mediator: String,
+    pub token: String,
+    pub ticket_key: [u8; KEY_LEN],
+    /// The `user` of jobs sent.
+    pub user: String,
+    /// Backoff of requests to an unreachable mediator: first wait, cap.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// How often a tunnel record is polled while waiting for the relay's dial.
+    pub poll_ms: u64,
+}
+
+impl CloudConfig {
+    /// Reads and checks `path`; relative paths are taken from its directory.
+    pub fn load(path: &Path) -> Result<CloudConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw: RawCloudConfig =
+            serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let invalid = |field: &str, why: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            why: why.to_string(),
+        };
+        crate::http::authority(&raw.mediator).map_err(|e| invalid("mediator", &e.to_string()))?;
+        if raw.token.is_empty() || raw.token.chars().any(char::is_whitespace) {
+            return Err(invalid("token", "empty or has blanks"));
+        }
+        let ticket_key = parse_key(&raw.ticket_key)
+            .ok_or_else(|| invalid("ticket_key", "expected 64 hex digits"))?;
+        if !duplex_tunnel::valid_id(&raw.user) {
+            return Err(invalid("user", "1-64 of A-Z a-z 0-9 - _ . : @"));
+        }
+        if raw.retry_base_ms == 0 || raw.retry_max_ms < raw.retry_base_ms || raw.poll_ms == 0 {
+            return Err(invalid(
+                "retry_base_ms/retry_max_ms/poll_ms",
+                "need 0 < retry_base_ms <= retry_max_ms and poll_ms > 0",
+            ));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let join = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        Ok(CloudConfig {
+            listen: raw.listen,
+            dial: raw.dial,
+            api_listen: raw.api_listen,
+            cert: join(raw.cert),
+            key: join(raw.key),
+            mediator: raw.mediator.trim_end_matches('/').to_string(),
+            token: raw.token,
+            ticket_key,
+            user: raw.user,
+            retry_base_ms: raw.retry_base_ms,
+            retry_max_ms: raw.retry_max_ms,
+            poll_ms: raw.poll_ms,
+        })
+    }
+}

@@ -1,0 +1,315 @@
+//! What the mediation server remembers: relays' **leases** (who was logged in, with which
+//! devices, when last heard) and **tunnel records** (each request, its state, and the job
+//! ids the tunnel carried). [`Store`] is the interface; [`sqlite::SqliteStore`] is the
+//! durable one (a restarted server comes back with its records), [`memory::MemoryStore`]
+//! the one for unit tests. State changes of a tunnel go through [`TunnelRecord::apply`],
+//! so both stores follow the same rules.
+
+pub mod memory;
+pub mod sqlite;
+
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+
+use duplex_tunnel::Ticket;
+use serde::Serialize;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        path: std::path::PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database holds a bad value in {column}: {value}")]
+    Corrupt { column: &'static str, value: String },
+    #[error("no tunnel {0} for this relay")]
+    UnknownTunnel(u64),
+    #[error("tunnel {id} is {state}: cannot be {what}")]
+    BadTransition {
+        id: u64,
+        state: &'static str,
+        what: &'static str,
+    },
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// A relay's lease: its last (or current) session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    pub relay_id: String,
+    pub devices: Vec<String>,
+    pub session_id: u64,
+    pub since_ms: u64,
+    pub last_heard_ms: u64,
+    pub online: bool,
+}
+
+/// Where a tunnel request stands (`docs/tunnel-protocol.md#tunnel-record`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelState {
+    Pending,
+    Offered,
+    Open,
+    Closed,
+    Failed,
+    Expired,
+}
+
+impl TunnelState {
+    /// The state's name, as in JSON and the database.
+    pub fn name(self) -> &'static str {
+        match self {
+            TunnelState::Pending => "pending",
+            TunnelState::Offered => "offered",
+            TunnelState::Open => "open",
+            TunnelState::Closed => "closed",
+            TunnelState::Failed => "failed",
+            TunnelState::Expired => "expired",
+        }
+    }
+
+    /// The state named `name`.
+    pub fn from_name(name: &str) -> Option<TunnelState> {
+        [
+            TunnelState::Pending,
+            TunnelState::Offered,
+            TunnelState::Open,
+            TunnelState::Closed,
+            TunnelState::Failed,
+            TunnelState::Expired,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
+
+    /// Pending or offered: still waiting for the relay.
+    pub fn is_waiting(self) -> bool {
+        matches!(self, TunnelState::Pending | TunnelState::Offered)
+    }
+}
+
+/// A record's error: a code name and a message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ErrorInfo {
+    pub code: String,
+    pub message: String,
+}
+
+/// A new tunnel request, before the store gives it an id.
+#[derive(Clone, Debug)]
+pub struct NewTunnel {
+    pub device_id: String,
+    pub relay_id: String,
+    /// The name of the cloud server that asked (its ticket key signs the ticket).
+    pub cloud: String,
+    /// Where the relay is to dial.
+    pub dial: SocketAddrV4,
+    pub created_ms: u64,
+    /// When a request still pending lapses (`pending_ttl_ms` after `created_ms`).
+    pub expires_ms: u64,
+}
+
+/// A tunnel request and what became of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelRecord {
+    pub tunnel_id: u64,
+    pub device_id: String,
+    pub relay_id: String,
+    pub cloud: String,
+    pub dial: SocketAddrV4,
+    pub state: TunnelState,
+    pub created_ms: u64,
+    /// Pending: when the request lapses; offered and later: the ticket's expiry.
+    pub expires_ms: u64,
+    pub offered_ms: Option<u64>,
+    pub opened_ms: Option<u64>,
+    pub closed_ms: Option<u64>,
+    pub jobs: Vec<String>,
+    pub error: Option<ErrorInfo>,
+    /// The ticket sent in the last `TunnelRequest` (resent if offered again).
+    pub ticket: Option<Ticket>,
+}
+
+/// A change of a tunnel record.
+#[derive(Clone, Debug)]
+pub enum Transition {
+    /// Sent to the relay with `ticket` (its expiry becomes the record's).
+    Offered { at: u64, ticket: Ticket },
+    /// The relay reported `TunnelAccepted`.
+    Opened { at: u64 },
+    /// The relay reported `TunnelFailed`.
+    Failed { at: u64, code: u16, message: String },
+    /// The relay reported `TunnelClosed`.
+    Closed { at: u64, jobs: Vec<String> },
+    /// Not opened before `expires_ms`.
+    Expired { at: u64 },
+}
+
+/// The name of a protocol error code, for a record's `error.code`.
+pub fn code_name(code: u16) -> String {
+    use duplex_tunnel::error_code as c;
+    match code {
+        c::MALFORMED => "malformed".into(),
+        c::DEVICE_NOT_SERVED => "device_not_served".into(),
+        c::TICKET_EXPIRED => "ticket_expired".into(),
+        c::TICKET_REJECTED => "ticket_rejected".into(),
+        c::UNSUPPORTED_VERSION => "unsupported_version".into(),
+        c::TOO_MANY => "too_many".into(),
+        c::DIAL_FAILED => "dial_failed".into(),
+        other => format!("error_{other}"),
+    }
+}
+
+impl TunnelRecord {
+    /// Applies `t`; `Ok(false)` when it changes nothing (a repeated report).
+    pub fn apply(&mut self, t: Transition) -> Result<bool, StoreError> {
+        use TunnelState::*;
+        let bad = |what| StoreError::BadTransition {
+            id: self.tunnel_id,
+            state: self.state.name(),
+            what,
+        };
+        match t {
+            Transition::Offered { at, ticket } => {
+                if !self.state.is_waiting() {
+                    return Err(bad("offered"));
+                }
+                self.state = Offered;
+                self.offered_ms = Some(at);
+                self.expires_ms = ticket.body.expires_ms;
+                self.ticket = Some(ticket);
+            }
+            Transition::Opened { at } => match self.state {
+                Pending | Offered | Expired => {
+                    self.state = Open;
+                    self.opened_ms = Some(at);
+                    self.error = None;
+                }
+                Open => return Ok(false),
+                Closed | Failed => return Err(bad("opened")),
+            },
+            Transition::Failed { at, code, message } => match self.state {
+                Pending | Offered | Expired => {
+                    self.state = Failed;
+                    self.closed_ms = Some(at);
+                    self.error = Some(ErrorInfo {
+                        code: code_name(code),
+                        message: format!("{code}: {message}"),
+                    });
+                }
+                // A tunnel once accepted ends with `TunnelClosed`; a late failure report
+                // (a second dial of a re-offered request) does not undo it.
+                Open | Closed | Failed => return Ok(false),
+            },
+            Transition::Closed { at, jobs } => match self.state {
+                Pending | Offered | Open | Expired => {
+                    self.state = Closed;
+                    self.closed_ms = Some(at);
+                    self.jobs = jobs;
+                    self.error = None;
+                }
+                Closed | Failed => return Ok(false),
+            },
+            Transition::Expired { at } => {
+                if !self.state.is_waiting() {
+                    return Ok(false);
+                }
+                self.state = Expired;
+                self.closed_ms = Some(at);
+                self.error = Some(ErrorInfo {
+                    code: "expired".into(),
+                    message: "not opened before expires_ms".into(),
+                });
+            }
+        }
+        Ok(true)
+    }
+
+    /// The record as the HTTP API shows it.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tunnel_id": self.tunnel_id,
+            "device_id": self.device_id,
+            "relay_id": self.relay_id,
+            "state": self.state,
+            "created_ms": self.created_ms,
+            "expires_ms": self.expires_ms,
+            "offered_ms": self.offered_ms,
+            "opened_ms": self.opened_ms,
+            "closed_ms": self.closed_ms,
+            "jobs": self.jobs,
+            "error": self.error,
+        })
+    }
+}
+
+/// The mediation server's memory. Calls block (SQLite): async code goes through
+/// [`StoreHandle`], which runs them on tokio's blocking pool.
+pub trait Store: Send + Sync + 'static {
+    /// Every relay's lease.
+    fn leases(&self) -> Result<Vec<Lease>, StoreError>;
+    /// Records a login (replacing the relay's lease).
+    fn put_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+    /// Updates `last_heard_ms` of leases whose session is still the one given:
+    /// `(relay_id, session_id, last_heard_ms)`.
+    fn touch_leases(&self, heard: &[(String, u64, u64)]) -> Result<(), StoreError>;
+    /// Marks the lease offline if `session_id` is still its session.
+    fn end_lease(
+        &self,
+        relay_id: &str,
+        session_id: u64,
+        last_heard_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// The largest session id ever given (0 if none).
+    fn max_session_id(&self) -> Result<u64, StoreError>;
+    /// Stores a new request (state `pending`) under a fresh tunnel id.
+    fn create_tunnel(&self, new: &NewTunnel) -> Result<TunnelRecord, StoreError>;
+    /// The record of `tunnel_id`.
+    fn tunnel(&self, tunnel_id: u64) -> Result<Option<TunnelRecord>, StoreError>;
+    /// How many requests for `device_id` are pending or offered.
+    fn waiting_for_device(&self, device_id: &str) -> Result<usize, StoreError>;
+    /// The pending and offered requests for `relay_id`, oldest first.
+    fn waiting_for_relay(&self, relay_id: &str) -> Result<Vec<TunnelRecord>, StoreError>;
+    /// Applies `t` to `tunnel_id` (which must be `relay_id`'s when given); returns the
+    /// record after it.
+    fn update_tunnel(
+        &self,
+        tunnel_id: u64,
+        relay_id: Option<&str>,
+        t: Transition,
+    ) -> Result<TunnelRecord, StoreError>;
+    /// Expires waiting requests with `expires_ms <= now_ms`; returns their ids.
+    fn expire_due(&self, now_ms: u64) -> Result<Vec<u64>, StoreError>;
+}
+
+/// A shared store whose calls run off the async threads.
+#[derive(Clone)]
+pub struct StoreHandle(Arc<dyn Store>);
+
+impl StoreHandle {
+    /// Wraps a store.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        StoreHandle(store)
+    }
+
+    /// Runs `f` on the store in tokio's blocking pool.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+#[cfg(test)]
+mod tests;
