@@ -34,6 +34,16 @@ pub(crate) fn init(khz: u64) -> bool {
     ok
 }
 
+/// The current time bias in TSC ticks (0 after a cold boot).
+///
+/// The monitor changes it only when it restores this partition from a snapshot set (it
+/// adds the TSC's jump across the restore), so firmware that keeps state which does not
+/// survive a restore — TCP connections to other machines, say — compares it on each turn
+/// of its loop with the value it saw last: a change means "restored".
+pub fn bias() -> u64 {
+    TIME_BIAS.load(Ordering::Relaxed)
+}
+
 /// The TSC frequency in kHz.
 pub fn tsc_khz() -> u64 {
     TSC_KHZ.load(Ordering::Relaxed)

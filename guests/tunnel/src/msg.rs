@@ -93,27 +93,27 @@ pub struct Endpoint {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RelayToMediator {
-    /// 0. First frame: who the relay is.
+    /// Variant 0: First frame: who the relay is.
     Hello { version: u16, relay_id: String },
-    /// 1. Answer to `Challenge`: the proof ([`crate::login_proof`]) and the devices the
+    /// Variant 1: Answer to `Challenge`: the proof ([`crate::login_proof`]) and the devices the
     /// relay serves (each must be listed for it at the server).
     Login {
         proof: [u8; KEY_LEN],
         devices: Vec<String>,
     },
-    /// 2. Heartbeat; answered with `Pong { seq }`.
+    /// Variant 2: Heartbeat; answered with `Pong { seq }`.
     Ping { seq: u64 },
-    /// 3. The relay dialled the cloud server for this tunnel and it said `DialOk`.
+    /// Variant 3: The relay dialled the cloud server for this tunnel and it said `DialOk`.
     TunnelAccepted { tunnel_id: u64 },
-    /// 4. The relay could not open this tunnel.
+    /// Variant 4: The relay could not open this tunnel.
     TunnelFailed {
         tunnel_id: u64,
         code: u16,
         message: String,
     },
-    /// 5. The tunnel is closed; `jobs` are the cloud job ids it carried.
+    /// Variant 5: The tunnel is closed; `jobs` are the cloud job ids it carried.
     TunnelClosed { tunnel_id: u64, jobs: Vec<String> },
-    /// 6. Orderly end of the session (the server closes it).
+    /// Variant 6: Orderly end of the session (the server closes it).
     Bye,
 }
 
@@ -121,20 +121,20 @@ pub enum RelayToMediator {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MediatorToRelay {
-    /// 0. Answer to `Hello`: a fresh random challenge.
+    /// Variant 0: Answer to `Hello`: a fresh random challenge.
     Challenge { nonce: [u8; CHALLENGE_LEN] },
-    /// 1. Login accepted; the heartbeat both ends keep from now on
+    /// Variant 1: Login accepted; the heartbeat both ends keep from now on
     /// (`heartbeat_timeout_ms` > `heartbeat_ms`).
     Welcome {
         session_id: u64,
         heartbeat_ms: u32,
         heartbeat_timeout_ms: u32,
     },
-    /// 2. Login refused; the server closes the connection.
+    /// Variant 2: Login refused; the server closes the connection.
     Refused { code: u16, message: String },
-    /// 3. Answer to `Ping`.
+    /// Variant 3: Answer to `Ping`.
     Pong { seq: u64 },
-    /// 4. A cloud server asks for a tunnel to `device_id`: dial `cloud` and present
+    /// Variant 4: A cloud server asks for a tunnel to `device_id`: dial `cloud` and present
     /// `ticket`.
     TunnelRequest {
         tunnel_id: u64,
@@ -142,9 +142,9 @@ pub enum MediatorToRelay {
         cloud: Endpoint,
         ticket: Ticket,
     },
-    /// 5. A newer session of this relay took over; the server closes this one.
+    /// Variant 5: A newer session of this relay took over; the server closes this one.
     Evicted { message: String },
-    /// 6. The relay broke the protocol (code, why); the server closes the connection.
+    /// Variant 6: The relay broke the protocol (code, why); the server closes the connection.
     Error { code: u16, message: String },
 }
 
@@ -160,16 +160,16 @@ pub enum JobOutcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RelayToCloud {
-    /// 0. First frame: the ticket from the tunnel request.
+    /// Variant 0: First frame: the ticket from the tunnel request.
     Dial { version: u16, ticket: Ticket },
-    /// 1. The device took the job: `device_job` is the controller's job id; `duplicate`
+    /// Variant 1: The device took the job: `device_job` is the controller's job id; `duplicate`
     /// when the device had this job id already (it is not printed again).
     JobAccepted {
         job_id: String,
         device_job: u64,
         duplicate: bool,
     },
-    /// 2. The job finished (or could not be taken: `Failed` with `error`).
+    /// Variant 2: The job finished (or could not be taken: `Failed` with `error`).
     JobResult {
         job_id: String,
         outcome: JobOutcome,
@@ -177,9 +177,9 @@ pub enum RelayToCloud {
         document_crc32: u32,
         error: Option<String>,
     },
-    /// 3. Answer to `Close`: the relay closes the tunnel after this frame.
+    /// Variant 3: Answer to `Close`: the relay closes the tunnel after this frame.
     Closed { jobs: u32 },
-    /// 4. The cloud server broke the protocol; the relay closes the tunnel.
+    /// Variant 4: The cloud server broke the protocol; the relay closes the tunnel.
     Error { code: u16, message: String },
 }
 
@@ -187,11 +187,11 @@ pub enum RelayToCloud {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CloudToRelay {
-    /// 0. The ticket is good; jobs may follow.
+    /// Variant 0: The ticket is good; jobs may follow.
     DialOk { tunnel_id: u64 },
-    /// 1. The ticket is refused; the server closes the connection.
+    /// Variant 1: The ticket is refused; the server closes the connection.
     DialRefused { code: u16, message: String },
-    /// 2. A print job, identified by `job_id` (the idempotency key), followed by
+    /// Variant 2: A print job, identified by `job_id` (the idempotency key), followed by
     /// `document_len` bytes of document in `JobData` frames.
     Job {
         job_id: String,
@@ -203,8 +203,8 @@ pub enum CloudToRelay {
         height: u16,
         document_len: u64,
     },
-    /// 3. The next bytes of a job's document (at most [`MAX_DOCUMENT_CHUNK`]).
+    /// Variant 3: The next bytes of a job's document (at most [`MAX_DOCUMENT_CHUNK`]).
     JobData { job_id: String, bytes: Vec<u8> },
-    /// 4. No more work: the relay answers `Closed` and closes the tunnel.
+    /// Variant 4: No more work: the relay answers `Closed` and closes the tunnel.
     Close,
 }

@@ -1,0 +1,250 @@
+//! The relay firmware (`docs/relay.md`): keeps a TLS control session to the mediation
+//! server, opens a TLS tunnel to a cloud server when asked, and hands the jobs it receives
+//! to the controller partition over vsock (`docs/tunnel-protocol.md`).
+//!
+//! The logic — sessions, heartbeats, backoff, tunnels, jobs — is `duplex_relay::Relay`,
+//! which does no I/O; this file runs the loop around it: the network ([`stack`]: smoltcp
+//! over the virtio-net card, a pinned-key TLS session per connection), the controller link
+//! ([`ctl`]), the clock, and restore detection. Configuration is on the command line
+//! (`ip=`, `gw=`, `relay_id=`, `secret=`, `devices=`, `mediator=`, `mediator_pin=`,
+//! `cloud_pin=`, ...); a missing or invalid key is printed with its name, and the firmware
+//! then only beats (`relay heartbeat N` every 10 s).
+//!
+//! Console lines: `relay READY ip=<a.b.c.d/n> mac=<mac>`, and from the logic
+//! `relay: session up id=<n>`, `relay: session down: <why>`, `relay: tunnel <id> open to
+//! <ip:port>`, `relay: job <job_id> done (device job <n>, duplicate=<b>)`,
+//! `relay: tunnel <id> closed (<n> jobs)`; after a restore `relay: restored; reconnecting`.
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+#[path = "../../link/firmware/common.rs"]
+mod common;
+mod ctl;
+mod netdev;
+mod stack;
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
+use duplex_relay::config::{endpoint_string, hex, parse_config, parse_net};
+use duplex_relay::entropy::RdRand;
+use duplex_relay::{Action, Peer, Relay};
+use duplex_runtime::heartbeat::Heartbeat;
+use duplex_runtime::net::open_net;
+use duplex_runtime::time::{self, rdtsc};
+use duplex_runtime::vsock::{self, Vsock};
+use duplex_runtime::{heap, println, sysctl, BootInfo};
+
+use ctl::CtlLink;
+use netdev::NetDevice;
+use stack::{NetEvent, Stack};
+
+duplex_runtime::entry!(main);
+
+/// Longest single sleep: a wake the monitor loses costs at most this much latency.
+const MAX_WAIT_MS: u64 = 1000;
+/// vsock events handled per turn of the loop.
+const EVENT_BATCH: usize = 32;
+/// Heap growth that is reported (`relay: heap high-water N KiB`).
+const HIGH_WATER_STEP: usize = 256 * 1024;
+/// Period of the heartbeat of a relay that cannot run.
+const PARKED_BEAT_MS: u64 = 10_000;
+
+/// Guest time in milliseconds (continues across a restore: the runtime subtracts the
+/// time bias).
+fn now_ms() -> u64 {
+    time::now_ns() / 1_000_000
+}
+
+/// Prints why the relay cannot run, then only beats.
+fn park(why: &str) -> ! {
+    println!("relay: {why}; not running");
+    let mut beat = Heartbeat::new("relay", PARKED_BEAT_MS);
+    loop {
+        beat.beat();
+    }
+}
+
+fn main(boot: &BootInfo) -> ! {
+    println!("duplex relay: role=relay cmdline=\"{}\"", boot.cmdline);
+    let arg = |k: &str| boot.arg(k);
+    let net_cfg = parse_net(arg);
+    let cfg = parse_config(arg);
+    let (net_cfg, cfg) = match (net_cfg, cfg) {
+        (Ok(n), Ok(c)) => (n, c),
+        (n, c) => {
+            let errors = n.err().into_iter().chain(c.err()).flatten();
+            for e in errors {
+                println!("relay: configuration error: {e}");
+            }
+            park("bad configuration")
+        }
+    };
+    let Some(mut rng) = RdRand::new() else {
+        park("the CPU has no RDRAND, so no entropy for TLS")
+    };
+    let Some(net) = open_net(boot) else {
+        park("no network card (virtio-net) on the command line")
+    };
+    let Some(mut v) = vsock::open_vsock(boot) else {
+        park("no vsock device: the controller is unreachable")
+    };
+    let now = now_ms();
+    let mut stack = Stack::new(NetDevice::new(net), net_cfg, rng, now);
+    let (ip, m) = (net_cfg.ip, stack.mac());
+    println!(
+        "relay: id={} devices={} mediator={} mediator_pin={} cloud_pin={} controller cid {} heap {} KiB",
+        cfg.relay_id,
+        cfg.devices.join(","),
+        endpoint_string(&cfg.mediator),
+        hex(&cfg.mediator_pin),
+        hex(&cfg.cloud_pin),
+        cfg.controller_cid,
+        boot.heap.1 / 1024,
+    );
+    let (mediator_pin, cloud_pin) = (cfg.mediator_pin, cfg.cloud_pin);
+    let mut ctl = CtlLink::new(cfg.controller_cid);
+    let mut logic = Relay::new(cfg, Box::new(move || rng.random()), now);
+    println!(
+        "relay READY ip={}.{}.{}.{}/{} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        ip[0], ip[1], ip[2], ip[3], net_cfg.prefix_len, m[0], m[1], m[2], m[3], m[4], m[5]
+    );
+    let pins = Pins {
+        mediator: mediator_pin,
+        cloud: cloud_pin,
+    };
+    let mut high_water = HighWater(heap::used());
+    let mut bias = time::bias();
+    loop {
+        let now = now_ms();
+        let b = time::bias();
+        if b != bias {
+            bias = b;
+            println!("relay: restored; reconnecting");
+            stack.reset(now);
+            logic.on_restored(now);
+        }
+        let mut busy = false;
+        for _ in 0..EVENT_BATCH {
+            match vsock::poll(&mut v) {
+                Ok(Some(event)) => {
+                    ctl.handle(&mut v, event, &mut logic, now);
+                    busy = true;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    println!("relay: vsock: {e}");
+                    break;
+                }
+            }
+        }
+        let (events, moved) = stack.poll(now);
+        busy |= moved;
+        for event in events {
+            match event {
+                NetEvent::Connected(id) => logic.on_connected(id, now),
+                NetEvent::Data(id, bytes) => logic.on_data(id, &bytes, now),
+                NetEvent::Closed(id, why) => logic.on_closed(id, &why, now),
+            }
+        }
+        logic.on_tick(now);
+        busy |= apply(
+            logic.take_actions(),
+            &mut stack,
+            &mut ctl,
+            &mut v,
+            &mut logic,
+            &pins,
+        );
+        busy |= ctl.flush(&mut v, &mut logic, now);
+        busy |= apply(
+            logic.take_actions(),
+            &mut stack,
+            &mut ctl,
+            &mut v,
+            &mut logic,
+            &pins,
+        );
+        high_water.check();
+        if busy || stack.has_frame() {
+            continue;
+        }
+        sleep(now, &logic, &mut stack, &ctl);
+    }
+}
+
+/// Reports the heap's high-water mark, in steps of [`HIGH_WATER_STEP`].
+struct HighWater(usize);
+
+impl HighWater {
+    fn check(&mut self) {
+        let used = heap::used();
+        if used >= self.0.saturating_add(HIGH_WATER_STEP) {
+            self.0 = used;
+            println!("relay: heap high-water {} KiB", used / 1024);
+        }
+    }
+}
+
+/// The servers' pins.
+struct Pins {
+    mediator: [u8; 32],
+    cloud: [u8; 32],
+}
+
+/// Carries out the logic's actions; returns whether there were any.
+fn apply(
+    actions: Vec<Action>,
+    stack: &mut Stack,
+    ctl: &mut CtlLink,
+    v: &mut Vsock,
+    logic: &mut Relay,
+    pins: &Pins,
+) -> bool {
+    let any = !actions.is_empty();
+    let now = now_ms();
+    for a in actions {
+        match a {
+            Action::Dial {
+                conn,
+                endpoint,
+                peer,
+            } => {
+                let pin = match peer {
+                    Peer::Mediator => pins.mediator,
+                    Peer::Cloud => pins.cloud,
+                };
+                stack.dial(conn, endpoint, pin);
+            }
+            Action::Send { conn, bytes } => stack.send(conn, &bytes),
+            Action::Close { conn } => stack.close(conn, now),
+            Action::ControllerConnect => ctl.connect(v, logic, now),
+            Action::ControllerSend(req) => ctl.send(&req),
+            Action::ControllerClose => ctl.close(v),
+            Action::Log(line) => println!("relay: {line}"),
+        }
+    }
+    any
+}
+
+/// Sleeps until the next deadline of the logic, the network or the controller link (at
+/// most [`MAX_WAIT_MS`]); the monitor wakes the vCPU early when a frame or a vsock packet
+/// arrives.
+fn sleep(now: u64, logic: &Relay, stack: &mut Stack, ctl: &CtlLink) {
+    let deadline_ms = [logic.next_deadline(), stack.deadline(now)]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(u64::MAX)
+        .min(now.saturating_add(MAX_WAIT_MS));
+    // At least 1 ms: a timer due now was just run, so a 0 here would only spin.
+    let wait_ms = deadline_ms.saturating_sub(now).max(1);
+    let mut deadline = rdtsc().saturating_add(time::ns_to_ticks(wait_ms.saturating_mul(1_000_000)));
+    if let Some(d) = ctl.deadline() {
+        deadline = deadline.min(d);
+    }
+    sysctl::wait_until(deadline);
+}
