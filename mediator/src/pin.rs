@@ -2,14 +2,10 @@
 //! relay checks, the SHA-256 of the certificate's DER `SubjectPublicKeyInfo`
 //! (`docs/tunnel-protocol.md#transport-and-security`).
 //!
-//! The `SubjectPublicKeyInfo` is found by walking the certificate's DER
-//! (`Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
-//! serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo, ... } ... }`):
-//! a few lines instead of an X.509 library.
+//! The certificate is decoded, and the pin computed, by `duplex_tunnel::pin` (RustCrypto's
+//! `x509-cert`), the same code the relay firmware checks its pins with.
 
 use std::path::{Path, PathBuf};
-
-use sha2::{Digest, Sha256};
 
 use crate::util::hex;
 
@@ -31,70 +27,19 @@ pub enum PinError {
     Generate(#[from] rcgen::Error),
 }
 
-/// One DER element: (tag, the whole element, its contents).
-fn der_element(input: &[u8]) -> Result<(u8, &[u8], &[u8]), PinError> {
-    let tag = *input.first().ok_or(PinError::Der("truncated element"))?;
-    let first = *input.get(1).ok_or(PinError::Der("truncated length"))?;
-    let (len, header) = if first < 0x80 {
-        (usize::from(first), 2)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 {
-            return Err(PinError::Der("unsupported length form"));
-        }
-        let bytes = input
-            .get(2..2 + n)
-            .ok_or(PinError::Der("truncated length"))?;
-        let len = bytes
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-        (len, 2 + n)
-    };
-    let end = header
-        .checked_add(len)
-        .ok_or(PinError::Der("length overflow"))?;
-    let whole = input
-        .get(..end)
-        .ok_or(PinError::Der("element longer than its input"))?;
-    Ok((tag, whole, &whole[header..]))
-}
-
 /// The DER `SubjectPublicKeyInfo` inside a DER certificate.
-pub fn spki_of(cert_der: &[u8]) -> Result<&[u8], PinError> {
-    const SEQUENCE: u8 = 0x30;
-    let (tag, _, cert) = der_element(cert_der)?;
-    if tag != SEQUENCE {
-        return Err(PinError::Der("certificate is not a SEQUENCE"));
-    }
-    let (tag, _, mut tbs) = der_element(cert)?;
-    if tag != SEQUENCE {
-        return Err(PinError::Der("tbsCertificate is not a SEQUENCE"));
-    }
-    // [0] EXPLICIT version, present in v2/v3 certificates.
-    if tbs.first() == Some(&0xa0) {
-        let (_, whole, _) = der_element(tbs)?;
-        tbs = &tbs[whole.len()..];
-    }
-    // serialNumber, signature, issuer, validity, subject.
-    for _ in 0..5 {
-        let (_, whole, _) = der_element(tbs)?;
-        tbs = &tbs[whole.len()..];
-    }
-    let (tag, spki, _) = der_element(tbs)?;
-    if tag != SEQUENCE {
-        return Err(PinError::Der("subjectPublicKeyInfo is not a SEQUENCE"));
-    }
-    Ok(spki)
+pub fn spki_of(cert_der: &[u8]) -> Result<Vec<u8>, PinError> {
+    duplex_tunnel::certificate_spki(cert_der).ok_or(PinError::Der("not a DER X.509 certificate"))
 }
 
 /// SHA-256 of a DER `SubjectPublicKeyInfo`.
 pub fn pin_of_spki(spki: &[u8]) -> [u8; 32] {
-    Sha256::digest(spki).into()
+    duplex_tunnel::spki_pin(spki)
 }
 
 /// The pin of a DER certificate.
 pub fn pin_of_cert(cert_der: &[u8]) -> Result<[u8; 32], PinError> {
-    Ok(pin_of_spki(spki_of(cert_der)?))
+    Ok(pin_of_spki(&spki_of(cert_der)?))
 }
 
 /// The pin, as 64 hex digits, of the first certificate of a PEM file.
@@ -153,8 +98,11 @@ mod tests {
         let params = rcgen::CertificateParams::new(vec!["example.test".to_string()]).unwrap();
         let cert = params.self_signed(&key).unwrap();
         let spki = spki_of(cert.der().as_ref()).unwrap();
-        assert_eq!(spki, key.subject_public_key_info().as_slice());
-        assert_eq!(pin_of_cert(cert.der().as_ref()).unwrap(), pin_of_spki(spki));
+        assert_eq!(spki, key.subject_public_key_info());
+        assert_eq!(
+            pin_of_cert(cert.der().as_ref()).unwrap(),
+            pin_of_spki(&spki)
+        );
     }
 
     #[test]

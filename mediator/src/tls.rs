@@ -74,7 +74,7 @@ pub fn server_config(
     key: &Path,
 ) -> Result<(Arc<rustls::ServerConfig>, String), TlsError> {
     let certs = load_certs(cert)?;
-    let pin = crate::util::hex(&pin_of_spki(spki_of(certs[0].as_ref())?));
+    let pin = crate::util::hex(&pin_of_spki(&spki_of(certs[0].as_ref())?));
     let key = load_key(key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -94,7 +94,7 @@ struct PinVerifier {
 }
 
 impl PinVerifier {
-    fn spki<'a>(&self, cert: &'a CertificateDer<'_>) -> Result<&'a [u8], rustls::Error> {
+    fn spki(&self, cert: &CertificateDer<'_>) -> Result<Vec<u8>, rustls::Error> {
         spki_of(cert.as_ref())
             .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))
     }
@@ -109,7 +109,7 @@ impl ServerCertVerifier for PinVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if pin_of_spki(self.spki(end_entity)?) == self.pin {
+        if pin_of_spki(&self.spki(end_entity)?) == self.pin {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(

@@ -35,7 +35,6 @@ mod relay;
 mod session;
 pub mod tls;
 mod tunnel;
-pub mod x509;
 
 pub use action::{Action, ConnId, Peer};
 pub use backoff::Backoff;

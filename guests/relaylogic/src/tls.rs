@@ -51,7 +51,7 @@ use p256::ecdsa::{Signature, VerifyingKey};
 use p256::pkcs8::DecodePublicKey;
 use sha2::{Digest, Sha256};
 
-use crate::x509::spki_of_certificate;
+pub use duplex_tunnel::{certificate_pin, spki_pin};
 
 /// Size of the TLS read buffer: the largest TLS 1.3 record a server may send (16 640 bytes).
 pub const READ_BUFFER: usize = 16_640;
@@ -63,16 +63,6 @@ pub const WRITE_BUFFER: usize = 16_384 + embedded_tls::TLS_RECORD_OVERHEAD;
 const READ_CHUNK: usize = 4096;
 /// [`TlsSession::ended`] after [`TlsSession::close`].
 pub const CLOSED_BY_US: &str = "TLS: closed by the relay";
-
-/// SHA-256 of a DER `SubjectPublicKeyInfo`: the pin of a server key.
-pub fn spki_pin(spki_der: &[u8]) -> [u8; 32] {
-    Sha256::digest(spki_der).into()
-}
-
-/// The pin of a DER certificate's key, or `None` if the certificate cannot be read.
-pub fn certificate_pin(cert_der: &[u8]) -> Option<[u8; 32]> {
-    spki_of_certificate(cert_der).map(spki_pin)
-}
 
 /// The message a TLS 1.3 server signs in `CertificateVerify` (RFC 8446 §4.4.3).
 fn certificate_verify_message(transcript_hash: &[u8]) -> Vec<u8> {
@@ -136,16 +126,16 @@ impl TlsVerifier<Aes128GcmSha256> for PinnedVerifier {
         let Some(embedded_tls::CertificateEntryRef::X509(der)) = cert.entries.first() else {
             return self.refuse("no X.509 certificate", TlsError::InvalidCertificate);
         };
-        let Some(spki) = spki_of_certificate(der) else {
+        let Some(spki) = duplex_tunnel::certificate_spki(der) else {
             return self.refuse("unreadable certificate", TlsError::InvalidCertificate);
         };
-        if spki_pin(spki) != self.pin {
+        if spki_pin(&spki) != self.pin {
             return self.refuse(
                 "server key does not match the pin",
                 TlsError::InvalidCertificate,
             );
         }
-        let Ok(key) = VerifyingKey::from_public_key_der(spki) else {
+        let Ok(key) = VerifyingKey::from_public_key_der(&spki) else {
             return self.refuse(
                 "pinned key is not ECDSA P-256",
                 TlsError::InvalidCertificate,

@@ -23,10 +23,12 @@ extern crate std;
 
 pub mod auth;
 pub mod msg;
+pub mod pin;
 
 pub use auth::{login_proof, parse_key, verify_login_proof, Ticket, TicketBody, TicketError};
 pub use duplex_link::{decode_body, encode, try_encode, FrameDecoder, FrameError};
 pub use msg::*;
+pub use pin::{certificate_pin, certificate_spki, spki_pin};
 
 /// A decoder for frames a mediation server or relay reads on a control session.
 pub fn control_decoder<T: serde::de::DeserializeOwned>() -> FrameDecoder<T> {
