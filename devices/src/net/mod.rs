@@ -24,6 +24,7 @@ mod device;
 mod persist;
 mod poller;
 mod tap;
+pub mod wire;
 
 #[cfg(test)]
 mod tests;

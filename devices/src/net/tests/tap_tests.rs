@@ -8,7 +8,6 @@
 //! `SKIPPED-BY-ENVIRONMENT` (it never passes without having run).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,7 @@ use virtio_drivers::device::net::VirtIONet;
 
 use super::hal::{guest_memory, CardWindow, TestHal, Window};
 use super::*;
+use crate::net::wire::Wire;
 
 const TAP_NAME: &str = "dplxtap0";
 /// EtherTypes (IEEE local experimental) of the test's frames, one per direction.
@@ -24,73 +24,6 @@ const TO_GUEST: u16 = 0x88b6;
 
 fn skipped(what: &str) -> ! {
     panic!("SKIPPED-BY-ENVIRONMENT: {what} (the TAP test needs root and /dev/net/tun)")
-}
-
-fn check(rc: libc::c_int, what: &str) {
-    if rc < 0 {
-        panic!("{what}: {}", io::Error::last_os_error());
-    }
-}
-
-/// Sets the interface up (`SIOCSIFFLAGS`), through a datagram socket of this namespace.
-fn set_up(name: &str) {
-    // SAFETY: socket() takes no pointers; the result is checked and owned right after.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    check(fd, "socket(AF_INET)");
-    // SAFETY: `fd` is a socket just opened and owned by nothing else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: all-zero bytes are a valid `ifreq` (a name array and a union of plain data).
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, &s) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
-        *d = s as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS reads and writes one `ifreq`, which lives through the call.
-    check(
-        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) },
-        "SIOCGIFFLAGS",
-    );
-    // SAFETY: SIOCGIFFLAGS filled the union's `ifru_flags` member.
-    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
-    ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-    // SAFETY: SIOCSIFFLAGS reads one `ifreq`, which lives through the call.
-    check(
-        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) },
-        "SIOCSIFFLAGS",
-    );
-}
-
-/// A raw packet socket on interface `name` that receives frames of EtherType `proto`.
-fn packet_socket(name: &str, proto: u16) -> OwnedFd {
-    let cname = std::ffi::CString::new(name).unwrap();
-    // SAFETY: `cname` is a NUL-terminated string that lives through the call.
-    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    assert_ne!(ifindex, 0, "{name} exists");
-    // SAFETY: socket() takes no pointers; the result is checked and owned right after.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(proto.to_be()),
-        )
-    };
-    check(fd, "socket(AF_PACKET)");
-    // SAFETY: `fd` is a socket just opened and owned by nothing else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: all-zero bytes are a valid `sockaddr_ll`.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto.to_be();
-    sll.sll_ifindex = ifindex as i32;
-    // SAFETY: `sll` is a `sockaddr_ll` of the length given, living through the call.
-    let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    check(rc, "bind(AF_PACKET)");
-    sock
 }
 
 /// Waits up to `timeout` for `fd` to be readable.
@@ -137,8 +70,7 @@ fn in_namespace() {
         Err(io::ErrorKind::WouldBlock),
         "non-blocking"
     );
-    set_up(TAP_NAME);
-    let wire = packet_socket(TAP_NAME, TO_WIRE);
+    let wire = Wire::open(TAP_NAME, TO_WIRE).expect("the wire side of the TAP");
 
     let (irq, wakes) = counted_irq();
     let mmio = Arc::new(NetMmio::new(tap, MAC, guest_memory(), irq).unwrap());
@@ -151,21 +83,17 @@ fn in_namespace() {
     let mut tx = net.new_tx_buffer(out.len());
     tx.packet_mut().copy_from_slice(&out);
     net.send(tx).expect("send");
-    assert!(wait_readable(wire.as_raw_fd(), Duration::from_secs(5)));
-    let mut got = vec![0u8; 2048];
-    // SAFETY: `got` is a writable buffer of the length given, living through the call.
-    let n = unsafe { libc::recv(wire.as_raw_fd(), got.as_mut_ptr().cast(), got.len(), 0) };
-    check(n as libc::c_int, "recv(AF_PACKET)");
+    let got = wire
+        .recv_matching(Duration::from_secs(5), |_| true)
+        .expect("recv(AF_PACKET)");
     assert!(
-        got[..n as usize] == out[..],
+        got.as_deref() == Some(&out[..]),
         "guest frame on the wire, byte-exact"
     );
 
     // Wire to guest; the kernel's own frames (IPv6 neighbour discovery...) may come first.
     let inbound = eth(MAC, [0x02, 0, 0, 0, 0, 7], TO_GUEST, 2);
-    // SAFETY: `inbound` is a readable buffer of the length given, living through the call.
-    let n = unsafe { libc::send(wire.as_raw_fd(), inbound.as_ptr().cast(), inbound.len(), 0) };
-    check(n as libc::c_int, "send(AF_PACKET)");
+    wire.send(&inbound).expect("send(AF_PACKET)");
     let end = Instant::now() + Duration::from_secs(5);
     let mut received = None;
     while received.is_none() && Instant::now() < end {
