@@ -59,6 +59,22 @@ fn now_ms() -> u64 {
     time::now_ns() / 1_000_000
 }
 
+/// The command line with the value of `secret=` replaced by `<redacted>`: consoles end up
+/// in log files, the secret must not.
+fn redacted(cmdline: &str) -> alloc::string::String {
+    let words: alloc::vec::Vec<&str> = cmdline
+        .split_ascii_whitespace()
+        .map(|w| {
+            if w.starts_with("secret=") {
+                "secret=<redacted>"
+            } else {
+                w
+            }
+        })
+        .collect();
+    words.join(" ")
+}
+
 /// Prints why the relay cannot run, then only beats.
 fn park(why: &str) -> ! {
     println!("relay: {why}; not running");
@@ -69,7 +85,10 @@ fn park(why: &str) -> ! {
 }
 
 fn main(boot: &BootInfo) -> ! {
-    println!("duplex relay: role=relay cmdline=\"{}\"", boot.cmdline);
+    println!(
+        "duplex relay: role=relay cmdline=\"{}\"",
+        redacted(boot.cmdline)
+    );
     let arg = |k: &str| boot.arg(k);
     let net_cfg = parse_net(arg);
     let cfg = parse_config(arg);
