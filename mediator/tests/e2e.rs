@@ -1,7 +1,8 @@
 //! End to end on loopback: the `duplex-mediator` and `duplex-cloud` binaries and a
 //! simulated relay with a fake device. Jobs print with the right checksums, tunnels close
 //! and are not reused, documents arrive whole, tickets are checked, and requests survive a
-//! mediator restart, a relay outage and a tunnel lost mid-job, printing exactly once.
+//! mediator restart, a relay outage and a tunnel lost mid-job (its connection broken, or
+//! forgotten by a relay restored from a snapshot), printing exactly once.
 
 mod common;
 
@@ -10,10 +11,13 @@ use std::time::Duration;
 
 use common::*;
 use duplex_mediator::cloud::document::document_crc32;
-use duplex_mediator::sim::client::dial;
+use duplex_mediator::cloud::document::expected_checksums;
+use duplex_mediator::sim::client::{connect_control, dial, login, ControlConn};
 use duplex_mediator::sim::device::FakeDevice;
 use duplex_mediator::tls::pinned_client_config;
-use duplex_tunnel::{CloudToRelay, Ticket, TicketBody};
+use duplex_tunnel::{
+    CloudToRelay, JobOutcome, MediatorToRelay, RelayToCloud, RelayToMediator, Ticket, TicketBody,
+};
 use serde_json::{json, Value};
 
 fn job(device: &str, pages: u32, seed: u64) -> Value {
@@ -385,6 +389,114 @@ async fn tunnel_lost_mid_job_resends_the_same_job_once() {
     let lost = cloud_tunnels(&sc.cloud).await;
     assert!(lost.iter().any(|t| t["closed_by"] == "lost"), "{lost:?}");
     second.kill().await;
+}
+
+/// The next `TunnelRequest` on a hand-driven control session: its tunnel id and ticket.
+async fn next_request(ctl: &mut ControlConn) -> (u64, Ticket) {
+    loop {
+        match ctl
+            .recv_within(Duration::from_secs(10))
+            .await
+            .expect("the control session")
+        {
+            MediatorToRelay::TunnelRequest {
+                tunnel_id, ticket, ..
+            } => return (tunnel_id, ticket),
+            MediatorToRelay::Pong { .. } => {}
+            other => panic!("expected a TunnelRequest, got {other:?}"),
+        }
+    }
+}
+
+/// A relay restored from a snapshot has forgotten its tunnels' connections: nothing more
+/// comes on them, ever, and it reports them closed to the mediator on its next session.
+/// The cloud, waiting for a result on such a tunnel, takes the mediator's word: the tunnel
+/// is lost, and the job goes again on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_the_relay_reports_closed_while_its_job_waits_is_lost_and_the_job_resent() {
+    let dir = TempDir::new("forgotten");
+    let mut spec = MediatorSpec::new(vec![relay("r1", &["p1"])]);
+    (spec.heartbeat_ms, spec.heartbeat_timeout_ms) = (10_000, 30_000);
+    let mediator = start_mediator(&dir, &spec);
+    let cloud = start_cloud(&dir, mediator.addr("api"));
+    let to_mediator = pinned_client_config(mediator.pin()).unwrap();
+    let to_cloud = pinned_client_config(cloud.pin()).unwrap();
+    let mut ctl = connect_control(mediator.addr("relays"), to_mediator)
+        .await
+        .unwrap();
+    let welcome = login(&mut ctl, "r1", &SECRET, &["p1".to_string()])
+        .await
+        .unwrap();
+    assert!(
+        matches!(welcome, MediatorToRelay::Welcome { .. }),
+        "{welcome:?}"
+    );
+    let mut j = job("p1", 2, 41);
+    j["job_id"] = json!("job-forgotten");
+    submit_nowait(&cloud, j).await;
+    let mut tunnels = Vec::new();
+    for attempt in 0..2 {
+        let (id, ticket) = next_request(&mut ctl).await;
+        let (ok, mut conn) = dial(cloud.addr("tunnels"), to_cloud.clone(), &ticket)
+            .await
+            .unwrap();
+        assert_eq!(ok, CloudToRelay::DialOk { tunnel_id: id });
+        ctl.send(&RelayToMediator::TunnelAccepted { tunnel_id: id })
+            .await
+            .unwrap();
+        match conn.recv_within(Duration::from_secs(10)).await.unwrap() {
+            CloudToRelay::Job { job_id, .. } => assert_eq!(job_id, "job-forgotten"),
+            other => panic!("expected the job, got {other:?}"),
+        }
+        conn.send(&RelayToCloud::JobAccepted {
+            job_id: "job-forgotten".into(),
+            device_job: 1,
+            duplicate: attempt == 1,
+        })
+        .await
+        .unwrap();
+        if attempt == 0 {
+            // Forgotten: not a byte more on it (the connection stays open), reported closed.
+            ctl.send(&RelayToMediator::TunnelClosed {
+                tunnel_id: id,
+                jobs: vec!["job-forgotten".into()],
+            })
+            .await
+            .unwrap();
+        } else {
+            conn.send(&RelayToCloud::JobResult {
+                job_id: "job-forgotten".into(),
+                outcome: JobOutcome::Done,
+                checksums: expected_checksums(41, 2, 64, 48),
+                document_crc32: document_crc32(41, 0),
+                error: None,
+            })
+            .await
+            .unwrap();
+        }
+        tunnels.push((id, conn));
+    }
+    let c = &cloud;
+    wait_for(Duration::from_secs(20), "job done", || async move {
+        job_state(c, "job-forgotten").await["state"] == "done"
+    })
+    .await;
+    let report = job_state(&cloud, "job-forgotten").await;
+    assert_done(&report);
+    assert_eq!(report["tunnels_opened"], 2, "{report}");
+    assert_eq!(report["duplicate"], true, "{report}");
+    let first = tunnels[0].0;
+    let seen = cloud_tunnels(&cloud).await;
+    let t = seen
+        .iter()
+        .find(|t| t["tunnel_id"] == first)
+        .expect("first tunnel");
+    assert_eq!(t["closed_by"], "lost", "{seen:?}");
+    wait_for_log(
+        &cloud,
+        "the relay reported the tunnel closed before the job's result",
+    )
+    .await;
 }
 
 async fn submit_nowait(cloud: &Proc, mut body: Value) {

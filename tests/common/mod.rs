@@ -9,6 +9,7 @@
 
 pub mod livecut;
 pub mod netns;
+pub mod relay_scene;
 pub mod relaynet;
 pub mod snap;
 
@@ -150,8 +151,29 @@ impl Device {
         extra: &[String],
         env: &[(&str, &str)],
     ) -> Device {
+        Device::boot_file_prefixed(&[], cfg, dir, extra, env)
+    }
+
+    /// Boots a device from a config file with `duplex` run through a command prefix that
+    /// execs it (e.g. `ip netns exec NS`, so that the child's pid is the monitor's).
+    pub fn boot_file_prefixed(
+        prefix: &[String],
+        cfg: &Path,
+        dir: TempDir,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Device {
         let sock = dir.0.join("api.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        let duplex = env!("CARGO_BIN_EXE_duplex");
+        let mut cmd = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(duplex);
+                c
+            }
+            None => Command::new(duplex),
+        };
+        let mut child = cmd
             .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
@@ -314,6 +336,14 @@ impl Device {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
     }
 }
 

@@ -185,6 +185,9 @@ impl Relay {
         if self.session.conn().is_some() || self.session.id().is_some() {
             self.log("session down: restored from a snapshot".into());
         }
+        // The session is gone before the tunnels are reported: their reports must wait for
+        // the next session, not go out on the dead connection.
+        self.session = Session::Waiting { retry_at: now };
         for t in core::mem::take(&mut self.tunnels) {
             if t.is_open() {
                 self.log(format!(
@@ -195,7 +198,6 @@ impl Relay {
             }
         }
         self.backoff.reset();
-        self.session = Session::Waiting { retry_at: now };
     }
 
     // ---- helpers for the other modules ----

@@ -542,13 +542,35 @@ fn restore_starts_a_fresh_session_and_reports_open_tunnels_closed() {
         .iter()
         .any(|l| l == "session down: restored from a snapshot"));
     assert_eq!((h.relay.session_id(), h.relay.tunnel_count()), (None, 0));
+    assert!(
+        sent::<RelayToMediator>(&a, conn).is_empty(),
+        "nothing goes out on the dead session"
+    );
     // Events of the old connections are ignored.
     h.relay.on_data(cloud, &encode(&CloudToRelay::Close), h.now);
     h.relay.on_closed(conn, "gone", h.now);
     assert!(h.relay.take_actions().is_empty());
-    // A new session at once; a re-offer of the tunnel gets its final report.
-    let new = h.up();
+    // A new session at once, which hears of the tunnel's end right after `Welcome`; a
+    // re-offer of the tunnel gets its final report.
+    let new = h.dial();
     assert_ne!(new, conn);
+    h.relay.on_connected(new, h.now);
+    h.feed(new, &MediatorToRelay::Challenge { nonce: [5; 32] });
+    let a = h.feed(
+        new,
+        &MediatorToRelay::Welcome {
+            session_id: 2,
+            heartbeat_ms: 1000,
+            heartbeat_timeout_ms: 1500,
+        },
+    );
+    assert_eq!(
+        sent::<RelayToMediator>(&a, new),
+        vec![RelayToMediator::TunnelClosed {
+            tunnel_id: 5,
+            jobs: vec![]
+        }]
+    );
     let again = MediatorToRelay::TunnelRequest {
         tunnel_id: 5,
         device_id: "mfp-1".into(),

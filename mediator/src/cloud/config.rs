@@ -72,7 +72,8 @@ pub struct CloudConfig {
     /// Backoff of requests to an unreachable mediator: first wait, cap.
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
-    /// How often a tunnel record is polled while waiting for the relay's dial.
+    /// How often a tunnel record is polled while waiting for the relay's dial, and while a
+    /// job waits for its result (a tunnel the relay reported ended is lost).
     pub poll_ms: u64,
 }
 

@@ -284,8 +284,23 @@ async fn send_job(
         tunnel.conn.send(&data).await.map_err(lost)?;
     }
     let doc_crc = doc.crc32();
+    // A relay restored from a snapshot has forgotten this connection without a word on it
+    // (nothing comes back, ever); it tells the mediator instead, so the record is watched.
+    let mut check = tokio::time::interval(Duration::from_millis(cloud.cfg.poll_ms));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.tick().await;
     loop {
-        match tunnel.conn.recv().await.map_err(lost)? {
+        let msg = tokio::select! {
+            biased;
+            msg = tunnel.conn.recv() => msg.map_err(lost)?,
+            _ = check.tick() => {
+                if let Some(why) = ended_at_relay(cloud, tunnel.id).await {
+                    return Err(Attempt::Lost(why));
+                }
+                continue;
+            }
+        };
+        match msg {
             RelayToCloud::JobAccepted {
                 job_id,
                 device_job,
@@ -320,6 +335,27 @@ async fn send_job(
             other => log::warn!("tunnel {}: ignored {other:?}", tunnel.id),
         }
     }
+}
+
+/// `Some(why)` when the mediator's record of tunnel `id` says the relay ended it (`closed`
+/// or `failed`): a result can no longer come on it. `None` while it is open, or when the
+/// mediator cannot be asked (the connection itself then decides).
+async fn ended_at_relay(cloud: &Cloud, id: u64) -> Option<String> {
+    let cfg = &cloud.cfg;
+    let path = format!("/v1/tunnels/{id}");
+    let r = http::request(
+        &cfg.mediator,
+        "GET",
+        &path,
+        Some(&cfg.token),
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .ok()?;
+    let state = r.body.get("state").and_then(|s| s.as_str())?;
+    matches!(state, "closed" | "failed")
+        .then(|| format!("the relay reported the tunnel {state} before the job's result"))
 }
 
 /// Why no tunnel could be had.
