@@ -132,6 +132,12 @@ fn kvm_netns_a_cloud_job_prints_through_a_tunnel_that_closes_after_it() {
     );
     assert_eq!(scene.engine_pages(), pages_before + total_pages);
     assert_eq!(scene.mediator_lines("offered to relay").len(), 2);
+    // The relay's console (a log file in practice) names its secret nowhere.
+    assert!(scene.relay_lines("secret=<redacted>").len() == 1);
+    assert!(
+        scene.relay_lines(&scene.secret).is_empty(),
+        "the relay printed its secret"
+    );
 }
 
 /// The `next attempt in N ms` delays of the relay's `session down` lines.
