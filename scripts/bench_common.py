@@ -10,3 +10,14 @@ def figure(fid, label, value, unit, stat, baseline=None, ratio=None, goal=None, 
     if "samples" in f:
         f["samples"] = [round(x, 3) for x in f["samples"]]
     return f
+
+
+def percentile(values, p):
+    """The p-th percentile of values (linear between the closest ranks, as numpy's default)."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("no values")
+    k = (len(xs) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Merges the benchmarks' JSON results and draws their plots (run by scripts/bench).
 
-    python3 scripts/bench_report.py --out docs/bench boot.json vsock.json snapshot.json
+    python3 scripts/bench_report.py --out docs/bench boot.json vsock.json snapshot.json relay.json
+    python3 scripts/bench_report.py --out docs/bench --merge relay.json   (`scripts/bench relay`)
     python3 scripts/bench_report.py --out docs/bench --from docs/bench/results.json   (plots again)
 
-Inputs are the files `scripts/bench_{boot,vsock,snapshot}.py --json FILE` write. Writes
-into the --out folder:
+Inputs are the files `scripts/bench_{boot,vsock,snapshot,relay}.py --json FILE` write. With
+--merge, the benches of the inputs replace their namesakes in the --out folder's existing
+results.json and the others are kept as they were (each bench carries its own date; the
+file's `merged` lists which benches this report did not run). Writes into the --out folder:
 
 - results.json: every figure of every bench (value, unit, statistic, baseline, ratio,
   goal, samples), the snapshot bench's per-size medians, the date, and the machine
@@ -265,6 +268,8 @@ def main():
     ap = argparse.ArgumentParser(description="merge benchmark JSON results and draw their SVG plots")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs/bench"), help="output folder (default docs/bench)")
     ap.add_argument("--from", dest="src", help="redraw from an existing results.json instead of bench files")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the benches of the existing results.json that the inputs do not replace")
     ap.add_argument("inputs", nargs="*", help="files written by scripts/bench_*.py --json")
     args = ap.parse_args()
     if args.src:
@@ -273,11 +278,18 @@ def main():
     else:
         if not args.inputs:
             ap.error("no inputs (or --from results.json)")
-        benches = {}
+        benches, kept = {}, []
+        previous = os.path.join(args.out, "results.json")
+        if args.merge and os.path.exists(previous):
+            with open(previous) as f:
+                benches = json.load(f).get("benches", {})
+            kept = sorted(benches)
         for path in args.inputs:
             with open(path) as f:
                 b = json.load(f)
             benches[b["bench"]] = b
+            if b["bench"] in kept:
+                kept.remove(b["bench"])
         results = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(),
@@ -287,6 +299,9 @@ def main():
                     "ratio (see ratio_meaning), goal where the project set one, samples = every run",
             "benches": benches,
         }
+        if kept:
+            results["merged"] = {"kept_from_previous_report": kept,
+                                 "note": "these benches were not run by this report; see each bench's date"}
     os.makedirs(args.out, exist_ok=True)
     if not args.src:
         with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -294,7 +309,10 @@ def main():
             f.write("\n")
     written = ["results.json"] if not args.src else []
     snap = results["benches"].get("snapshot")
-    if snap and snap.get("sizes"):
+    if args.merge and "snapshot" in results.get("merged", {}).get("kept_from_previous_report", []):
+        # Not run now: its plots stay as they were (their footers say when they were made).
+        print("bench_report: snapshot not run: its plots are kept", file=sys.stderr)
+    elif snap and snap.get("sizes"):
         plot_snapshot(results, snap["sizes"], os.path.join(args.out, "snapshot.svg"))
         plot_restore(results, snap["sizes"], os.path.join(args.out, "restore.svg"))
         written += ["snapshot.svg", "restore.svg"]

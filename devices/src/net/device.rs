@@ -143,6 +143,25 @@ impl<B: NetBackend> Net<B> {
         })
     }
 
+    /// The guest added RX buffers (its notification of the rx queue, which it sends only
+    /// while the device ran dry). The frames are not moved here, on the vCPU thread, but by
+    /// the owner's loop ([`NetMmio::process_rx`](super::NetMmio::process_rx) on its own
+    /// thread, which the card tells: [`wants_rx_poll`](Self::wants_rx_poll) turns true):
+    /// the notification is a short exit, and the device asks for no more until it runs dry
+    /// again, so a guest that gives buffers back one at a time (virtio-drivers) costs one
+    /// exit per dry spell, not one per buffer.
+    fn rx_refilled(&mut self) {
+        self.rx_avail = true;
+        if self.asleep > 0 {
+            return;
+        }
+        if let Some(Active { mem, rx, .. }) = &mut self.active {
+            if rx.disable_notification(&*mem).is_err() {
+                self.stats.malformed_rx += 1;
+            }
+        }
+    }
+
     /// Sends every frame the guest put in the TX queue.
     pub fn process_tx(&mut self) {
         if self.asleep > 0 {
@@ -208,8 +227,18 @@ impl<B: NetBackend> Net<B> {
     /// Moves frames from the backend into the guest's RX buffers, as far as there are
     /// buffers; a frame is read from the backend only once a buffer waits for it.
     pub fn process_rx(&mut self) {
+        let budget = self
+            .active
+            .as_ref()
+            .map_or(0, |a| usize::from(a.rx.size()) * 4);
+        self.process_rx_batch(budget);
+    }
+
+    /// [`process_rx`](Self::process_rx) for at most `budget` RX chains; true if it stopped
+    /// at the budget (buffers and frames may remain), false if it ran out of either.
+    pub fn process_rx_batch(&mut self, budget: usize) -> bool {
         if self.asleep > 0 {
-            return;
+            return false;
         }
         let Net {
             active: Some(Active { mem, rx, .. }),
@@ -221,17 +250,17 @@ impl<B: NetBackend> Net<B> {
             ..
         } = self
         else {
-            return;
+            return false;
         };
         // Bounded: a flooding backend yields to the owner's loop (its fd stays readable).
-        for _ in 0..usize::from(rx.size()) * 4 {
+        for _ in 0..budget {
             let chain = match rx.iter(&*mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => {
                     log::debug!("net: RX queue: {e}");
                     stats.malformed_rx += 1;
                     *rx_avail = false;
-                    return;
+                    return false;
                 }
             };
             let Some(chain) = chain else {
@@ -245,7 +274,7 @@ impl<B: NetBackend> Net<B> {
                         *rx_avail = false;
                     }
                 }
-                return;
+                return false;
             };
             let head = chain.head_index();
             let room = match scatter_room(mem, chain) {
@@ -273,7 +302,7 @@ impl<B: NetBackend> Net<B> {
                         log::debug!("net: backend recv: {e}");
                         stats.backend_errors += 1;
                     }
-                    return;
+                    return false;
                 }
             };
             let total: usize = room.iter().map(|r| r.1).sum();
@@ -301,6 +330,7 @@ impl<B: NetBackend> Net<B> {
                 Err(_) => stats.malformed_rx += 1,
             }
         }
+        true
     }
 }
 
@@ -348,10 +378,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 
     fn queue_notify(&mut self, index: u16) {
         match index {
-            RX_QUEUE => {
-                self.rx_avail = true;
-                self.process_rx();
-            }
+            RX_QUEUE => self.rx_refilled(),
             TX_QUEUE => self.process_tx(),
             _ => {}
         }

@@ -52,6 +52,8 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Queue indexes.
 pub const RX_QUEUE: u16 = 0;
 pub const TX_QUEUE: u16 = 1;
+/// Frames [`NetMmio::process_rx`] moves per hold of the card's lock.
+pub const RX_BATCH: usize = 8;
 /// `VIRTIO_NET_F_MAC`: the config space holds the MAC address.
 pub const F_MAC: u64 = 1 << 5;
 /// `VIRTIO_NET_F_STATUS`: the config space holds the link status.
@@ -255,7 +257,8 @@ impl<B: NetBackend> NetMmio<B> {
         self.transport().read(offset, data);
     }
 
-    /// A guest write at `offset` within the window (a `QueueNotify` of tx sends at once).
+    /// A guest write at `offset` within the window (a `QueueNotify` of tx sends at once; one
+    /// of rx tells the loop, which moves the frames).
     pub fn write(&self, offset: u64, data: &[u8]) {
         self.with(|t| t.write(offset, data));
     }
@@ -263,8 +266,17 @@ impl<B: NetBackend> NetMmio<B> {
     /// Moves frames waiting in the backend into the guest's RX buffers, as far as buffers
     /// allow; frames with no buffer stay in the backend. Call it when the backend's fd is
     /// readable.
+    ///
+    /// Frames go in batches of [`RX_BATCH`], each under the card's lock on its own (and its
+    /// interrupt raised after it): a vCPU sending a frame meanwhile (its notification takes
+    /// the same lock) waits for one batch at most, not for the whole burst. At most
+    /// 4 × [`QUEUE_SIZE`] frames per call, so a flooding backend yields to the loop.
     pub fn process_rx(&self) {
-        self.with(|t| t.device_mut().process_rx());
+        for _ in 0..usize::from(QUEUE_SIZE) * 4 / RX_BATCH {
+            if !self.with(|t| t.device_mut().process_rx_batch(RX_BATCH)) {
+                break;
+            }
+        }
     }
 
     /// Whether the owner should poll the backend's fd now: the device is started, awake,

@@ -24,9 +24,12 @@ extern crate alloc;
 mod common;
 mod ctl;
 mod netdev;
+mod profile;
 mod stack;
 
 use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use duplex_relay::config::{endpoint_string, hex, parse_config, parse_net};
@@ -34,12 +37,13 @@ use duplex_relay::entropy::RdRand;
 use duplex_relay::{Action, Peer, Relay};
 use duplex_runtime::heartbeat::Heartbeat;
 use duplex_runtime::net::open_net;
-use duplex_runtime::time::{self, rdtsc};
+use duplex_runtime::time::{self, raw_tsc, rdtsc};
 use duplex_runtime::vsock::{self, Vsock};
 use duplex_runtime::{heap, println, sysctl, BootInfo};
 
 use ctl::CtlLink;
 use netdev::NetDevice;
+use profile::{since, Profile};
 use stack::{NetEvent, Stack};
 
 duplex_runtime::entry!(main);
@@ -52,6 +56,10 @@ const EVENT_BATCH: usize = 32;
 const HIGH_WATER_STEP: usize = 256 * 1024;
 /// Period of the heartbeat of a relay that cannot run.
 const PARKED_BEAT_MS: u64 = 10_000;
+/// Longest a log line waits while the loop is busy ([`Log`]).
+const LOG_DELAY_MS: u64 = 20;
+/// Most log lines kept waiting.
+const LOG_LINES: usize = 64;
 
 /// Guest time in milliseconds (continues across a restore: the runtime subtracts the
 /// time bias).
@@ -131,18 +139,23 @@ fn main(boot: &BootInfo) -> ! {
         "relay READY ip={}.{}.{}.{}/{} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         ip[0], ip[1], ip[2], ip[3], net_cfg.prefix_len, m[0], m[1], m[2], m[3], m[4], m[5]
     );
-    let pins = Pins {
-        mediator: mediator_pin,
-        cloud: cloud_pin,
+    let mut cx = Cx {
+        pins: Pins {
+            mediator: mediator_pin,
+            cloud: cloud_pin,
+        },
+        prof: Profile::new(arg("profile") == Some("1")),
+        log: Log::default(),
     };
     let mut high_water = HighWater(heap::used());
     let mut bias = time::bias();
     loop {
+        cx.prof.turns += 1;
         let now = now_ms();
         let b = time::bias();
         if b != bias {
             bias = b;
-            println!("relay: restored; reconnecting");
+            cx.log.push("relay: restored; reconnecting".into(), now);
             stack.reset(now);
             logic.on_restored(now);
         }
@@ -155,17 +168,22 @@ fn main(boot: &BootInfo) -> ! {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    println!("relay: vsock: {e}");
+                    cx.log.push(format!("relay: vsock: {e}"), now);
                     break;
                 }
             }
         }
-        let (events, moved) = stack.poll(now);
+        let (events, moved) = stack.poll(now, &mut cx.prof);
         busy |= moved;
         for event in events {
             match event {
                 NetEvent::Connected(id) => logic.on_connected(id, now),
-                NetEvent::Data(id, bytes) => logic.on_data(id, &bytes, now),
+                NetEvent::Data(id, bytes) => {
+                    let t0 = raw_tsc();
+                    logic.on_data(id, &bytes, now);
+                    cx.prof.logic += since(t0);
+                    cx.prof.plaintext_bytes += bytes.len() as u64;
+                }
                 NetEvent::Closed(id, why) => logic.on_closed(id, &why, now),
             }
         }
@@ -176,7 +194,7 @@ fn main(boot: &BootInfo) -> ! {
             &mut ctl,
             &mut v,
             &mut logic,
-            &pins,
+            &mut cx,
         );
         busy |= ctl.flush(&mut v, &mut logic, now);
         busy |= apply(
@@ -185,13 +203,18 @@ fn main(boot: &BootInfo) -> ! {
             &mut ctl,
             &mut v,
             &mut logic,
-            &pins,
+            &mut cx,
         );
-        high_water.check();
+        high_water.check(&mut cx.log, now);
         if busy || stack.has_frame() {
+            cx.log.flush_overdue(now);
             continue;
         }
+        cx.log.flush();
+        let t0 = raw_tsc();
         sleep(now, &logic, &mut stack, &ctl);
+        cx.prof.sleep += since(t0);
+        cx.prof.sleeps += 1;
     }
 }
 
@@ -199,11 +222,11 @@ fn main(boot: &BootInfo) -> ! {
 struct HighWater(usize);
 
 impl HighWater {
-    fn check(&mut self) {
+    fn check(&mut self, log: &mut Log, now: u64) {
         let used = heap::used();
         if used >= self.0.saturating_add(HIGH_WATER_STEP) {
             self.0 = used;
-            println!("relay: heap high-water {} KiB", used / 1024);
+            log.push(format!("relay: heap high-water {} KiB", used / 1024), now);
         }
     }
 }
@@ -214,14 +237,58 @@ struct Pins {
     cloud: [u8; 32],
 }
 
-/// Carries out the logic's actions; returns whether there were any.
+/// The loop's console lines, printed when it is about to sleep, or once the oldest has
+/// waited [`LOG_DELAY_MS`] (or [`LOG_LINES`] wait): each console byte is a VM exit (about
+/// 25 µs here), so a 50-byte line printed between a tunnel request and its dial would add
+/// more than a millisecond to the tunnel's opening.
+#[derive(Default)]
+struct Log {
+    lines: Vec<String>,
+    /// When the oldest waiting line was queued (ms).
+    since: u64,
+}
+
+impl Log {
+    fn push(&mut self, line: String, now: u64) {
+        if self.lines.is_empty() {
+            self.since = now;
+        }
+        self.lines.push(line);
+        if self.lines.len() >= LOG_LINES {
+            self.flush();
+        }
+    }
+
+    /// Prints the lines if the oldest has waited long enough.
+    fn flush_overdue(&mut self, now: u64) {
+        if !self.lines.is_empty() && now.saturating_sub(self.since) >= LOG_DELAY_MS {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        for line in self.lines.drain(..) {
+            println!("{line}");
+        }
+    }
+}
+
+/// What the loop carries besides the logic and the devices.
+struct Cx {
+    pins: Pins,
+    prof: Profile,
+    log: Log,
+}
+
+/// Carries out the logic's actions; returns whether there were any. With `profile=1` a
+/// dial is noted and a close prints the connection's profile line.
 fn apply(
     actions: Vec<Action>,
     stack: &mut Stack,
     ctl: &mut CtlLink,
     v: &mut Vsock,
     logic: &mut Relay,
-    pins: &Pins,
+    cx: &mut Cx,
 ) -> bool {
     let any = !actions.is_empty();
     let now = now_ms();
@@ -232,18 +299,24 @@ fn apply(
                 endpoint,
                 peer,
             } => {
-                let pin = match peer {
-                    Peer::Mediator => pins.mediator,
-                    Peer::Cloud => pins.cloud,
+                let (pin, rx_buffer) = match peer {
+                    Peer::Mediator => (cx.pins.mediator, stack::SESSION_RX_BUFFER),
+                    Peer::Cloud => (cx.pins.cloud, stack::TUNNEL_RX_BUFFER),
                 };
-                stack.dial(conn, endpoint, pin);
+                stack.dial(conn, endpoint, pin, rx_buffer);
+                cx.prof.dialed(conn, stack.card_ticks());
             }
             Action::Send { conn, bytes } => stack.send(conn, &bytes),
-            Action::Close { conn } => stack.close(conn, now),
+            Action::Close { conn } => {
+                stack.close(conn, now);
+                if let Some(line) = cx.prof.closed(conn, stack.card_ticks()) {
+                    cx.log.push(line, now);
+                }
+            }
             Action::ControllerConnect => ctl.connect(v, logic, now),
             Action::ControllerSend(req) => ctl.send(&req),
             Action::ControllerClose => ctl.close(v),
-            Action::Log(line) => println!("relay: {line}"),
+            Action::Log(line) => cx.log.push(format!("relay: {line}"), now),
         }
     }
     any

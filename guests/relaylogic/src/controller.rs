@@ -16,7 +16,7 @@ use duplex_link::{HostReply, HostRequest};
 use duplex_tunnel::{JobOutcome, RelayToCloud};
 
 use crate::action::Action;
-use crate::relay::{Relay, CONTROLLER_RETRY_MS, JOB_POLL_MS};
+use crate::relay::{Relay, CONTROLLER_RETRY_MS, JOB_POLL_FIRST_MS, JOB_POLL_MS};
 
 /// How long a vsock connection request to the controller may go unanswered.
 const CONTROLLER_CONNECT_TIMEOUT_MS: u64 = 2_000;
@@ -28,12 +28,14 @@ pub(crate) enum JobPhase {
     Receiving,
     /// To be submitted (`sent`: the request is out).
     Submit { sent: bool },
-    /// Accepted by the controller as `device_job`; polled at `next_at`.
+    /// Accepted by the controller as `device_job`; polled at `next_at`, then `wait` ms after
+    /// the answer (doubling up to [`JOB_POLL_MS`]).
     Poll {
         device_job: u64,
         duplicate: bool,
         sent: bool,
         next_at: u64,
+        wait: u64,
     },
 }
 
@@ -216,7 +218,8 @@ impl Relay {
                     device_job: id,
                     duplicate,
                     sent: false,
-                    next_at: now.saturating_add(JOB_POLL_MS),
+                    next_at: now.saturating_add(JOB_POLL_FIRST_MS),
+                    wait: JOB_POLL_FIRST_MS,
                 };
                 let accepted = RelayToCloud::JobAccepted {
                     job_id: job.job_id.clone(),
@@ -266,6 +269,7 @@ impl Relay {
             duplicate,
             sent,
             next_at,
+            wait,
         } = &mut job.phase
         else {
             return;
@@ -282,7 +286,8 @@ impl Relay {
         };
         if !info.state.is_finished() {
             *sent = false;
-            *next_at = now.saturating_add(JOB_POLL_MS);
+            *wait = wait.saturating_mul(2).min(JOB_POLL_MS);
+            *next_at = now.saturating_add(*wait);
             return;
         }
         let job_id = job.job_id.clone();

@@ -39,7 +39,9 @@ mod tunnel;
 pub use action::{Action, ConnId, Peer};
 pub use backoff::Backoff;
 pub use config::{ConfigError, NetConfig, RelayConfig};
-pub use relay::{Relay, CONTROLLER_RETRY_MS, DIAL_TIMEOUT_MS, JOB_POLL_MS, MAX_TUNNELS};
+pub use relay::{
+    Relay, CONTROLLER_RETRY_MS, DIAL_TIMEOUT_MS, JOB_POLL_FIRST_MS, JOB_POLL_MS, MAX_TUNNELS,
+};
 pub use relay::{MAX_REPORTED_JOBS, TUNNEL_IDLE_MS};
 
 #[cfg(test)]

@@ -30,8 +30,13 @@ pub const DIAL_TIMEOUT_MS: u64 = 10_000;
 /// A tunnel on which nothing arrives for this long while the relay waits for the cloud
 /// server (no job, or a job's document being sent) is closed.
 pub const TUNNEL_IDLE_MS: u64 = 60_000;
-/// Interval between `JobStatus` polls of a job at the controller.
+/// Interval between `JobStatus` polls of a job at the controller, at the most.
 pub const JOB_POLL_MS: u64 = 100;
+/// Wait before the first `JobStatus` poll of a job; each next wait doubles, up to
+/// [`JOB_POLL_MS`] (10, 20, 40, 80, 100, 100 ... ms): a short job's result goes back within
+/// milliseconds of its end instead of up to 100 ms later, and a long one costs a poll every
+/// 100 ms as before.
+pub const JOB_POLL_FIRST_MS: u64 = 10;
 /// Pause between attempts to reach the controller.
 pub const CONTROLLER_RETRY_MS: u64 = 500;
 /// Most job ids a `TunnelClosed` lists (so that the frame stays within the control

@@ -158,12 +158,25 @@ fn a_job_goes_to_the_controller_keyed_and_its_result_comes_back() {
             duplicate: false
         }]
     );
-    assert_eq!(h.relay.next_deadline(), Some(h.now + JOB_POLL_MS));
-    let a = h.advance(JOB_POLL_MS);
+    // Polled soon, then less and less often, up to every JOB_POLL_MS.
+    assert_eq!(h.relay.next_deadline(), Some(h.now + JOB_POLL_FIRST_MS));
+    let a = h.advance(JOB_POLL_FIRST_MS);
     assert_eq!(
         controller_requests(&a),
         vec![HostRequest::JobStatus { id: Some(11) }]
     );
+    let mut wait = JOB_POLL_FIRST_MS;
+    for _ in 0..6 {
+        reply(&mut h, info(11, JobState::Printing, vec![1], None));
+        wait = (wait * 2).min(JOB_POLL_MS);
+        assert_eq!(h.relay.next_deadline(), Some(h.now + wait));
+        assert!(controller_requests(&h.advance(wait - 1)).is_empty());
+        assert_eq!(
+            controller_requests(&h.advance(1)),
+            vec![HostRequest::JobStatus { id: Some(11) }]
+        );
+    }
+    assert_eq!(wait, JOB_POLL_MS);
     reply(&mut h, info(11, JobState::Printing, vec![1], None));
     let a = h.advance(JOB_POLL_MS);
     assert_eq!(

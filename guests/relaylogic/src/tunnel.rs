@@ -20,8 +20,10 @@ use crate::config::endpoint_string;
 use crate::controller::JobPhase;
 use crate::relay::{cut, Relay, DIAL_TIMEOUT_MS, MAX_REPORTED_JOBS, MAX_TUNNELS, TUNNEL_IDLE_MS};
 
-/// CRC-32/ISO-HDLC, the document checksum.
-pub(crate) static CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+/// CRC-32/ISO-HDLC, the document checksum, slice-by-16 (a 16 KiB table; about four times
+/// the byte-at-a-time table's rate, which cost the relay a tenth of a large job's time).
+pub(crate) static CRC32: crc::Crc<u32, crc::Table<16>> =
+    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISO_HDLC);
 
 /// Where a tunnel is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +45,7 @@ pub(crate) struct Job {
     pub height: u16,
     pub document_len: u64,
     pub received: u64,
-    pub crc: crc::Digest<'static, u32>,
+    pub crc: crc::Digest<'static, u32, crc::Table<16>>,
     /// The CRC of the whole document, once received.
     pub document_crc32: u32,
     /// Why the job is refused without going to the controller (403: another device).

@@ -100,6 +100,9 @@ fn malformed_rx_chains_are_returned_empty_and_the_frame_takes_a_good_one() {
         ],
     );
     c.notify(0);
+    // The notification only tells the owner's loop, which then calls `process_rx`.
+    assert!(c.mmio.wants_rx_poll());
+    c.mmio.process_rx();
     assert_eq!(c.recv(), vec![None; 3], "returned at once, no frame taken");
     let f = frame(1514, 4);
     c.drv.peer.inject(&f).unwrap();
@@ -145,11 +148,15 @@ fn rx_poll_is_wanted_only_while_the_guest_has_rx_buffers() {
     c.drv.peer.inject(&frame(60, 1)).unwrap();
     assert!(fd_readable(c.mmio.backend_fd()));
     c.add_rx(1, 2048);
-    // The notification delivered the waiting frame and used the only buffer.
+    // The notification makes the loop poll; its `process_rx` delivers the waiting frame
+    // and uses the only buffer.
+    assert!(c.mmio.wants_rx_poll());
+    c.mmio.process_rx();
     assert_eq!(c.recv().len(), 1);
     assert!(!c.mmio.wants_rx_poll());
     c.add_rx(2, 2048);
     assert!(c.mmio.wants_rx_poll());
+    c.mmio.process_rx();
     assert!(!fd_readable(c.mmio.backend_fd()));
     // Driver reset: the device stops, the fd is not to be polled, frames stay queued.
     c.reg_write(reg::STATUS, 0);
@@ -176,4 +183,62 @@ fn asleep_the_card_touches_nothing_and_catches_up_when_woken() {
     let st = c.mmio.stats();
     assert_eq!((st.tx_frames, st.rx_frames), (1, 1));
     assert!(c.mmio.wants_rx_poll());
+}
+
+#[test]
+fn a_refill_notifies_once_per_dry_spell_and_moves_no_frame_on_the_vcpu() {
+    let mut c = Card::started(8);
+    let flags = |c: &Card| -> u16 { c.drv.mem.read_obj(GuestAddress(QBASE[0] + 0x2000)).unwrap() };
+    let no_notify = virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY as u16;
+    c.drv.peer.inject(&frame(60, 1)).unwrap();
+    let eventfd_reads = |c: &Card| c.mmio.rx_poll_changed.read().unwrap_or(0);
+    eventfd_reads(&c);
+    // The guest's refill notification: nothing moves on "the vCPU" (this thread); the
+    // loop is told, and the guest is asked for no more notifications.
+    c.add_rx(1, 2048);
+    assert_eq!(c.drv.peer.pending(), 1, "the frame waits for the loop");
+    assert!(c.mmio.wants_rx_poll());
+    assert_eq!(eventfd_reads(&c), 1, "the loop is told");
+    assert_eq!(flags(&c) & no_notify, no_notify, "no more notifications");
+    // More buffers while the loop has not run: the flag stays (a real driver would not
+    // notify).
+    c.add_rx(3, 2048);
+    assert_eq!(flags(&c) & no_notify, no_notify);
+    c.mmio.process_rx();
+    assert_eq!(c.recv().len(), 1);
+    assert_eq!(
+        flags(&c) & no_notify,
+        no_notify,
+        "buffers wait: still none wanted"
+    );
+    // The loop uses every buffer: dry, so the next refill must notify.
+    for seed in 2..5 {
+        c.drv.peer.inject(&frame(60, seed)).unwrap();
+    }
+    c.mmio.process_rx();
+    assert_eq!(c.recv().len(), 3);
+    assert!(!c.mmio.wants_rx_poll());
+    assert_eq!(flags(&c) & no_notify, 0, "dry: notify me");
+}
+
+#[test]
+fn process_rx_moves_a_burst_in_batches() {
+    let mut c = Card::started(64);
+    c.add_rx(64, 2048);
+    for seed in 0..40 {
+        c.drv.peer.inject(&frame(100, seed)).unwrap();
+    }
+    let irqs = c.irqs();
+    c.mmio.process_rx();
+    let got = c.recv();
+    assert_eq!(got.len(), 40, "the whole burst, in batches of RX_BATCH");
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, f)| f.as_deref() == Some(&frame(100, i as u8)[..])));
+    assert_eq!(
+        c.irqs() - irqs,
+        40_usize.div_ceil(RX_BATCH),
+        "an interrupt per batch"
+    );
 }

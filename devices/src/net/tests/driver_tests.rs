@@ -96,8 +96,12 @@ fn frame_without_rx_buffer_waits_in_the_backend_until_buffers_come() {
 
     let first = net.receive().unwrap();
     assert!(first.packet() == &frame(100, 0)[..]);
-    // Recycling the buffer notifies the device, which delivers the waiting frame at once.
+    // Recycling the buffer notifies the device, which tells the owner's loop; the loop's
+    // `process_rx` delivers the waiting frame.
     net.recycle_rx_buffer(first).unwrap();
+    assert!(mmio.wants_rx_poll());
+    assert!(fd_readable(mmio.rx_poll_fd()), "the loop is told");
+    mmio.process_rx();
     assert_eq!(peer.pending(), 0);
     let second = net.receive().unwrap();
     let third = net.receive().unwrap();

@@ -86,6 +86,7 @@ crate::persist_round_trip!(
         assert_eq!((st.tx_frames, st.rx_frames), (2, 2), "counters as saved");
         // The frame that waited in the backend arrives once the guest adds a buffer.
         restored.add_rx(2, 2048);
+        restored.mmio.process_rx();
         assert_eq!(restored.recv(), vec![Some(frame(100, 12))]);
         assert!(restored.mmio.wants_rx_poll());
         restored.mmio.process_rx();

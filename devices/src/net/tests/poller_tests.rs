@@ -1,7 +1,8 @@
 //! The card on the device event loop ([`NetPoller`]): frames the backend holds reach the
 //! guest's buffers without anyone calling `process_rx`, the backend's fd is watched only
 //! while the guest has buffers (a backend full of frames and a guest without buffers do not
-//! make the loop spin), and a refill on "the vCPU thread" makes the loop look again.
+//! make the loop spin), and a refill on "the vCPU thread" makes the loop look again (and
+//! move the frames: nothing moves on the vCPU thread).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -46,15 +47,17 @@ fn the_loop_delivers_frames_and_does_not_spin_without_buffers() {
     assert_eq!(polls.load(Ordering::Relaxed), 0);
     assert_eq!(c.drv.peer.pending(), 3, "nothing read without a buffer");
 
-    // Two buffers: the notification delivers two frames at once (on this thread); the
-    // third waits, the card out of buffers again, and the loop stays idle.
+    // Two buffers: the notification tells the loop, which delivers two frames; the third
+    // waits, the card out of buffers again, and the loop stays idle.
     c.add_rx(2, 2048);
+    wait_for("the loop's delivery", || c.mmio.stats().rx_frames == 2);
     assert_eq!(c.recv(), vec![Some(frame(100, 0)), Some(frame(100, 1))]);
     assert!(wakeups_over(&el, Duration::from_millis(200)) <= 2);
 
     // Buffers and an empty backend: the loop watches the fd, and a new frame arrives in the
     // guest with nobody but the loop calling into the card.
     c.add_rx(4, 2048);
+    wait_for("the loop's delivery", || c.mmio.stats().rx_frames == 3);
     assert_eq!(c.recv(), vec![Some(frame(100, 2))]);
     assert!(c.mmio.wants_rx_poll());
     c.drv.peer.inject(&frame(200, 9)).unwrap();
