@@ -57,7 +57,9 @@ async fn thousands_of_sessions_stay_online() {
     let relays = (0..n).map(|i| relay(&format!("load-{i}"), &[])).collect();
     let mut spec = MediatorSpec::new(relays);
     spec.heartbeat_ms = 1000;
-    spec.heartbeat_timeout_ms = 5000;
+    // Generous: a starved machine (CI, parallel builds) must not time sessions out; the
+    // heartbeats still flow every second.
+    spec.heartbeat_timeout_ms = 30_000;
     let m = start_mediator(&dir, &spec);
     let pid = m.pid();
     let (idle_rss, _) = memory_kib(pid);

@@ -1,6 +1,7 @@
 //! The relay side of a connection, low level: dial a server over TLS pinned to its key,
-//! log in, dial a cloud server with a ticket. The simulated relay is built on these, and
-//! tests use them to break the protocol on purpose.
+//! log in, dial a cloud server with a ticket. The load mode is built on these, the
+//! simulated relay's connections on [`tls_connect`], and tests use them to break the
+//! protocol on purpose.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,10 +52,12 @@ pub enum SimError {
     Unexpected(String),
     #[error("TLS configuration: {0}")]
     Config(#[from] crate::tls::TlsError),
+    #[error("cannot start the simulated relay: {0}")]
+    Setup(String),
 }
 
-/// TCP and TLS to `addr`, trusting the key `config` pins.
-async fn tls_connect(
+/// TCP and TLS to `addr`, trusting the key `config` pins, within [`CONNECT_LIMIT`].
+pub async fn tls_connect(
     addr: SocketAddr,
     config: Arc<ClientConfig>,
 ) -> Result<TlsStream<TcpStream>, SimError> {

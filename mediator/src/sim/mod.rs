@@ -1,37 +1,40 @@
-//! A simulated relay (`duplex-relay-sim`): the relay side of the tunnel protocol on the
-//! host, over the same TLS as the relay firmware (TLS 1.3, `TLS_AES_128_GCM_SHA256`,
-//! `secp256r1`, pinned server keys), with a [`device::FakeDevice`] behind it. It keeps a
-//! control session to the mediator (login, heartbeats, reconnect with capped, jittered
-//! backoff; an evicted relay waits the full cap), serves tunnel requests ([`tunnel`]), and
-//! [`load`] holds thousands of bare sessions for the scale test. [`client`] has the low
-//! level steps tests use to misbehave on purpose.
+//! A simulated relay (`duplex-relay-sim`): the relay firmware's own logic
+//! ([`duplex_relay::Relay`]) run on the host by [`driver`], over the same TLS as the
+//! firmware (TLS 1.3, `TLS_AES_128_GCM_SHA256`, `secp256r1`, pinned server keys, here
+//! rustls), with the device's own controller and engine logic in process behind it
+//! ([`device::FakeDevice`]). So the mediator's and the cloud's tests run against the code
+//! the relay runs: its control session (login, heartbeats, reconnect with capped, jittered
+//! backoff; an evicted relay waits the full cap), its tunnels and its jobs. [`load`] holds
+//! thousands of bare sessions for the scale test; [`client`] has the low level steps tests
+//! use to misbehave on purpose.
 
 pub mod client;
 pub mod device;
+mod driver;
 pub mod load;
-pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::thread::JoinHandle;
 
-use duplex_tunnel::error_code as code;
-use duplex_tunnel::{MediatorToRelay, RelayToMediator, Ticket, KEY_LEN};
-use rustls::ClientConfig;
-use tokio::sync::{mpsc, watch};
-use tokio::task::{JoinHandle, JoinSet};
-use tokio::time::Instant;
+use duplex_relay::config::{
+    DEFAULT_CONTROLLER_CID, DEFAULT_HEARTBEAT_MS, DEFAULT_HEARTBEAT_TIMEOUT_MS,
+    DEFAULT_LOGIN_TIMEOUT_MS,
+};
+use duplex_relay::RelayConfig;
+use duplex_tunnel::{Endpoint, Ticket, KEY_LEN};
+use tokio::sync::watch;
 
-use client::{connect_control, login, ControlConn, SimError};
+use client::SimError;
 use device::FakeDevice;
 
-/// Most tunnels a relay keeps open at once (more are `TunnelFailed 429`).
-pub const MAX_TUNNELS: usize = 4;
+pub use duplex_relay::MAX_TUNNELS;
 
 /// How a simulated relay is set up.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
+    /// The mediator (IPv4, as the firmware dials).
     pub mediator: SocketAddr,
     pub mediator_pin: [u8; 32],
     pub cloud_pin: [u8; 32],
@@ -42,8 +45,6 @@ pub struct SimConfig {
     /// `backoff_max_ms=`).
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
-    /// Send heartbeats (off: a relay gone quiet, for the server's timeout).
-    pub heartbeat: bool,
 }
 
 impl SimConfig {
@@ -63,19 +64,52 @@ impl SimConfig {
             relay_id: relay_id.to_string(),
             secret,
             devices: devices.iter().map(|d| d.to_string()).collect(),
-            backoff_base_ms: 250,
-            backoff_max_ms: 30_000,
-            heartbeat: true,
+            backoff_base_ms: duplex_relay::backoff::DEFAULT_BASE_MS,
+            backoff_max_ms: duplex_relay::backoff::DEFAULT_CAP_MS,
         }
+    }
+
+    /// The relay logic's configuration (the firmware's defaults for the rest).
+    fn relay_config(&self) -> Result<RelayConfig, SimError> {
+        let SocketAddr::V4(mediator) = self.mediator else {
+            return Err(SimError::Setup(format!(
+                "the mediator must be an IPv4 address, not {}",
+                self.mediator
+            )));
+        };
+        if self.backoff_base_ms == 0 || self.backoff_max_ms < self.backoff_base_ms {
+            return Err(SimError::Setup(format!(
+                "backoff: base {} ms must be at least 1 and at most the cap {} ms",
+                self.backoff_base_ms, self.backoff_max_ms
+            )));
+        }
+        Ok(RelayConfig {
+            relay_id: self.relay_id.clone(),
+            secret: self.secret,
+            devices: self.devices.clone(),
+            mediator: Endpoint {
+                ip: mediator.ip().octets(),
+                port: mediator.port(),
+            },
+            mediator_pin: self.mediator_pin,
+            cloud_pin: self.cloud_pin,
+            controller_cid: DEFAULT_CONTROLLER_CID,
+            backoff_base_ms: self.backoff_base_ms,
+            backoff_max_ms: self.backoff_max_ms,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            heartbeat_timeout_ms: DEFAULT_HEARTBEAT_TIMEOUT_MS,
+            login_timeout_ms: DEFAULT_LOGIN_TIMEOUT_MS,
+        })
     }
 }
 
-/// What a simulated relay saw.
+/// What a simulated relay saw (read from the mediator's frames).
 #[derive(Debug, Default)]
 pub struct SimStats {
     pub welcomes: AtomicU64,
     pub evictions: AtomicU64,
     pub refusals: AtomicU64,
+    /// Whether the relay logic has a session up.
     pub online: AtomicBool,
     pub session_id: AtomicU64,
     pub pongs: AtomicU64,
@@ -85,35 +119,44 @@ pub struct SimStats {
     pub last_end: Mutex<Option<(u16, String)>>,
 }
 
-/// A running simulated relay.
+/// A running simulated relay: the relay logic on a thread of its own (a single-threaded
+/// tokio runtime: the logic is not `Send`), with its connections.
 pub struct RelaySim {
     pub stats: Arc<SimStats>,
     pub device: Arc<FakeDevice>,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    thread: JoinHandle<()>,
 }
 
 impl RelaySim {
     /// Starts a relay serving `device`.
     pub fn spawn(cfg: SimConfig, device: Arc<FakeDevice>) -> Result<RelaySim, SimError> {
-        let tls = crate::tls::pinned_client_config(cfg.mediator_pin)?;
-        let cloud_tls = crate::tls::pinned_client_config(cfg.cloud_pin)?;
         let stats = Arc::new(SimStats::default());
-        let (stop, stop_rx) = watch::channel(false);
-        let relay = Relay {
-            cfg,
-            tls,
-            cloud_tls,
+        let setup = driver::Setup {
+            cfg: cfg.relay_config()?,
+            mediator_tls: crate::tls::pinned_client_config(cfg.mediator_pin)?,
+            cloud_tls: crate::tls::pinned_client_config(cfg.cloud_pin)?,
             stats: stats.clone(),
             device: device.clone(),
-            tunnels: JoinSet::new(),
         };
-        let task = tokio::spawn(relay.run(stop_rx));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| SimError::Setup(format!("tokio runtime: {e}")))?;
+        let (stop, stop_rx) = watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("relay-sim".into())
+            .spawn(move || {
+                rt.block_on(driver::run(setup, stop_rx));
+                // Dropping the runtime drops the connections still open.
+                drop(rt);
+            })
+            .map_err(|e| SimError::Setup(format!("thread: {e}")))?;
         Ok(RelaySim {
             stats,
             device,
             stop,
-            task,
+            thread,
         })
     }
 
@@ -122,206 +165,11 @@ impl RelaySim {
         self.stats.online.load(Ordering::SeqCst)
     }
 
-    /// Ends the relay as a crash would: connections dropped, no `Bye`.
+    /// Ends the relay as a crash would: connections dropped, no `Bye`. Returns once they
+    /// are.
     pub async fn kill(self) {
         let _ = self.stop.send(true);
-        self.task.abort();
-        let _ = self.task.await;
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
-}
-
-struct Relay {
-    cfg: SimConfig,
-    tls: Arc<ClientConfig>,
-    cloud_tls: Arc<ClientConfig>,
-    stats: Arc<SimStats>,
-    device: Arc<FakeDevice>,
-    tunnels: JoinSet<()>,
-}
-
-/// How a session ended, for the reconnect delay.
-enum Ended {
-    /// Never got `Welcome`.
-    NoLogin,
-    /// Had a session.
-    AfterWelcome,
-    Evicted,
-}
-
-impl Relay {
-    async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let (report_tx, mut report_rx) = mpsc::unbounded_channel();
-        let mut attempt: u32 = 0;
-        loop {
-            let ended = match self.session(&report_tx, &mut report_rx).await {
-                Ok(e) => e,
-                Err(e) => {
-                    log::info!("sim {}: session: {e}", self.cfg.relay_id);
-                    Ended::NoLogin
-                }
-            };
-            self.stats.online.store(false, Ordering::SeqCst);
-            let wait = match ended {
-                Ended::Evicted => Duration::from_millis(self.cfg.backoff_max_ms),
-                Ended::AfterWelcome => {
-                    attempt = 0;
-                    backoff(&self.cfg, 0)
-                }
-                Ended::NoLogin => {
-                    attempt = attempt.saturating_add(1);
-                    backoff(&self.cfg, attempt - 1)
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => return,
-            }
-        }
-    }
-
-    async fn session(
-        &mut self,
-        report_tx: &mpsc::UnboundedSender<RelayToMediator>,
-        report_rx: &mut mpsc::UnboundedReceiver<RelayToMediator>,
-    ) -> Result<Ended, SimError> {
-        let mut conn = connect_control(self.cfg.mediator, self.tls.clone()).await?;
-        let (hb, hb_timeout) = match login(
-            &mut conn,
-            &self.cfg.relay_id,
-            &self.cfg.secret,
-            &self.cfg.devices,
-        )
-        .await?
-        {
-            MediatorToRelay::Welcome {
-                session_id,
-                heartbeat_ms,
-                heartbeat_timeout_ms,
-            } => {
-                self.stats.session_id.store(session_id, Ordering::SeqCst);
-                (heartbeat_ms, heartbeat_timeout_ms)
-            }
-            MediatorToRelay::Refused { code, message } => {
-                log::info!("sim {}: refused {code}: {message}", self.cfg.relay_id);
-                self.stats.refusals.fetch_add(1, Ordering::SeqCst);
-                *self
-                    .stats
-                    .last_end
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some((code, message));
-                return Ok(Ended::NoLogin);
-            }
-            other => return Err(SimError::Unexpected(format!("{other:?}"))),
-        };
-        self.stats.welcomes.fetch_add(1, Ordering::SeqCst);
-        self.stats.online.store(true, Ordering::SeqCst);
-        let mut ping = tokio::time::interval(Duration::from_millis(u64::from(hb.max(1))));
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let quiet = Duration::from_millis(u64::from(hb_timeout));
-        let mut deadline = Instant::now() + quiet;
-        let mut seq = 0u64;
-        loop {
-            tokio::select! {
-                _ = ping.tick(), if self.cfg.heartbeat => {
-                    seq += 1;
-                    conn.send(&RelayToMediator::Ping { seq }).await?;
-                }
-                msg = conn.recv() => {
-                    deadline = Instant::now() + quiet;
-                    if let Some(end) = self.handle(&mut conn, msg?, report_tx).await? {
-                        return Ok(end);
-                    }
-                }
-                Some(report) = report_rx.recv() => conn.send(&report).await?,
-                Some(_) = self.tunnels.join_next(), if !self.tunnels.is_empty() => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    log::info!("sim {}: mediator silent for {} ms", self.cfg.relay_id, quiet.as_millis());
-                    return Ok(Ended::AfterWelcome);
-                }
-            }
-        }
-    }
-
-    async fn handle(
-        &mut self,
-        conn: &mut ControlConn,
-        msg: MediatorToRelay,
-        report_tx: &mpsc::UnboundedSender<RelayToMediator>,
-    ) -> Result<Option<Ended>, SimError> {
-        let set_end = |c: u16, m: String| {
-            *self
-                .stats
-                .last_end
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some((c, m));
-        };
-        match msg {
-            MediatorToRelay::Pong { .. } => {
-                self.stats.pongs.fetch_add(1, Ordering::SeqCst);
-            }
-            MediatorToRelay::TunnelRequest {
-                tunnel_id,
-                device_id,
-                cloud,
-                ticket,
-            } => {
-                self.stats
-                    .tickets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(ticket.clone());
-                let refuse = if !self.cfg.devices.contains(&device_id) {
-                    Some((
-                        code::DEVICE_NOT_SERVED,
-                        format!("device {device_id} is not served here"),
-                    ))
-                } else if self.tunnels.len() >= MAX_TUNNELS {
-                    Some((code::TOO_MANY, format!("{MAX_TUNNELS} tunnels open")))
-                } else {
-                    None
-                };
-                if let Some((code, message)) = refuse {
-                    conn.send(&RelayToMediator::TunnelFailed {
-                        tunnel_id,
-                        code,
-                        message,
-                    })
-                    .await?;
-                    return Ok(None);
-                }
-                self.tunnels.spawn(tunnel::run(tunnel::TunnelJob {
-                    tunnel_id,
-                    device_id,
-                    cloud: SocketAddr::from((cloud.ip, cloud.port)),
-                    ticket,
-                    cloud_tls: self.cloud_tls.clone(),
-                    device: self.device.clone(),
-                    reports: report_tx.clone(),
-                }));
-            }
-            MediatorToRelay::Evicted { message } => {
-                log::info!("sim {}: evicted: {message}", self.cfg.relay_id);
-                self.stats.evictions.fetch_add(1, Ordering::SeqCst);
-                set_end(code::EVICTED, message);
-                return Ok(Some(Ended::Evicted));
-            }
-            MediatorToRelay::Error { code, message } => {
-                log::info!("sim {}: error {code}: {message}", self.cfg.relay_id);
-                set_end(code, message);
-                return Ok(Some(Ended::AfterWelcome));
-            }
-            other => return Err(SimError::Unexpected(format!("{other:?}"))),
-        }
-        Ok(None)
-    }
-}
-
-/// Attempt `n`'s wait: `min(cap, base * 2^n)` times a random factor in [0.5, 1.0).
-pub fn backoff(cfg: &SimConfig, n: u32) -> Duration {
-    let full = cfg
-        .backoff_base_ms
-        .saturating_mul(1u64 << n.min(20))
-        .min(cfg.backoff_max_ms);
-    let frac = crate::util::random_u64() % 1000;
-    Duration::from_millis(full / 2 + full * frac / 2000)
 }
