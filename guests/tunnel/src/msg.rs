@@ -204,7 +204,13 @@ pub enum CloudToRelay {
         document_len: u64,
     },
     /// Variant 3: The next bytes of a job's document (at most [`MAX_DOCUMENT_CHUNK`]).
-    JobData { job_id: String, bytes: Vec<u8> },
+    JobData {
+        job_id: String,
+        /// Serialized as bytes (`serde_bytes`): the same postcard wire format as a
+        /// `Vec<u8>` (varint length, raw bytes), decoded as one copy instead of byte by byte.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
     /// Variant 4: No more work: the relay answers `Closed` and closes the tunnel.
     Close,
 }

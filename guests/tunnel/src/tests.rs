@@ -170,3 +170,26 @@ fn ids_and_keys_parse_as_documented() {
     assert_eq!(parse_key(&hex[1..]), None);
     assert_eq!(parse_key(&hex.replace('0', "g")), None);
 }
+
+#[test]
+fn job_data_bytes_keep_the_plain_vec_wire_format() {
+    // `bytes` is serialized with serde_bytes: on postcard's wire that must be exactly what a
+    // plain `Vec<u8>` gives (variant 3, the job id, a varint length, the raw bytes).
+    let bytes: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+    let frame = encode(&CloudToRelay::JobData {
+        job_id: "j".to_string(),
+        bytes: bytes.clone(),
+    });
+    let mut want = vec![3u8, 1, b'j', 0xac, 0x02];
+    want.extend_from_slice(&bytes);
+    assert_eq!(&frame[4..], &want[..]);
+    let mut dec = tunnel_decoder::<CloudToRelay>();
+    dec.push(&frame);
+    assert_eq!(
+        dec.next_message(),
+        Some(Ok(CloudToRelay::JobData {
+            job_id: "j".to_string(),
+            bytes
+        }))
+    );
+}
