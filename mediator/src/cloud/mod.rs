@@ -139,18 +139,8 @@ pub enum CloudError {
 /// Binds the tunnel and API listeners and starts serving.
 pub async fn start(cfg: CloudConfig) -> Result<RunningCloud, CloudError> {
     let (tls, pin) = crate::tls::server_config(&cfg.cert, &cfg.key)?;
-    let listener = bind(cfg.listen)?;
-    let api_listener = bind(cfg.api_listen)?;
-    let tunnel_addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: cfg.listen,
-        source,
-    })?;
-    let api_addr = api_listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind {
-            addr: cfg.api_listen,
-            source,
-        })?;
+    let (listener, tunnel_addr) = bind(cfg.listen)?;
+    let (api_listener, api_addr) = bind(cfg.api_listen)?;
     let dial_addr = match (cfg.dial, tunnel_addr) {
         (Some(d), _) => d,
         (None, SocketAddr::V4(a)) if !a.ip().is_unspecified() => a,

@@ -179,8 +179,9 @@ pub struct Running {
     pub tasks: JoinSet<()>,
 }
 
-/// Binds a TCP listener with a backlog fit for thousands of relays reconnecting at once.
-pub fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+/// Binds a TCP listener with a backlog fit for thousands of relays reconnecting at once;
+/// returns it with the address it got (port 0 in `addr` picks a free port).
+pub fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
     let bind_err = |source| ServerError::Bind { addr, source };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -190,7 +191,9 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     .map_err(bind_err)?;
     socket.set_reuseaddr(true).map_err(bind_err)?;
     socket.bind(addr).map_err(bind_err)?;
-    socket.listen(4096).map_err(bind_err)
+    let listener = socket.listen(4096).map_err(bind_err)?;
+    let bound = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, bound))
 }
 
 /// Opens the store, binds both listeners and starts every task.
@@ -207,20 +210,8 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
         }
         None => Arc::new(MemoryStore::new()),
     };
-    let relay_listener = bind(cfg.relay_listen)?;
-    let api_listener = bind(cfg.api_listen)?;
-    let relay_addr = relay_listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind {
-            addr: cfg.relay_listen,
-            source,
-        })?;
-    let api_addr = api_listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind {
-            addr: cfg.api_listen,
-            source,
-        })?;
+    let (relay_listener, relay_addr) = bind(cfg.relay_listen)?;
+    let (api_listener, api_addr) = bind(cfg.api_listen)?;
     let mediator = Arc::new(Mediator::new(cfg, store)?);
     let mut tasks = JoinSet::new();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
