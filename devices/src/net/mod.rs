@@ -25,6 +25,7 @@ mod persist;
 mod poller;
 mod tap;
 pub mod wire;
+pub mod wol;
 
 #[cfg(test)]
 mod tests;
