@@ -37,6 +37,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from demo_scene import write_device_config  # noqa: E402
 DEVICE_ID = "mfp-1"
 
 
@@ -191,17 +193,7 @@ class Scene:
 
     def device(self):
         self.step = "device"
-        with open(os.path.join(ROOT, "examples/device-with-relay.json")) as f:
-            cfg = json.load(f)
-        for p in cfg["partitions"]:
-            p["kernel"] = os.path.normpath(os.path.join(ROOT, "examples", p["kernel"]))
-            p["console"] = {"file": f"{p['name']}.log"}
-            if "uds" in p.get("vsock", {}):
-                p["vsock"]["uds"] = "controller.vsock"
-        cfg["snapshot"] = {"dir": "set"}
-        path = os.path.join(self.work, "device.json")
-        with open(path, "w") as f:
-            json.dump(cfg, f, indent=2)
+        path, cfg = write_device_config(self.work, "device-with-relay.json")
         t0 = time.monotonic()
         self.spawn("monitor", "lan", [self.exe("duplex"), "run", "--config", path, "--api-sock", self.api])
         parts = ", ".join(p["name"] for p in cfg["partitions"])

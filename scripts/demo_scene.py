@@ -93,6 +93,24 @@ def expected_page_checksum(seed, page, w=256, h=256):
 
 
 # --- the scene ---------------------------------------------------------------------------
+def write_device_config(work, example):
+    """examples/<example> rewritten into `work`: kernels by absolute path, consoles to
+    <name>.log files, the controller's vsock bridge socket and the snapshot set in `work`.
+    Returns (path, config)."""
+    with open(os.path.join(ROOT, "examples", example)) as f:
+        cfg = json.load(f)
+    for p in cfg["partitions"]:
+        p["kernel"] = os.path.normpath(os.path.join(ROOT, "examples", p["kernel"]))
+        p["console"] = {"file": f"{p['name']}.log"}
+        if "uds" in p.get("vsock", {}):
+            p["vsock"]["uds"] = "controller.vsock"
+    cfg["snapshot"] = {"dir": "set"}
+    path = os.path.join(work, "device.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    return path, cfg
+
+
 class Failed(Exception):
     def __init__(self, step, error):
         super().__init__(f"{step}: {error}")
@@ -203,18 +221,7 @@ class Scene:
 
     # -- the config
     def write_config(self):
-        with open(os.path.join(ROOT, "examples/device.json")) as f:
-            cfg = json.load(f)
-        for p in cfg["partitions"]:
-            p["kernel"] = os.path.normpath(os.path.join(ROOT, "examples", p["kernel"]))
-            p["console"] = {"file": f"{p['name']}.log"}
-            if "uds" in p.get("vsock", {}):
-                p["vsock"]["uds"] = "controller.vsock"
-        cfg["snapshot"] = {"dir": "set"}
-        path = os.path.join(self.work, "device.json")
-        with open(path, "w") as f:
-            json.dump(cfg, f, indent=2)
-        return path, cfg
+        return write_device_config(self.work, "device.json")
 
     # -- steps
     def cold_boot(self):
