@@ -91,6 +91,9 @@ fn name(msg: &MediatorToRelay) -> &'static str {
         MediatorToRelay::TunnelRequest { .. } => "TunnelRequest",
         MediatorToRelay::Evicted { .. } => "Evicted",
         MediatorToRelay::Error { .. } => "Error",
+        MediatorToRelay::SleepGranted => "SleepGranted",
+        MediatorToRelay::SleepRefused { .. } => "SleepRefused",
+        MediatorToRelay::WakeRelay { .. } => "WakeRelay",
     }
 }
 

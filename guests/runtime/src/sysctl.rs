@@ -27,6 +27,18 @@ mod reg {
     pub const SNAPSHOT_REQUEST: usize = 0x48;
     pub const TIME_BIAS_ADDR: usize = 0x50;
     pub const TIME_BIAS: usize = 0x58;
+    pub const SLEEP: usize = 0x60;
+    pub const WAKE_REASON: usize = 0x64;
+}
+
+/// Why a partition woke from [`sleep`] (the `WAKE_REASON` register).
+pub mod wake_reason {
+    /// It never slept.
+    pub const NONE: u32 = 0;
+    /// A Wake-on-LAN magic packet for its network card's MAC arrived.
+    pub const MAGIC_PACKET: u32 = 1;
+    /// The operator woke it (`duplex ctl wake NAME`).
+    pub const OPERATOR: u32 = 2;
 }
 
 /// Values of the `SNAPSHOT_REQUEST` register.
@@ -95,6 +107,16 @@ pub fn park() -> ! {
         let hour = time::tsc_khz().max(1).saturating_mul(3_600_000);
         wait_until(time::rdtsc().saturating_add(hour));
     }
+}
+
+/// Puts the partition to sleep (power saving): the monitor parks its vCPUs and runs no
+/// guest instruction until something wakes it — a Wake-on-LAN magic packet for its network
+/// card's MAC, or the operator. Returns once woken, with the reason ([`wake_reason`]).
+/// Frames that reached the card while asleep are dropped (the magic packet is consumed), so
+/// the caller should treat its network as new: no ARP entry or TCP connection survives.
+pub fn sleep() -> u32 {
+    write32(reg::SLEEP, 1);
+    read32(reg::WAKE_REASON)
 }
 
 /// Powers the partition off with exit status `status` (0 = success).

@@ -70,6 +70,28 @@ pub mod error_code {
     pub const DEVICE_UNAVAILABLE: u16 = 503;
     /// The relay could not reach the cloud server named in a tunnel request.
     pub const DIAL_FAILED: u16 = 504;
+    /// A sleep request was refused: the relay has tunnels requested, open or waiting for
+    /// it (it stays awake and may ask again later).
+    pub const SLEEP_DEFERRED: u16 = 423;
+    /// A wake request names a relay or MAC the substitute cannot wake (not on its LAN
+    /// segment, or its network is down).
+    pub const WAKE_FAILED: u16 = 502;
+}
+
+/// Longest LAN segment name, in bytes (a [`valid_id`]).
+pub const MAX_SEGMENT_LEN: usize = MAX_ID_LEN;
+/// The UDP port a substitute sends a Wake-on-LAN magic packet to (the "discard" port,
+/// as most wake-on-LAN tools do), broadcast on its LAN.
+pub const WAKE_UDP_PORT: u16 = 9;
+
+/// The Wake-on-LAN magic packet for `mac`: six `0xFF` bytes, then `mac` sixteen times
+/// (102 bytes). A substitute sends it as a UDP payload to [`WAKE_UDP_PORT`].
+pub fn magic_packet(mac: [u8; 6]) -> [u8; 102] {
+    let mut p = [0xFF; 102];
+    for i in 0..16 {
+        p[6 + i * 6..12 + i * 6].copy_from_slice(&mac);
+    }
+    p
 }
 
 /// Whether `id` is a valid relay, device, job or user identifier: 1 to [`MAX_ID_LEN`]
@@ -115,6 +137,26 @@ pub enum RelayToMediator {
     TunnelClosed { tunnel_id: u64, jobs: Vec<String> },
     /// Variant 6: Orderly end of the session (the server closes it).
     Bye,
+    /// Variant 7: The LAN this relay is on: its segment name (a [`valid_id`], the same for
+    /// relays that can reach each other's MAC with a broadcast) and its card's MAC. Sent
+    /// once after each `Welcome`; only a relay that sent it can be a **substitute**.
+    Lan { segment: String, mac: [u8; 6] },
+    /// Variant 8: The relay wants to sleep (power saving): a **lease** with the devices it
+    /// serves, its MAC and its LAN segment, so that the server can have it woken. Answered
+    /// `SleepGranted` (the relay then closes the session and sleeps) or `SleepRefused`.
+    Sleep {
+        devices: Vec<String>,
+        mac: [u8; 6],
+        segment: String,
+    },
+    /// Variant 9: Answer to `WakeRelay`: the substitute sent the magic packet on its LAN
+    /// (`sent`), or could not (`code` [`error_code::WAKE_FAILED`] with why in `message`).
+    WakeSent {
+        wake_id: u64,
+        sent: bool,
+        code: u16,
+        message: String,
+    },
 }
 
 /// Mediation server → relay, on the control session.
@@ -146,6 +188,23 @@ pub enum MediatorToRelay {
     Evicted { message: String },
     /// Variant 6: The relay broke the protocol (code, why); the server closes the connection.
     Error { code: u16, message: String },
+    /// Variant 7: Answer to `Sleep`: the lease is recorded; the relay closes the session
+    /// and sleeps. Requests for its devices now go through a substitute.
+    SleepGranted,
+    /// Variant 8: Answer to `Sleep`: the relay must stay awake (`code`
+    /// [`error_code::SLEEP_DEFERRED`]: tunnels are waiting for it; 400: a bad lease).
+    SleepRefused { code: u16, message: String },
+    /// Variant 9: The server asks this relay, as a **substitute**, to wake relay `relay_id`
+    /// (asleep on the same LAN segment) for a tunnel request to `device_id`: send the
+    /// magic packet for `mac` on the LAN and answer `WakeSent`. The request itself waits
+    /// at the server and is offered to the woken relay when it logs in.
+    WakeRelay {
+        wake_id: u64,
+        relay_id: String,
+        mac: [u8; 6],
+        device_id: String,
+        tunnel_id: u64,
+    },
 }
 
 /// How a job ended.

@@ -193,3 +193,47 @@ fn job_data_bytes_keep_the_plain_vec_wire_format() {
         }))
     );
 }
+
+#[test]
+fn a_magic_packet_is_six_ff_then_the_mac_sixteen_times() {
+    let mac = [0x52, 0x54, 0, 0x77, 1, 0x0b];
+    let p = magic_packet(mac);
+    assert_eq!(&p[..6], &[0xFF; 6]);
+    for i in 0..16 {
+        assert_eq!(&p[6 + i * 6..12 + i * 6], &mac, "repetition {i}");
+    }
+}
+
+#[test]
+fn the_sleep_and_wake_messages_keep_their_variant_numbers() {
+    // New variants go at the end: a v1 peer decodes every old message as before.
+    let lan = encode(&RelayToMediator::Lan {
+        segment: "s".to_string(),
+        mac: [1, 2, 3, 4, 5, 6],
+    });
+    assert_eq!(&lan[4..], &[7, 1, b's', 1, 2, 3, 4, 5, 6]);
+    let sleep = encode(&RelayToMediator::Sleep {
+        devices: vec!["d".to_string()],
+        mac: [0; 6],
+        segment: "s".to_string(),
+    });
+    assert_eq!(sleep[4], 8);
+    let sent = encode(&RelayToMediator::WakeSent {
+        wake_id: 1,
+        sent: true,
+        code: 0,
+        message: "".to_string(),
+    });
+    assert_eq!(&sent[4..], &[9, 1, 1, 0, 0]);
+    assert_eq!(&encode(&MediatorToRelay::SleepGranted)[4..], &[7]);
+    let wake = encode(&MediatorToRelay::WakeRelay {
+        wake_id: 2,
+        relay_id: "b".to_string(),
+        mac: [9; 6],
+        device_id: "d".to_string(),
+        tunnel_id: 3,
+    });
+    assert_eq!(&wake[4..], &[9, 2, 1, b'b', 9, 9, 9, 9, 9, 9, 1, b'd', 3]);
+    let back: MediatorToRelay = decode_body(&wake[4..]).unwrap();
+    assert!(matches!(back, MediatorToRelay::WakeRelay { tunnel_id: 3, .. }));
+}
