@@ -1,5 +1,6 @@
 //! The system control page of the guest ABI (`docs/guest-abi.md`): how a guest powers
-//! off, asks for a reboot, sleeps without spinning, and reports a fault or a panic.
+//! off, asks for a reboot, sleeps without spinning, sleeps for power saving until woken,
+//! and reports a fault or a panic.
 //!
 //! The device only decodes accesses; what an access means for the partition is returned
 //! as a [`SysctlAction`] for the vCPU loop to carry out.
@@ -48,6 +49,61 @@ pub mod reg {
     pub const TIME_BIAS_ADDR: u64 = 0x50;
     /// R (8 bytes): the time bias the monitor keeps (also written at `TIME_BIAS_ADDR`).
     pub const TIME_BIAS: u64 = 0x58;
+    /// W (4 bytes): `1` puts the partition to sleep (power saving) until it is woken.
+    pub const SLEEP: u64 = 0x60;
+    /// R (4 bytes): why the partition last woke ([`super::WakeReason::code`]; 0: never).
+    pub const WAKE_REASON: u64 = 0x64;
+}
+
+/// What woke a sleeping partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WakeReason {
+    /// A Wake-on-LAN magic packet for its network card's MAC.
+    MagicPacket,
+    /// The operator (`duplex ctl wake NAME`).
+    Operator,
+}
+
+impl WakeReason {
+    /// The `WAKE_REASON` register's value.
+    pub fn code(self) -> u32 {
+        match self {
+            WakeReason::MagicPacket => 1,
+            WakeReason::Operator => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for WakeReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WakeReason::MagicPacket => "magic packet",
+            WakeReason::Operator => "operator",
+        })
+    }
+}
+
+/// A partition's power-saving sleep (guest ABI `SLEEP`), kept in the page's state so that
+/// a snapshot taken while it sleeps restores it asleep.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SleepState {
+    /// Since when it sleeps (ms since the Unix epoch), while it does.
+    pub since_ms: Option<u64>,
+    /// Why it last woke, and when (ms since the Unix epoch).
+    pub wake_reason: Option<WakeReason>,
+    pub woken_ms: Option<u64>,
+    /// How many times it slept.
+    pub sleeps: u64,
+    /// How many times it was woken.
+    pub wakes: u64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A fault the guest reported about itself.
@@ -105,6 +161,8 @@ pub enum SysctlAction {
     Panic(u32),
     /// The guest asks for a coordinated snapshot (and a reboot from it when `reboot`).
     SnapshotRequest { reboot: bool },
+    /// The guest went to sleep (power saving): park its vCPUs until it is woken.
+    Sleep,
 }
 
 /// The system control page of one partition.
@@ -120,6 +178,9 @@ pub struct Sysctl {
     /// "Time across a restore").
     #[serde(default)]
     time_bias: u64,
+    /// Power-saving sleep (`SLEEP`).
+    #[serde(default)]
+    sleep: SleepState,
 }
 
 fn le_value(data: &[u8]) -> u64 {
@@ -154,6 +215,28 @@ impl Sysctl {
         self.time_bias
     }
 
+    /// Whether the partition sleeps (power saving) until woken.
+    pub fn asleep(&self) -> bool {
+        self.sleep.since_ms.is_some()
+    }
+
+    /// The sleep record: since when, the last wake and its reason, counts.
+    pub fn sleep_state(&self) -> SleepState {
+        self.sleep
+    }
+
+    /// Wakes a sleeping partition at `now_ms` for `reason`; false (and nothing changes) if
+    /// it was not asleep.
+    pub fn wake(&mut self, reason: WakeReason, now_ms: u64) -> bool {
+        if self.sleep.since_ms.take().is_none() {
+            return false;
+        }
+        self.sleep.wake_reason = Some(reason);
+        self.sleep.woken_ms = Some(now_ms);
+        self.sleep.wakes += 1;
+        true
+    }
+
     /// Accesses that were misaligned, of the wrong size, or outside any register.
     pub fn bad_accesses(&self) -> u64 {
         self.bad_accesses
@@ -167,7 +250,9 @@ impl Sysctl {
             | reg::REBOOT
             | reg::FAULT_COMMIT
             | reg::PANIC
-            | reg::SNAPSHOT_REQUEST => Some(4),
+            | reg::SNAPSHOT_REQUEST
+            | reg::SLEEP
+            | reg::WAKE_REASON => Some(4),
             reg::TSC_KHZ
             | reg::TIME_BIAS_ADDR
             | reg::TIME_BIAS
@@ -198,6 +283,7 @@ impl Sysctl {
             reg::VERSION => ABI_VERSION.into(),
             reg::TSC_KHZ => self.tsc_khz,
             reg::TIME_BIAS => self.time_bias,
+            reg::WAKE_REASON => self.sleep.wake_reason.map_or(0, |r| r.code().into()),
             _ => 0,
         };
         let n = data.len();
@@ -237,6 +323,15 @@ impl Sysctl {
                 } else {
                     self.bad_accesses += 1;
                 }
+                SysctlAction::None
+            }
+            reg::SLEEP if value32 == 1 => {
+                self.sleep.since_ms = Some(unix_ms());
+                self.sleep.sleeps += 1;
+                SysctlAction::Sleep
+            }
+            reg::SLEEP => {
+                self.bad_accesses += 1;
                 SysctlAction::None
             }
             reg::SNAPSHOT_REQUEST => match value32 {
@@ -380,6 +475,37 @@ mod tests {
         assert_eq!(s.write(0x11, &[0u8; 4]), SysctlAction::None);
         assert_eq!(read(&mut s, reg::MAGIC, 8), 0);
         assert_eq!(s.bad_accesses(), 5);
+    }
+
+    #[test]
+    fn sleep_is_kept_across_a_restore_until_a_wake_with_its_reason() {
+        let mut s = Sysctl::new(1);
+        assert_eq!(read(&mut s, reg::WAKE_REASON, 4), 0, "never slept");
+        assert!(!s.wake(WakeReason::Operator, 5), "nothing to wake");
+        assert_eq!(s.write(reg::SLEEP, &2u32.to_le_bytes()), SysctlAction::None);
+        assert_eq!((s.asleep(), s.bad_accesses()), (false, 1));
+        assert_eq!(
+            s.write(reg::SLEEP, &1u32.to_le_bytes()),
+            SysctlAction::Sleep
+        );
+        assert!(s.asleep());
+        let mut back = Sysctl::restore((), &crate::persist::json_round_trip(&s).expect("json"))
+            .expect("restore");
+        assert!(back.asleep(), "a set taken asleep restores asleep");
+        assert!(back.wake(WakeReason::MagicPacket, 1234));
+        assert!(!back.wake(WakeReason::Operator, 1300), "woken once");
+        assert_eq!(read(&mut back, reg::WAKE_REASON, 4), 1);
+        let st = back.sleep_state();
+        assert_eq!(
+            (
+                st.since_ms,
+                st.wake_reason,
+                st.woken_ms,
+                st.sleeps,
+                st.wakes
+            ),
+            (None, Some(WakeReason::MagicPacket), Some(1234), 1, 1)
+        );
     }
 
     #[test]

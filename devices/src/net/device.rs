@@ -48,6 +48,9 @@ pub struct Net<B> {
     asleep: u32,
     /// The guest notified TX while asleep.
     tx_waiting: bool,
+    /// The partition sleeps (power saving): frames are read from the backend only to look
+    /// for its magic packet ([`super::wol::drain`]), never delivered to the guest.
+    watching: bool,
     /// Scratch buffers for one frame each way.
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
@@ -65,6 +68,7 @@ impl<B: NetBackend> Net<B> {
             irq_pending: false,
             asleep: 0,
             tx_waiting: false,
+            watching: false,
             rx_buf: vec![0; BUF_LEN],
             tx_buf: vec![0; BUF_LEN],
         }
@@ -103,9 +107,49 @@ impl<B: NetBackend> Net<B> {
         self.active.as_ref()
     }
 
-    /// Whether the backend's fd should be polled: started, awake, RX buffers available.
+    /// Whether the backend's fd should be polled: started, awake, RX buffers available;
+    /// or, while the partition sleeps, awake (not held for a snapshot) whatever the guest's
+    /// buffers.
     pub fn wants_rx_poll(&self) -> bool {
+        if self.watching {
+            return self.asleep == 0;
+        }
         self.active.is_some() && self.rx_avail && self.asleep == 0
+    }
+
+    /// Whether the card watches for a magic packet (the partition sleeps).
+    pub fn watching(&self) -> bool {
+        self.watching
+    }
+
+    /// Starts or stops watching for a magic packet. Stopping looks at the guest's RX
+    /// buffers again: frames go to the guest from then on.
+    pub fn set_watching(&mut self, on: bool) {
+        if self.watching && !on {
+            self.rx_avail = self.rx_has_buffers();
+        }
+        self.watching = on;
+    }
+
+    /// While watching: reads and drops up to `budget` frames until one is a magic packet for
+    /// this card, which ends the watch ([`super::wol::drain`]). Nothing is read while the
+    /// card is held asleep for a snapshot, or when it does not watch.
+    pub fn watch_batch(&mut self, budget: usize) -> super::wol::Drained {
+        use super::wol::{drain, Drained};
+        if !self.watching || self.asleep > 0 {
+            return Drained::Empty;
+        }
+        let result = drain(
+            &mut self.backend,
+            &mut self.rx_buf,
+            self.mac,
+            budget,
+            &mut self.stats,
+        );
+        if result == Drained::Woke {
+            self.set_watching(false);
+        }
+        result
     }
 
     /// The interrupt to raise, if a used ring was written since the last call. The owner
@@ -237,7 +281,7 @@ impl<B: NetBackend> Net<B> {
     /// [`process_rx`](Self::process_rx) for at most `budget` RX chains; true if it stopped
     /// at the budget (buffers and frames may remain), false if it ran out of either.
     pub fn process_rx_batch(&mut self, budget: usize) -> bool {
-        if self.asleep > 0 {
+        if self.asleep > 0 || self.watching {
             return false;
         }
         let Net {

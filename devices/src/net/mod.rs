@@ -151,6 +151,13 @@ pub struct NetStats {
     pub malformed_tx: u64,
     /// Backend reads or writes that failed other than with "would block".
     pub backend_errors: u64,
+    /// Frames read and dropped while the partition slept (power saving): anything but a
+    /// magic packet for this card ([`wol`]).
+    #[serde(default)]
+    pub asleep_dropped: u64,
+    /// Magic packets for this card that woke the partition.
+    #[serde(default)]
+    pub wake_packets: u64,
 }
 
 /// Why a network device could not be built or restored.
@@ -170,6 +177,10 @@ pub enum NetError {
     EventFd(std::io::Error),
 }
 
+fn lock_hook(m: &Mutex<Option<WakeHook>>) -> MutexGuard<'_, Option<WakeHook>> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()
@@ -183,12 +194,17 @@ pub fn mac_is_unicast(mac: &[u8; 6]) -> bool {
     mac[0] & 1 == 0 && mac.iter().any(|&b| b != 0)
 }
 
+/// What a sleeping partition's card calls when its magic packet arrives.
+pub type WakeHook = Box<dyn FnOnce() + Send>;
+
 /// A partition's network card: its virtio-mmio window (0x1000 bytes) in front of a
 /// [`Net`] device. Register accesses come from vCPU threads, [`process_rx`](Self::process_rx)
 /// from the owner's event loop; one lock serializes them, and interrupts are raised after
 /// it is released.
 pub struct NetMmio<B: NetBackend> {
     transport: Mutex<MmioTransport<Net<B>>>,
+    /// Called (once, outside the card's lock) when a magic packet ends a watch.
+    on_wake: Mutex<Option<WakeHook>>,
     /// Written when [`wants_rx_poll`](Self::wants_rx_poll) turns true (the guest added RX
     /// buffers, the card started or woke): the owner's loop watches it and looks again.
     rx_poll_changed: EventFd,
@@ -220,6 +236,7 @@ impl<B: NetBackend> NetMmio<B> {
     fn from_transport(transport: MmioTransport<Net<B>>) -> Result<Self, NetError> {
         Ok(NetMmio {
             transport: Mutex::new(transport),
+            on_wake: Mutex::new(None),
             rx_poll_changed: EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd)?,
         })
     }
@@ -280,8 +297,51 @@ impl<B: NetBackend> NetMmio<B> {
         }
     }
 
+    /// The partition sleeps: from now on the backend's frames are only searched for this
+    /// card's magic packet and dropped ([`wol::drain`]); the first magic packet ends the
+    /// watch and calls `on_wake` (on the owner's loop thread, outside the card's lock).
+    /// Watching again replaces the hook.
+    pub fn watch_for_magic(&self, on_wake: WakeHook) {
+        *lock_hook(&self.on_wake) = Some(on_wake);
+        self.with(|t| t.device_mut().set_watching(true));
+    }
+
+    /// Ends a watch without a magic packet (the partition was woken otherwise, or stops).
+    pub fn stop_watch(&self) {
+        lock_hook(&self.on_wake).take();
+        self.with(|t| t.device_mut().set_watching(false));
+    }
+
+    /// Whether the card watches for its magic packet.
+    pub fn watching(&self) -> bool {
+        self.transport().device().watching()
+    }
+
+    /// Call when the backend's fd is readable: moves frames to the guest
+    /// ([`process_rx`](Self::process_rx)) or, while the partition sleeps, reads a batch of
+    /// at most [`wol::WATCH_BATCH`] frames looking for its magic packet. True when that
+    /// batch was full: the owner should leave the backend alone for [`wol::WATCH_PAUSE`].
+    pub fn poll_backend(&self) -> bool {
+        if !self.watching() {
+            self.process_rx();
+            return false;
+        }
+        match self.with(|t| t.device_mut().watch_batch(wol::WATCH_BATCH)) {
+            wol::Drained::Woke => {
+                let hook = lock_hook(&self.on_wake).take();
+                if let Some(hook) = hook {
+                    hook();
+                }
+                false
+            }
+            wol::Drained::Budget => true,
+            wol::Drained::Empty => false,
+        }
+    }
+
     /// Whether the owner should poll the backend's fd now: the device is started, awake,
-    /// and the guest has RX buffers. Check again after every call into the device.
+    /// and the guest has RX buffers (or the partition sleeps and the card watches for its
+    /// magic packet). Check again after every call into the device.
     pub fn wants_rx_poll(&self) -> bool {
         self.transport().device().wants_rx_poll()
     }

@@ -1,5 +1,6 @@
-//! Wake-on-LAN magic packets: recognising one addressed to a card's MAC, for a sleeping
-//! relay whose card keeps reading its TAP (issue 9; the wiring into the card comes next).
+//! Wake-on-LAN: recognising a magic packet addressed to a card's MAC ([`classify`]), and
+//! draining a sleeping partition's backend in search of one ([`drain`]): its card keeps
+//! reading the TAP while the guest sleeps (`docs/guest-abi.md`, "Sleep and wake").
 //!
 //! A magic packet's payload holds the *sync stream* — six `0xFF` bytes — followed by the
 //! target MAC sixteen times (102 bytes). It arrives either as the payload of an Ethernet
@@ -8,7 +9,11 @@
 //! trusted beyond the match: a magic packet only says "wake", and anything malformed is
 //! simply not one.
 
+use std::io;
+
 use etherparse::{LinkSlice, SlicedPacket, TransportSlice};
+
+use super::{NetBackend, NetStats, NET_HDR_LEN};
 
 /// EtherType of a raw Wake-on-LAN frame.
 pub const ETHERTYPE_WOL: u16 = 0x0842;
@@ -56,6 +61,55 @@ pub fn classify(frame: &[u8], mac: [u8; 6]) -> Magic {
         Some(_) => Magic::OtherMac,
         None => Magic::None,
     }
+}
+
+/// Frames a sleeping card reads from its backend per turn of the event loop; after a full
+/// batch the owner leaves the backend alone for [`WATCH_PAUSE`], so a flood costs a bounded
+/// amount of CPU (what does not fit the TAP's queue meanwhile, the kernel drops).
+pub const WATCH_BATCH: usize = 64;
+/// How long the owner leaves the backend alone after a full batch.
+pub const WATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// How a [`drain`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// A magic packet for the card's MAC arrived (consumed): wake the partition.
+    Woke,
+    /// The backend is empty (or failed: counted in `backend_errors`).
+    Empty,
+    /// `budget` frames were read and dropped; more may wait.
+    Budget,
+}
+
+/// Reads up to `budget` frames (each with its virtio-net header) from `backend` into `buf`,
+/// and drops each, counting it in `stats.asleep_dropped`, until one is a magic packet for
+/// `mac`: that one is counted in `stats.wake_packets` and ends the drain. Nothing read here
+/// reaches the guest.
+pub fn drain<B: NetBackend>(
+    backend: &mut B,
+    buf: &mut [u8],
+    mac: [u8; 6],
+    budget: usize,
+    stats: &mut NetStats,
+) -> Drained {
+    for _ in 0..budget {
+        let len = match backend.recv(buf) {
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
+            Err(e) => {
+                log::debug!("net: backend recv while asleep: {e}");
+                stats.backend_errors += 1;
+                return Drained::Empty;
+            }
+        };
+        let frame = buf.get(NET_HDR_LEN..len).unwrap_or_default();
+        if classify(frame, mac) == Magic::Wake {
+            stats.wake_packets += 1;
+            return Drained::Woke;
+        }
+        stats.asleep_dropped += 1;
+    }
+    Drained::Budget
 }
 
 #[cfg(test)]
@@ -135,5 +189,56 @@ mod tests {
         assert_eq!(classify(&tcp, MAC), Magic::None);
         assert_eq!(classify(&udp_frame(9, &good)[..30], MAC), Magic::None);
         assert_eq!(classify(&[], MAC), Magic::None);
+    }
+
+    #[test]
+    fn a_drain_drops_everything_but_the_right_magic_packet_and_stops_at_it() {
+        let (mut backend, peer) = crate::net::pair(16).expect("pair");
+        for frame in [
+            udp_frame(9, &magic(OTHER)),
+            raw_frame(&magic(MAC)[..MAGIC_LEN - 1]),
+            udp_frame(53, b"ordinary"),
+            vec![1, 2, 3],
+            raw_frame(&magic(MAC)),
+            udp_frame(9, &magic(MAC)),
+        ] {
+            peer.inject(&frame).expect("inject");
+        }
+        let mut stats = NetStats::default();
+        let mut buf = vec![0u8; 2048];
+        assert_eq!(
+            drain(&mut backend, &mut buf, MAC, 64, &mut stats),
+            Drained::Woke
+        );
+        assert_eq!((stats.asleep_dropped, stats.wake_packets), (4, 1));
+        // The second magic packet is still in the backend: one wake per drain.
+        assert_eq!(
+            drain(&mut backend, &mut buf, MAC, 64, &mut stats),
+            Drained::Woke
+        );
+        assert_eq!(
+            drain(&mut backend, &mut buf, MAC, 64, &mut stats),
+            Drained::Empty
+        );
+    }
+
+    #[test]
+    fn a_drain_reads_at_most_its_budget() {
+        let (mut backend, peer) = crate::net::pair(16).expect("pair");
+        for _ in 0..10 {
+            peer.inject(&udp_frame(9, &magic(OTHER))).expect("inject");
+        }
+        let mut stats = NetStats::default();
+        let mut buf = vec![0u8; 2048];
+        assert_eq!(
+            drain(&mut backend, &mut buf, MAC, 4, &mut stats),
+            Drained::Budget
+        );
+        assert_eq!(stats.asleep_dropped, 4);
+        assert_eq!(
+            drain(&mut backend, &mut buf, MAC, 64, &mut stats),
+            Drained::Empty
+        );
+        assert_eq!((stats.asleep_dropped, stats.wake_packets), (10, 0));
     }
 }

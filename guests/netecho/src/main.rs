@@ -15,6 +15,11 @@
 //! report. Without a card it prints `netecho: no network card` and
 //! powers off with status 1.
 //!
+//! With `netecho.sleep=1` it goes to sleep (power saving, guest ABI `SLEEP`) right after
+//! `READY`, printing `netecho: asleep`; once woken it prints `netecho: woken reason=<N>`
+//! (the `WAKE_REASON`: 1 magic packet, 2 operator) and echoes as usual. The monitor's tests
+//! use it to check Wake-on-LAN and sleeping partitions without the relay.
+//!
 //! With `netecho.card=off` on the command line it leaves the card alone (never starts its
 //! driver, so the card has no receive buffers), prints `netecho: card left alone READY`
 //! and sleeps: the monitor's tests use it to check that frames waiting for a card that
@@ -53,6 +58,11 @@ fn main(boot: &BootInfo) -> ! {
         sysctl::power_off(1);
     };
     println!("netecho: mac={} READY", mac_string(&net));
+    if boot.arg("netecho.sleep") == Some("1") {
+        println!("netecho: asleep");
+        let reason = sysctl::sleep();
+        println!("netecho: woken reason={reason}");
+    }
     let report = time::ns_to_ticks(REPORT_MS * 1_000_000);
     let busy_sleep = time::ns_to_ticks(BUSY_SLEEP_MS * 1_000_000);
     let busy = time::ns_to_ticks(BUSY_MS * 1_000_000);

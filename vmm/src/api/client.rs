@@ -56,6 +56,11 @@ pub enum CtlCommand {
         /// The partition.
         partition: String,
     },
+    /// Wake a partition from its power-saving sleep.
+    Wake {
+        /// The partition.
+        partition: String,
+    },
     /// Shut the monitor down.
     Shutdown,
     /// Show the last lines of a partition's console.
@@ -106,6 +111,9 @@ impl CtlCommand {
                 partition: partition.clone(),
             },
             CtlCommand::Start { partition } => Command::Start {
+                partition: partition.clone(),
+            },
+            CtlCommand::Wake { partition } => Command::Wake {
                 partition: partition.clone(),
             },
             CtlCommand::Shutdown => Command::Shutdown,

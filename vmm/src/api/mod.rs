@@ -54,6 +54,7 @@ pub(crate) mod fake {
                 | Command::Resume { partition: Some(p) }
                 | Command::Stop { partition: p }
                 | Command::Start { partition: p }
+                | Command::Wake { partition: p }
                 | Command::Console { partition: p, .. } => {
                     if !states.contains_key(p) {
                         return Err(ApiError::unknown_partition(p));
@@ -81,6 +82,7 @@ pub(crate) mod fake {
                 Command::Resume { .. } => change(&["paused"], "running"),
                 Command::Stop { .. } => change(&["running", "paused"], "stopped"),
                 Command::Start { .. } => change(&["stopped", "crashed"], "running"),
+                Command::Wake { .. } => change(&["sleeping"], "running"),
                 Command::Shutdown => Ok(json!({ "shutting_down": true })),
                 Command::Console { partition, lines } => {
                     let lines: Vec<String> =

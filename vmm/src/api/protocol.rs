@@ -44,6 +44,8 @@ pub enum Command {
     /// Tear every partition down and start all of them from the set `from` (default: the
     /// config's `snapshot.dir`), in this process.
     Reboot { from: Option<String> },
+    /// Wake a partition from its power-saving sleep (guest ABI `SLEEP`).
+    Wake { partition: String },
 }
 
 impl Command {
@@ -51,6 +53,7 @@ impl Command {
     /// of `docs/control-api.md` lists exactly these; `tests/control_api_doc.rs` checks it).
     pub const NAMES: &'static [&'static str] = &[
         "status", "pause", "resume", "stop", "start", "shutdown", "console", "snapshot", "reboot",
+        "wake",
     ];
 
     /// The command's name on the wire (`"status"`, ...).
@@ -65,6 +68,7 @@ impl Command {
             Command::Console { .. } => "console",
             Command::Snapshot { .. } => "snapshot",
             Command::Reboot { .. } => "reboot",
+            Command::Wake { .. } => "wake",
         }
     }
 
@@ -80,7 +84,9 @@ impl Command {
                     obj.insert("partition".into(), p.as_str().into());
                 }
             }
-            Command::Stop { partition } | Command::Start { partition } => {
+            Command::Stop { partition }
+            | Command::Start { partition }
+            | Command::Wake { partition } => {
                 obj.insert("partition".into(), partition.as_str().into());
             }
             Command::Shutdown => {}
@@ -335,7 +341,7 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, ApiError> {
         None => return Err(invalid("missing \"cmd\"")),
     };
     let allowed: &[&str] = match name.as_str() {
-        "status" | "pause" | "resume" | "stop" | "start" => &["partition"],
+        "status" | "pause" | "resume" | "stop" | "start" | "wake" => &["partition"],
         "shutdown" => &[],
         "console" => &["partition", "lines"],
         "snapshot" => &["dest", "parent"],
@@ -368,6 +374,9 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, ApiError> {
             partition: required(partition)?,
         },
         "start" => Command::Start {
+            partition: required(partition)?,
+        },
+        "wake" => Command::Wake {
             partition: required(partition)?,
         },
         "shutdown" => Command::Shutdown,
@@ -575,6 +584,7 @@ mod tests {
             Command::Console { .. } => 6,
             Command::Snapshot { .. } => 7,
             Command::Reboot { .. } => 8,
+            Command::Wake { .. } => 9,
         }
     }
 
@@ -597,6 +607,7 @@ mod tests {
                 parent: None,
             },
             Command::Reboot { from: None },
+            Command::Wake { partition: p() },
         ];
         assert_eq!(one_of_each.len(), Command::NAMES.len());
         for cmd in &one_of_each {

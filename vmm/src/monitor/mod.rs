@@ -180,7 +180,9 @@ impl Monitor {
         let mut done = Vec::new();
         for p in self.targets(name)? {
             let mut p = lock(p);
-            if name.is_none() && p.state() != from {
+            let state = p.state();
+            // A sleeping partition runs (its guest sleeps): "every running one" takes it.
+            if name.is_none() && state != from && !(from == State::Running && state.is_live()) {
                 continue;
             }
             op(&mut p).map_err(api_error)?;
@@ -212,6 +214,13 @@ impl Monitor {
     pub fn stop(&self, name: &str) -> Result<Value, ApiError> {
         let _op = self.begin(ops::Operation::Stop)?;
         self.each(Some(name), State::Running, Partition::stop)
+    }
+
+    /// Wakes one sleeping partition (power saving). Not a device operation: it takes no
+    /// slot, so it works while a snapshot runs (the partition wakes when it is resumed).
+    pub fn wake(&self, name: &str) -> Result<Value, ApiError> {
+        lock(self.find(name)?).wake_up().map_err(api_error)?;
+        Ok(json!({ "partitions": [name] }))
     }
 
     /// Cold-boots one stopped or crashed partition.
@@ -300,7 +309,7 @@ impl Monitor {
             .map_err(|busy| log::warn!("stopping every partition although {busy}"));
         for p in &self.partitions {
             let mut p = lock(p);
-            if matches!(p.state(), State::Running | State::Paused) {
+            if matches!(p.state(), State::Running | State::Sleeping | State::Paused) {
                 let _ = p.stop();
             }
         }
@@ -462,6 +471,7 @@ impl ControlHandler for Monitor {
             Command::Resume { partition } => self.resume(partition.as_deref()),
             Command::Stop { partition } => self.stop(&partition),
             Command::Start { partition } => self.start(&partition),
+            Command::Wake { partition } => self.wake(&partition),
             Command::Console { partition, lines } => self.console(&partition, lines),
             Command::Snapshot { dest, parent } => self
                 .snapshot(

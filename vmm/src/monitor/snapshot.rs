@@ -66,11 +66,7 @@ impl Monitor {
     /// snapshotted as it stands (a paused engine could not answer, and no `resume` can
     /// come while the snapshot holds the device).
     fn quiesce(&self) -> Result<Option<Value>, SnapshotFailure> {
-        if !self
-            .partitions
-            .iter()
-            .all(|p| lock(p).state() == State::Running)
-        {
+        if !self.partitions.iter().all(|p| lock(p).state().is_live()) {
             return Ok(None);
         }
         let uds = self
@@ -128,7 +124,7 @@ impl Monitor {
         let fail = |e: &dyn std::fmt::Display| SnapshotFailure::Failed(e.to_string());
         for p in &self.partitions {
             let p = lock(p);
-            if !matches!(p.state(), State::Running | State::Paused) {
+            if !matches!(p.state(), State::Running | State::Sleeping | State::Paused) {
                 return Err(SnapshotFailure::NotRunning {
                     name: p.name().to_owned(),
                     state: p.state(),

@@ -7,6 +7,7 @@ pub mod net;
 mod run;
 pub mod shared;
 pub mod shell;
+pub mod sleep;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
@@ -27,6 +28,7 @@ use duplex_devices::console::{ConsoleHandle, ConsoleOutput};
 use duplex_devices::event_loop::EventLoop;
 use duplex_devices::net::NetStats;
 use duplex_devices::persist::Suspendable;
+use duplex_devices::sysctl::WakeReason;
 use duplex_devices::vsock::VsockSwitch;
 use std::sync::Arc;
 
@@ -112,6 +114,9 @@ pub enum State {
     Created,
     /// Its vCPUs run.
     Running,
+    /// Running, but the guest sleeps (power saving, guest ABI `SLEEP`) until it is woken:
+    /// its vCPUs wait in the monitor.
+    Sleeping,
     /// Its vCPUs are parked.
     Paused,
     /// It powered off or was stopped.
@@ -120,11 +125,19 @@ pub enum State {
     Crashed,
 }
 
+impl State {
+    /// Running or sleeping: its vCPU threads are there to be paused or stopped.
+    pub fn is_live(self) -> bool {
+        matches!(self, State::Running | State::Sleeping)
+    }
+}
+
 impl std::fmt::Display for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = match self {
             State::Created => "created",
             State::Running => "running",
+            State::Sleeping => "sleeping",
             State::Paused => "paused",
             State::Stopped => "stopped",
             State::Crashed => "crashed",
@@ -153,6 +166,10 @@ pub struct PartitionStatus {
     /// The network card: TAP, MAC and counters (absent without one; see `docs/net.md`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub net: Option<net::NetStatus>,
+    /// Its power-saving sleeps: since when it sleeps, the last wake's reason (absent if it
+    /// never slept in this run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sleep: Option<sleep::SleepStatus>,
 }
 
 /// Ignored register accesses of one run, per device.
@@ -258,7 +275,14 @@ impl Partition {
                     (Some(o), _) => outcome_state(o),
                     (None, Want::Pause) if c.parked >= c.live => State::Paused,
                     (None, Want::Stop) => State::Stopped,
-                    _ => State::Running,
+                    _ => {
+                        drop(c);
+                        if sleep::asleep(&run.devices) {
+                            State::Sleeping
+                        } else {
+                            State::Running
+                        }
+                    }
                 }
             }
         }
@@ -346,7 +370,7 @@ impl Partition {
 
     /// Parks every vCPU; returns once they are all out of the guest.
     pub fn pause(&mut self) -> Result<(), PartitionError> {
-        if self.state() != State::Running {
+        if !self.state().is_live() {
             return Err(self.invalid("pause"));
         }
         let run = self.run.as_ref().ok_or_else(|| self.invalid("pause"))?;
@@ -383,7 +407,7 @@ impl Partition {
     /// Stops the partition: its vCPU threads end and its VM is torn down.
     pub fn stop(&mut self) -> Result<(), PartitionError> {
         match self.state() {
-            State::Running | State::Paused => {}
+            State::Running | State::Sleeping | State::Paused => {}
             _ => return Err(self.invalid("stop")),
         }
         if let Some(run) = &self.run {
@@ -470,7 +494,23 @@ impl Partition {
                 };
                 net::NetStatus::new(n, counters.unwrap_or_default())
             }),
+            sleep: self.run.as_ref().and_then(|r| {
+                sleep::SleepStatus::new(crate::lock(&r.devices.sysctl).sleep_state())
+            }),
         }
+    }
+
+    /// Wakes the partition from its power-saving sleep (the operator's `wake`).
+    pub fn wake_up(&mut self) -> Result<(), PartitionError> {
+        let run = self
+            .run
+            .as_ref()
+            .filter(|_| self.state() == State::Sleeping)
+            .ok_or_else(|| self.invalid("wake"))?;
+        if !sleep::wake(&run.devices, &run.shared, WakeReason::Operator) {
+            return Err(self.invalid("wake"));
+        }
+        Ok(())
     }
 
     /// The current run's network card, if any.
@@ -487,7 +527,7 @@ impl Suspendable for Partition {
     /// Its network card sleeps too, whatever the partition's state: a card delivers frames
     /// into the memory of a paused guest as well.
     fn sleep(&mut self) -> Result<(), PartitionError> {
-        if self.state() == State::Running {
+        if self.state().is_live() {
             self.pause()?;
             self.asleep = true;
         }

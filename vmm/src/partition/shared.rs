@@ -59,6 +59,9 @@ pub struct Control {
     /// A device has something for the guest: the next (or current) guest sleep ends
     /// at once. Like a pending interrupt, it is kept until a sleep consumes it.
     pub wake: bool,
+    /// The partition was woken from its power-saving sleep (guest ABI `SLEEP`): a vCPU
+    /// waiting in [`Shared::power_sleep`] goes back to check.
+    pub roused: bool,
 }
 
 /// VM-exit counters of one run.
@@ -133,6 +136,7 @@ impl Shared {
                 live: vcpus,
                 outcome: None,
                 wake: false,
+                roused: false,
             }),
             cv: Condvar::new(),
             exits: ExitCounters::default(),
@@ -203,6 +207,24 @@ impl Shared {
             .wait_timeout_while(c, d, |c| c.want == Want::Run && !c.wake)
             .unwrap_or_else(|p| p.into_inner());
         c.wake = false;
+    }
+
+    /// Waits, with no timer, while the partition sleeps for power saving: until
+    /// [`Shared::rouse`] or the monitor wants anything but running. The caller checks the
+    /// sleep again afterwards.
+    pub fn power_sleep(&self) {
+        let c = self.lock();
+        let mut c = self
+            .cv
+            .wait_while(c, |c| c.want == Want::Run && !c.roused)
+            .unwrap_or_else(|p| p.into_inner());
+        c.roused = false;
+    }
+
+    /// Ends a [`Shared::power_sleep`] (the partition was woken).
+    pub fn rouse(&self) {
+        self.lock().roused = true;
+        self.cv.notify_all();
     }
 
     /// Ends the guest's current or next sleep: a device has something for it.
@@ -318,6 +340,24 @@ mod tests {
     fn guest_sleep_wakes_on_device_wake() {
         let slept = sleep_woken_by(Shared::wake_guest);
         assert!(slept < Duration::from_secs(10), "slept {slept:?}");
+    }
+
+    #[test]
+    fn a_power_sleep_ends_on_rouse_or_pause_but_not_on_a_device_wake() {
+        for (end, expect_roused) in [(Want::Run, true), (Want::Pause, false)] {
+            let shared = Arc::new(Shared::new(1));
+            let s = shared.clone();
+            let t = std::thread::spawn(move || s.power_sleep());
+            shared.wake_guest();
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!t.is_finished(), "a device wake does not end a power sleep");
+            if expect_roused {
+                shared.rouse();
+            } else {
+                shared.set_want(end);
+            }
+            t.join().expect("join");
+        }
     }
 
     #[test]

@@ -188,6 +188,10 @@ impl VcpuRunner {
         let vcpu = self.vcpu.clone();
         let park = || super::state::complete_pending_io(&mut lock(&vcpu));
         while self.shared.wait_runnable_then(park) {
+            if super::sleep::asleep(&self.devices) {
+                super::sleep::park(&self.devices, &self.shared);
+                continue;
+            }
             let next = self.run_once();
             match next {
                 Next::Continue => {}
@@ -405,6 +409,8 @@ fn mmio_write(devices: &Devices, addr: u64, data: &[u8]) -> Next {
             rip: Some(report.rip),
         },
         SysctlAction::SnapshotRequest { reboot } => Next::SnapshotRequest(reboot),
+        // The loop parks the vCPU before its next entry into the guest.
+        SysctlAction::Sleep => Next::Continue,
         SysctlAction::Panic(code) => Next::Crash {
             reason: format!("guest panic (code {code})"),
             vector: None,

@@ -83,3 +83,68 @@ fn the_loop_delivers_frames_and_does_not_spin_without_buffers() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(c.mmio.stats().rx_frames, 6);
 }
+
+/// A raw EtherType 0x0842 Wake-on-LAN frame for `mac`.
+fn magic_frame(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0xFF; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&crate::net::wol::ETHERTYPE_WOL.to_be_bytes());
+    f.extend_from_slice(&[0xFF; 6]);
+    for _ in 0..16 {
+        f.extend_from_slice(&mac);
+    }
+    f
+}
+
+#[test]
+fn a_sleeping_card_wakes_once_on_its_magic_packet_and_bounds_a_flood() {
+    let el = EventLoop::start("net-watch-test").unwrap();
+    let mut c = Card::started(8);
+    c.add_rx(8, 2048);
+    let poller = NetPoller::new(c.mmio.clone());
+    let polls = poller.polls();
+    let _key = el.add(Box::new(poller)).unwrap();
+    wait_for("the subscriber", || el.stats().subscribers == 1);
+
+    let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = woken.clone();
+    c.mmio.watch_for_magic(Box::new(move || {
+        w.fetch_add(1, Ordering::SeqCst);
+    }));
+    // A flood of magic packets for another MAC, an ordinary frame, a truncated magic
+    // packet: read and dropped in batches of 64, none reaches the guest's buffers.
+    let mut other = MAC;
+    other[5] ^= 1;
+    let flood = 640;
+    for _ in 0..flood {
+        c.drv.peer.inject(&magic_frame(other)).unwrap();
+    }
+    c.drv.peer.inject(&frame(100, 1)).unwrap();
+    let mut short = magic_frame(MAC);
+    short.truncate(short.len() - 1);
+    c.drv.peer.inject(&short).unwrap();
+    let started = Instant::now();
+    wait_for("the flood drained", || c.drv.peer.pending() == 0);
+    let took = started.elapsed();
+    let stats = c.mmio.stats();
+    assert_eq!((stats.asleep_dropped, stats.rx_frames), (flood + 2, 0));
+    assert_eq!(woken.load(Ordering::SeqCst), 0);
+    // Ten full batches, each followed by a 10 ms pause: the loop did not read as fast as
+    // it could (bounded CPU), and called the card about once per batch.
+    assert!(
+        took >= crate::net::wol::WATCH_PAUSE * 9,
+        "drained {flood} frames in {took:?}: no pause between batches"
+    );
+    assert!(polls.load(Ordering::Relaxed) <= 2 * (flood / 64 + 2));
+
+    // The magic packet wakes once and is consumed; the next one goes to the guest as an
+    // ordinary frame.
+    c.drv.peer.inject(&magic_frame(MAC)).unwrap();
+    wait_for("the wake", || woken.load(Ordering::SeqCst) == 1);
+    assert!(!c.mmio.watching());
+    c.drv.peer.inject(&magic_frame(MAC)).unwrap();
+    wait_for("delivery after the wake", || c.mmio.stats().rx_frames == 1);
+    assert_eq!(c.recv(), vec![Some(magic_frame(MAC))]);
+    assert_eq!(woken.load(Ordering::SeqCst), 1, "woken once");
+    assert_eq!(c.mmio.stats().wake_packets, 1);
+}
