@@ -11,6 +11,7 @@ pub mod livecut;
 pub mod netns;
 pub mod relay_scene;
 pub mod relaynet;
+pub mod site;
 pub mod snap;
 
 use std::io::{BufRead, BufReader, Write};

@@ -134,7 +134,9 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(net: &RelayNet, bin: &Path, args: &[&str], log: PathBuf) -> Server {
+    /// Starts `bin args` in the WAN namespace, its output appended to `log`, and waits for
+    /// it to print one more `listening` line.
+    pub fn start(net: &RelayNet, bin: &Path, args: &[&str], log: PathBuf) -> Server {
         // A restarted server appends to its log: wait for one more `listening` line.
         let before = std::fs::read_to_string(&log)
             .map(|t| t.matches("listening").count())
@@ -215,6 +217,38 @@ pub struct Submit {
 }
 
 impl Submit {
+    /// `duplex-cloud submit --device DEVICE ARGS --timeout-s TIMEOUT` in the WAN of `net`,
+    /// its output in `dir` (`submit-N.out`, `submit-N.err`).
+    pub fn start(
+        net: &RelayNet,
+        dir: &Path,
+        n: u32,
+        device: &str,
+        args: &[&str],
+        timeout_s: u64,
+    ) -> Submit {
+        let out = dir.join(format!("submit-{n}.out"));
+        let err = dir.join(format!("submit-{n}.err"));
+        let child = net
+            .command("wan", mediator_bin("duplex-cloud"))
+            .args(["submit", "--device", device, "--server"])
+            .arg(format!("http://{CLOUD_API}"))
+            .args(args)
+            .args(["--timeout-s", &timeout_s.to_string()])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("submit output file"))
+            .stderr(std::fs::File::create(&err).expect("submit error file"))
+            .spawn()
+            .expect("spawning duplex-cloud submit");
+        Submit {
+            child,
+            out,
+            err,
+            limit: Duration::from_secs(timeout_s),
+            started: Instant::now(),
+        }
+    }
+
     /// Whether it has ended.
     pub fn done(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
@@ -519,27 +553,14 @@ impl Scene {
     /// `duplex-cloud submit --device mfp-1 ARGS --timeout-s TIMEOUT` in the background.
     pub fn submit_bg(&mut self, args: &[&str], timeout_s: u64) -> Submit {
         self.submits += 1;
-        let out = self.work.0.join(format!("submit-{}.out", self.submits));
-        let err = self.work.0.join(format!("submit-{}.err", self.submits));
-        let child = self
-            .net
-            .command("wan", mediator_bin("duplex-cloud"))
-            .args(["submit", "--device", DEVICE_ID, "--server"])
-            .arg(format!("http://{CLOUD_API}"))
-            .args(args)
-            .args(["--timeout-s", &timeout_s.to_string()])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).expect("submit output file"))
-            .stderr(std::fs::File::create(&err).expect("submit error file"))
-            .spawn()
-            .expect("spawning duplex-cloud submit");
-        Submit {
-            child,
-            out,
-            err,
-            limit: Duration::from_secs(timeout_s),
-            started: Instant::now(),
-        }
+        Submit::start(
+            &self.net,
+            &self.work.0,
+            self.submits,
+            DEVICE_ID,
+            args,
+            timeout_s,
+        )
     }
 
     /// `duplex-cloud submit ...`: its report.
@@ -549,31 +570,7 @@ impl Scene {
 
     /// A plain HTTP/1.1 GET from the WAN namespace: status and JSON body.
     pub fn http_get(&self, addr: &str, path: &str, token: Option<&str>) -> (u16, Value) {
-        let addr: SocketAddr = addr.parse().expect("address");
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
-        let resp = in_netns(&self.net.ns("wan"), move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                .map_err(|e| format!("connect {addr}: {e}"))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))
-                .map_err(|e| e.to_string())?;
-            s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-            Ok::<_, String>(String::from_utf8_lossy(&buf).into_owned())
-        })
-        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("GET {path}: no status line in {resp:?}"));
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        let json = serde_json::from_str(body)
-            .unwrap_or_else(|e| panic!("GET {path}: body is not JSON ({e}): {resp:?}"));
-        (status, json)
+        http_get(&self.net, addr, path, token)
     }
 
     /// The cloud's `GET /v1/tunnels`.
@@ -641,11 +638,40 @@ impl Drop for Scene {
     }
 }
 
+/// A plain HTTP/1.1 GET from the WAN namespace of `net`: status and JSON body.
+pub fn http_get(net: &RelayNet, addr: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+    let addr: SocketAddr = addr.parse().expect("address");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    let resp = in_netns(&net.ns("wan"), move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+        Ok::<_, String>(String::from_utf8_lossy(&buf).into_owned())
+    })
+    .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("GET {path}: no status line in {resp:?}"));
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let json = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("GET {path}: body is not JSON ({e}): {resp:?}"));
+    (status, json)
+}
+
 /// Patience for anything the scene does (a busy 2-core machine).
 pub const T: Duration = Duration::from_secs(60);
 
 /// `duplex-mediator keygen --out DIR --name NAME`; returns the pin.
-fn keygen(dir: &Path, name: &str) -> String {
+pub fn keygen(dir: &Path, name: &str) -> String {
     let out = Command::new(mediator_bin("duplex-mediator"))
         .args(["keygen", "--out"])
         .arg(dir)

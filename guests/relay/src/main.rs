@@ -14,6 +14,12 @@
 //! `relay: session up id=<n>`, `relay: session down: <why>`, `relay: tunnel <id> open to
 //! <ip:port>`, `relay: job <job_id> done (device job <n>, duplicate=<b>)`,
 //! `relay: tunnel <id> closed (<n> jobs)`; after a restore `relay: restored; reconnecting`.
+//!
+//! Sleep (`sleep_idle_ms=`): on the logic's `Action::Sleep` the loop lets the session's
+//! close go out, drops its network stack, prints `relay: asleep` and sleeps in the monitor
+//! (`SLEEP`); once woken it builds a fresh stack and the logic logs in again
+//! (`relay: woken (magic packet)`). As a substitute it broadcasts magic packets
+//! (`relay: sent magic packet for <mac>`).
 
 #![no_std]
 #![no_main]
@@ -34,7 +40,7 @@ use alloc::vec::Vec;
 
 use duplex_relay::config::{endpoint_string, hex, parse_config, parse_net};
 use duplex_relay::entropy::RdRand;
-use duplex_relay::{Action, Peer, Relay};
+use duplex_relay::{mac_string, Action, Peer, Relay};
 use duplex_runtime::heartbeat::Heartbeat;
 use duplex_runtime::net::open_net;
 use duplex_runtime::time::{self, raw_tsc, rdtsc};
@@ -100,7 +106,7 @@ fn main(boot: &BootInfo) -> ! {
     let arg = |k: &str| boot.arg(k);
     let net_cfg = parse_net(arg);
     let cfg = parse_config(arg);
-    let (net_cfg, cfg) = match (net_cfg, cfg) {
+    let (net_cfg, mut cfg) = match (net_cfg, cfg) {
         (Ok(n), Ok(c)) => (n, c),
         (n, c) => {
             let errors = n.err().into_iter().chain(c.err()).flatten();
@@ -122,22 +128,31 @@ fn main(boot: &BootInfo) -> ! {
     let now = now_ms();
     let mut stack = Stack::new(NetDevice::new(net), net_cfg, rng, now);
     let (ip, m) = (net_cfg.ip, stack.mac());
+    // The MAC of the sleep lease and of `Lan` is the card's.
+    cfg.mac = Some(m);
     println!(
-        "relay: id={} devices={} mediator={} mediator_pin={} cloud_pin={} controller cid {} heap {} KiB",
+        "relay: id={} devices={} mediator={} mediator_pin={} cloud_pin={} controller cid {} segment={} sleep_idle_ms={} heap {} KiB",
         cfg.relay_id,
         cfg.devices.join(","),
         endpoint_string(&cfg.mediator),
         hex(&cfg.mediator_pin),
         hex(&cfg.cloud_pin),
         cfg.controller_cid,
+        cfg.segment.as_deref().unwrap_or("none"),
+        cfg.sleep_idle_ms.unwrap_or(0),
         boot.heap.1 / 1024,
     );
     let (mediator_pin, cloud_pin) = (cfg.mediator_pin, cfg.cloud_pin);
     let mut ctl = CtlLink::new(cfg.controller_cid);
     let mut logic = Relay::new(cfg, Box::new(move || rng.random()), now);
     println!(
-        "relay READY ip={}.{}.{}.{}/{} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        ip[0], ip[1], ip[2], ip[3], net_cfg.prefix_len, m[0], m[1], m[2], m[3], m[4], m[5]
+        "relay READY ip={}.{}.{}.{}/{} mac={}",
+        ip[0],
+        ip[1],
+        ip[2],
+        ip[3],
+        net_cfg.prefix_len,
+        mac_string(&m)
     );
     let mut cx = Cx {
         pins: Pins {
@@ -146,6 +161,7 @@ fn main(boot: &BootInfo) -> ! {
         },
         prof: Profile::new(arg("profile") == Some("1")),
         log: Log::default(),
+        sleep_at: None,
     };
     let mut high_water = HighWater(heap::used());
     let mut bias = time::bias();
@@ -206,6 +222,23 @@ fn main(boot: &BootInfo) -> ! {
             &mut cx,
         );
         high_water.check(&mut cx.log, now);
+        if let Some(at) = cx.sleep_at {
+            if !logic.is_sleeping() {
+                // A restore in the grace period woke the logic: it is dialling again.
+                cx.sleep_at = None;
+            } else if stack.connections() == 0 || now >= at {
+                cx.sleep_at = None;
+                hibernate(&mut stack, &mut logic, &mut cx.log);
+                // A restore while asleep (the set held the partition asleep) is part of
+                // this one fresh start, not a second one.
+                let b = time::bias();
+                if b != bias {
+                    bias = b;
+                    cx.log.push("relay: restored while asleep".into(), now_ms());
+                }
+                continue;
+            }
+        }
         if busy || stack.has_frame() {
             cx.log.flush_overdue(now);
             continue;
@@ -278,6 +311,27 @@ struct Cx {
     pins: Pins,
     prof: Profile,
     log: Log,
+    /// The logic asked to sleep: sleep once the closed connections are gone, or at this
+    /// time (ms) at the latest.
+    sleep_at: Option<u64>,
+}
+
+/// Sleeps in the monitor until woken, with no network state: every socket and the
+/// interface are dropped before, and a fresh interface (empty ARP cache, new local ports
+/// and ISN seed; the same virtio-net card) is built after. Then the logic hears of the wake
+/// and logs in again.
+fn hibernate(stack: &mut Stack, logic: &mut Relay, log: &mut Log) {
+    log.push("relay: asleep".into(), now_ms());
+    log.flush();
+    stack.reset(now_ms());
+    let reason = match sysctl::sleep() {
+        sysctl::wake_reason::MAGIC_PACKET => String::from("magic packet"),
+        sysctl::wake_reason::OPERATOR => String::from("operator"),
+        n => format!("unknown ({n})"),
+    };
+    let now = now_ms();
+    stack.reset(now);
+    logic.on_woken(&reason, now);
 }
 
 /// Carries out the logic's actions; returns whether there were any. With `profile=1` a
@@ -317,6 +371,18 @@ fn apply(
             Action::ControllerSend(req) => ctl.send(&req),
             Action::ControllerClose => ctl.close(v),
             Action::Log(line) => cx.log.push(format!("relay: {line}"), now),
+            // Let the session's close go out first (at most the close grace).
+            Action::Sleep => cx.sleep_at = Some(now.saturating_add(stack::CLOSE_GRACE_MS)),
+            Action::SendMagic { wake_id, mac } => {
+                let result = stack.send_magic(mac, now);
+                if result.is_ok() {
+                    cx.log.push(
+                        format!("relay: sent magic packet for {}", mac_string(&mac)),
+                        now,
+                    );
+                }
+                logic.on_magic_sent(wake_id, result, now);
+            }
         }
     }
     any

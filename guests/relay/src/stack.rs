@@ -6,8 +6,9 @@
 //! the logic closed is kept until its last bytes and the TLS `close_notify` are out and the
 //! socket has closed (at most [`CLOSE_GRACE_MS`]); one that failed is aborted (a reset) and
 //! dropped shortly after. [`Stack::reset`] drops everything — sockets, ARP cache, routes — and builds the
-//! interface again: what a restore from a snapshot needs, since no peer remembers these
-//! connections any more.
+//! interface again: what a restore from a snapshot and a wake from sleep need, since no
+//! peer remembers these connections any more. [`Stack::send_magic`] broadcasts a
+//! Wake-on-LAN magic packet (UDP) for the substitute role.
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -18,9 +19,10 @@ use duplex_relay::entropy::RdRand;
 use duplex_relay::tls::TlsSession;
 use duplex_relay::{ConnId, NetConfig};
 use duplex_runtime::time::raw_tsc;
-use duplex_tunnel::Endpoint;
+use duplex_tunnel::{magic_packet, Endpoint, WAKE_UDP_PORT};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{Socket, SocketBuffer, State};
+use smoltcp::socket::udp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
@@ -140,6 +142,43 @@ impl Stack {
         let seed = self.rng.random();
         self.iface = build_iface(&mut self.device, &self.cfg, seed, now_ms);
         self.next_port = PORT_FIRST + (self.rng.random() % 8192) as u16;
+    }
+
+    /// Connections still held (in use, or closing / aborted and not yet dropped).
+    pub fn connections(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Broadcasts the Wake-on-LAN magic packet for `mac` as one UDP datagram to
+    /// 255.255.255.255 port [`WAKE_UDP_PORT`] (smoltcp sends the limited broadcast to
+    /// `ff:ff:ff:ff:ff:ff` without ARP), from a fresh local port; `Ok` once the card took
+    /// the frame.
+    pub fn send_magic(&mut self, mac: [u8; 6], now_ms: u64) -> Result<(), String> {
+        let packet = magic_packet(mac);
+        let mut socket = udp::Socket::new(
+            // Nothing is received on it.
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 1], Vec::new()),
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 1], vec![0; packet.len()]),
+        );
+        let port = self.port();
+        socket
+            .bind(port)
+            .map_err(|e| format!("cannot bind UDP port {port}: {e}"))?;
+        let to = (IpAddress::Ipv4(Ipv4Address::BROADCAST), WAKE_UDP_PORT);
+        socket
+            .send_slice(&packet, to)
+            .map_err(|e| format!("cannot queue the datagram: {e}"))?;
+        let handle = self.sockets.add(socket);
+        // Sends it (and whatever else is due; the sockets' news is read by the next poll).
+        self.iface
+            .poll(instant(now_ms), &mut self.device, &mut self.sockets);
+        let left = self.sockets.get::<udp::Socket>(handle).send_queue();
+        self.sockets.remove(handle);
+        if left == 0 {
+            Ok(())
+        } else {
+            Err("the network card did not take the frame".into())
+        }
     }
 
     fn port(&mut self) -> u16 {

@@ -44,4 +44,15 @@ pub enum Action {
     ControllerClose,
     /// A console line (the firmware prints `relay: <line>`).
     Log(String),
+    /// The mediator granted the sleep lease and the session is closed: put the partition
+    /// to sleep. The firmware lets the session's `Close` go out, drops its whole network
+    /// state (sockets, interface, ARP cache), sleeps until woken, rebuilds the network
+    /// from scratch and then calls [`crate::Relay::on_woken`]. Until then the logic does
+    /// nothing ([`crate::Relay::is_sleeping`], no deadline).
+    Sleep,
+    /// As a substitute: send the Wake-on-LAN magic packet for `mac`
+    /// (`duplex_tunnel::magic_packet`) as a UDP broadcast on the LAN (port
+    /// `duplex_tunnel::WAKE_UDP_PORT`), then report with
+    /// [`crate::Relay::on_magic_sent`] and this `wake_id`.
+    SendMagic { wake_id: u64, mac: [u8; 6] },
 }

@@ -24,6 +24,10 @@ pub const DEFAULT_HEARTBEAT_MS: u32 = 30_000;
 pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u32 = 45_000;
 /// How long a login may take, from the dial to `Welcome`.
 pub const DEFAULT_LOGIN_TIMEOUT_MS: u64 = 15_000;
+/// Shortest `sleep_idle_ms=` (other than `0`, never).
+pub const MIN_SLEEP_IDLE_MS: u64 = 1_000;
+/// Longest `sleep_idle_ms=` (a day).
+pub const MAX_SLEEP_IDLE_MS: u64 = 86_400_000;
 
 /// A configuration problem: the key and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +72,44 @@ pub struct RelayConfig {
     pub heartbeat_timeout_ms: u32,
     /// `login_timeout_ms=` (15 000): dial to `Welcome`.
     pub login_timeout_ms: u64,
+    /// `segment=`: the LAN segment the relay is on (a `valid_id`; relays on one segment can
+    /// wake each other with a broadcast). Without it the relay is no substitute and never
+    /// sleeps.
+    pub segment: Option<String>,
+    /// `sleep_idle_ms=`: sleep after this long without tunnel work (at least
+    /// [`MIN_SLEEP_IDLE_MS`]); absent or `0`: never.
+    pub sleep_idle_ms: Option<u64>,
+    /// The network card's MAC: not on the command line; the firmware sets it from its
+    /// card before [`crate::Relay::new`]. Without it the relay never sleeps.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl Default for RelayConfig {
+    /// Empty identity, zero secret and pins, mediator `0.0.0.0:7443`, and the defaults of
+    /// the optional keys: for building a configuration in code with
+    /// `RelayConfig { relay_id, secret, .., ..Default::default() }`.
+    fn default() -> Self {
+        RelayConfig {
+            relay_id: String::new(),
+            secret: [0; KEY_LEN],
+            devices: Vec::new(),
+            mediator: Endpoint {
+                ip: [0; 4],
+                port: DEFAULT_CONTROL_PORT,
+            },
+            mediator_pin: [0; 32],
+            cloud_pin: [0; 32],
+            controller_cid: DEFAULT_CONTROLLER_CID,
+            backoff_base_ms: DEFAULT_BASE_MS,
+            backoff_max_ms: DEFAULT_CAP_MS,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            heartbeat_timeout_ms: DEFAULT_HEARTBEAT_TIMEOUT_MS,
+            login_timeout_ms: DEFAULT_LOGIN_TIMEOUT_MS,
+            segment: None,
+            sleep_idle_ms: None,
+            mac: None,
+        }
+    }
 }
 
 /// The relay's network address: `ip=A.B.C.D/N` and `gw=A.B.C.D` (optional).
@@ -230,6 +272,30 @@ where
         r.fail("heartbeat_timeout_ms", "must exceed heartbeat_ms");
     }
     let login_timeout_ms = r.number("login_timeout_ms", DEFAULT_LOGIN_TIMEOUT_MS, 100, 3_600_000);
+    let segment = (r.arg)("segment").and_then(|v| {
+        if valid_id(v) {
+            Some(v.to_string())
+        } else {
+            r.fail(
+                "segment",
+                "must be 1-64 ASCII letters, digits, '-', '_', '.', ':' or '@'",
+            );
+            None
+        }
+    });
+    let sleep_idle_ms = match (r.arg)("sleep_idle_ms").map(str::parse::<u64>) {
+        None | Some(Ok(0)) => None,
+        Some(Ok(n)) if (MIN_SLEEP_IDLE_MS..=MAX_SLEEP_IDLE_MS).contains(&n) => Some(n),
+        Some(_) => {
+            r.fail(
+                "sleep_idle_ms",
+                format!(
+                    "must be 0 (never sleep) or a number from {MIN_SLEEP_IDLE_MS} to {MAX_SLEEP_IDLE_MS}"
+                ),
+            );
+            None
+        }
+    };
     match (r.errors.is_empty(), mediator) {
         (true, Some(mediator)) => Ok(RelayConfig {
             relay_id: relay_id.to_string(),
@@ -245,6 +311,9 @@ where
             heartbeat_ms: heartbeat_ms as u32,
             heartbeat_timeout_ms: heartbeat_timeout_ms as u32,
             login_timeout_ms,
+            segment,
+            sleep_idle_ms,
+            mac: None,
         }),
         _ => Err(r.errors),
     }

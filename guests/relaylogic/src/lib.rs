@@ -6,7 +6,10 @@
 //!   reconnect forever with capped exponential backoff and equal jitter), opens a **tunnel**
 //!   to a cloud server for each `TunnelRequest` (at most [`MAX_TUNNELS`]), receives jobs on
 //!   it, submits each to the controller partition keyed by its job id, polls it to the end
-//!   and returns the result, and starts afresh after a restore from a snapshot. Time comes
+//!   and returns the result, and starts afresh after a restore from a snapshot. With
+//!   `sleep_idle_ms=` it asks the mediator for a sleep lease when idle and sleeps
+//!   ([`Action::Sleep`], [`Relay::on_woken`]); with `segment=` it is a substitute that
+//!   wakes sleeping relays of its LAN ([`Action::SendMagic`]). Time comes
 //!   in as milliseconds, randomness as a closure; what the relay wants done comes out as
 //!   [`Action`]s (dial, send, close, controller requests, console lines).
 //! * [`config`]: the relay's command line (`relay_id=`, `secret=`, `devices=`, ...).
@@ -33,6 +36,7 @@ mod controller;
 pub mod entropy;
 mod relay;
 mod session;
+mod sleep;
 pub mod tls;
 mod tunnel;
 
@@ -43,8 +47,11 @@ pub use relay::{
     Relay, CONTROLLER_RETRY_MS, DIAL_TIMEOUT_MS, JOB_POLL_FIRST_MS, JOB_POLL_MS, MAX_TUNNELS,
 };
 pub use relay::{MAX_REPORTED_JOBS, TUNNEL_IDLE_MS};
+pub use sleep::mac_string;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_sleep;
 #[cfg(test)]
 mod tests_tunnel;

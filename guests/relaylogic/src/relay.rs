@@ -65,6 +65,12 @@ pub struct Relay {
     pub(crate) pending: VecDeque<Pending>,
     /// Failed controller connection attempts in a row.
     pub(crate) ctl_failures: u64,
+    /// When the relay last had tunnel work (the idle clock of `sleep_idle_ms=`).
+    pub(crate) idle_since: u64,
+    /// `Sleep` sent on this session, not answered yet (and not given up).
+    pub(crate) sleep_asked: bool,
+    /// Why the relay cannot sleep was logged.
+    pub(crate) sleep_note_logged: bool,
 }
 
 impl Relay {
@@ -85,6 +91,9 @@ impl Relay {
             ctl: CtlState::Down { retry_at: now },
             pending: VecDeque::new(),
             ctl_failures: 0,
+            idle_since: now,
+            sleep_asked: false,
+            sleep_note_logged: false,
         }
     }
 
@@ -113,48 +122,68 @@ impl Relay {
         &self.backoff
     }
 
-    /// Runs the timers: dials, heartbeats, timeouts, idle tunnels, controller polls.
+    /// Runs the timers: dials, heartbeats, timeouts, idle tunnels, controller polls, the
+    /// idle sleep. Asleep, nothing.
     pub fn on_tick(&mut self, now: u64) {
+        if self.is_sleeping() {
+            return;
+        }
+        self.note_activity(now);
         self.session_tick(now);
         self.tunnels_tick(now);
         self.controller_tick(now);
+        self.note_activity(now);
+        self.sleep_tick(now);
     }
 
-    /// When [`Relay::on_tick`] next has something to do (absolute ms).
+    /// When [`Relay::on_tick`] next has something to do (absolute ms); `None` asleep.
     pub fn next_deadline(&self) -> Option<u64> {
+        if self.is_sleeping() {
+            return None;
+        }
         let tunnels = self.tunnels.iter().filter_map(|t| t.deadline());
-        [self.session_deadline(), self.controller_deadline()]
-            .into_iter()
-            .flatten()
-            .chain(tunnels)
-            .min()
+        [
+            self.session_deadline(),
+            self.controller_deadline(),
+            self.sleep_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(tunnels)
+        .min()
     }
 
     /// The TLS session of `conn` is established.
     pub fn on_connected(&mut self, conn: ConnId, now: u64) {
+        self.note_activity(now);
         if self.session.conn() == Some(conn) {
             self.session_connected(now);
         } else if let Some(i) = self.tunnel_index(conn) {
             self.tunnel_connected(i, now);
         }
+        self.note_activity(now);
     }
 
     /// Bytes arrived (decrypted) on `conn`.
     pub fn on_data(&mut self, conn: ConnId, bytes: &[u8], now: u64) {
+        self.note_activity(now);
         if self.session.conn() == Some(conn) {
             self.session_data(bytes, now);
         } else if let Some(i) = self.tunnel_index(conn) {
             self.tunnel_data(i, bytes, now);
         }
+        self.note_activity(now);
     }
 
     /// `conn` failed or was closed by the peer (TCP or TLS); `why` says how.
     pub fn on_closed(&mut self, conn: ConnId, why: &str, now: u64) {
+        self.note_activity(now);
         if self.session.conn() == Some(conn) {
             self.session_down(now, &format!("connection lost: {why}"), false);
         } else if let Some(i) = self.tunnel_index(conn) {
             self.tunnel_lost(i, why);
         }
+        self.note_activity(now);
     }
 
     /// The controller connection is up.
@@ -164,11 +193,14 @@ impl Relay {
 
     /// A reply from the controller.
     pub fn on_controller_reply(&mut self, reply: HostReply, now: u64) {
+        self.note_activity(now);
         self.controller_reply(reply, now);
+        self.note_activity(now);
     }
 
     /// The controller sent something that is not a reply: the connection is dropped.
     pub fn on_controller_malformed(&mut self, why: &str, now: u64) {
+        self.note_activity(now);
         self.log(format!(
             "controller sent a malformed frame ({why}); reconnecting"
         ));
@@ -178,6 +210,7 @@ impl Relay {
 
     /// The controller connection failed or closed (or a connection attempt was refused).
     pub fn on_controller_closed(&mut self, now: u64) {
+        self.note_activity(now);
         self.controller_closed(now);
     }
 
@@ -190,22 +223,32 @@ impl Relay {
         if self.session.conn().is_some() || self.session.id().is_some() {
             self.log("session down: restored from a snapshot".into());
         }
+        self.restart(now, "restore");
+    }
+
+    // ---- helpers for the other modules ----
+
+    /// Forgets the session and every connection (the firmware dropped its network stack:
+    /// a restore, a wake): open tunnels are reported closed on the next session, tunnels
+    /// still dialing are left for the mediator to offer again, and a fresh session is
+    /// dialled at once (backoff from attempt 0).
+    pub(crate) fn restart(&mut self, now: u64, by: &str) {
         // The session is gone before the tunnels are reported: their reports must wait for
         // the next session, not go out on the dead connection.
         self.session = Session::Waiting { retry_at: now };
         for t in core::mem::take(&mut self.tunnels) {
             if t.is_open() {
                 self.log(format!(
-                    "tunnel {} closed ({} jobs) by the restore",
+                    "tunnel {} closed ({} jobs) by the {by}",
                     t.id, t.job_count
                 ));
                 self.finish_report(t.id, t.closed_report());
             }
         }
         self.backoff.reset();
+        self.sleep_asked = false;
+        self.idle_since = now;
     }
-
-    // ---- helpers for the other modules ----
 
     pub(crate) fn push(&mut self, a: Action) {
         self.out.push(a);

@@ -51,6 +51,9 @@ pub(crate) enum Session {
     Waiting { retry_at: u64 },
     /// A connection, logging in or up.
     Active(Control),
+    /// Asleep with a lease ([`crate::Action::Sleep`]): no connection, no dial, until
+    /// [`Relay::on_woken`].
+    Sleeping,
 }
 
 impl Session {
@@ -58,7 +61,7 @@ impl Session {
     pub fn conn(&self) -> Option<ConnId> {
         match self {
             Session::Active(c) => Some(c.conn),
-            Session::Waiting { .. } => None,
+            Session::Waiting { .. } | Session::Sleeping => None,
         }
     }
 
@@ -101,6 +104,7 @@ impl Relay {
     pub(crate) fn session_deadline(&self) -> Option<u64> {
         match &self.session {
             Session::Waiting { retry_at } => Some(*retry_at),
+            Session::Sleeping => None,
             Session::Active(c) => match c.phase {
                 Phase::Up {
                     timeout_ms,
@@ -123,6 +127,7 @@ impl Relay {
                 }
                 return;
             }
+            Session::Sleeping => return,
             Session::Active(c) => match &mut c.phase {
                 Phase::Up {
                     heartbeat_ms,
@@ -269,6 +274,7 @@ impl Relay {
                     ));
                 }
                 self.log(format!("session up id={session_id}"));
+                self.session_welcomed(conn, now);
                 while let Some(r) = self.reports.pop_front() {
                     self.send_frame(conn, &r);
                 }
@@ -291,7 +297,24 @@ impl Relay {
                     cloud,
                     ticket,
                 },
-            ) => self.tunnel_request(tunnel_id, device_id, cloud, ticket, now),
+            ) => {
+                self.tunnel_activity(now);
+                self.tunnel_request(tunnel_id, device_id, cloud, ticket, now);
+            }
+            (Phase::Up { .. }, MediatorToRelay::SleepGranted) => self.sleep_granted(conn, now),
+            (Phase::Up { .. }, MediatorToRelay::SleepRefused { code, message }) => {
+                self.sleep_refused(code, &message, now);
+            }
+            (
+                Phase::Up { .. },
+                MediatorToRelay::WakeRelay {
+                    wake_id,
+                    relay_id,
+                    mac,
+                    device_id,
+                    tunnel_id,
+                },
+            ) => self.wake_relay(wake_id, &relay_id, mac, &device_id, tunnel_id),
             (phase, msg) => {
                 let why = format!("unexpected {} in phase {:?} (400)", name(&msg), phase);
                 self.session_down(now, &why, false);
@@ -312,6 +335,7 @@ impl Relay {
             let r = self.random();
             self.backoff.next_delay_ms(r)
         };
+        self.sleep_asked = false;
         let line: String = format!("session down: {why}; next attempt in {delay} ms");
         self.log(line);
         self.session = Session::Waiting {

@@ -36,6 +36,7 @@ pub(crate) fn config() -> RelayConfig {
         heartbeat_ms: 30_000,
         heartbeat_timeout_ms: 45_000,
         login_timeout_ms: 15_000,
+        ..RelayConfig::default()
     }
 }
 

@@ -28,7 +28,7 @@ pub(crate) fn ticket(tunnel_id: u64, device: &str) -> Ticket {
     )
 }
 
-fn request(tunnel_id: u64, device: &str) -> MediatorToRelay {
+pub(crate) fn request(tunnel_id: u64, device: &str) -> MediatorToRelay {
     MediatorToRelay::TunnelRequest {
         tunnel_id,
         device_id: device.into(),
@@ -71,7 +71,7 @@ pub(crate) fn open_tunnel(h: &mut H, id: u64, device: &str) -> ConnId {
     conn
 }
 
-fn job(id: &str, device: &str, len: u64) -> CloudToRelay {
+pub(crate) fn job(id: &str, device: &str, len: u64) -> CloudToRelay {
     CloudToRelay::Job {
         job_id: id.into(),
         device_id: device.into(),
@@ -84,7 +84,7 @@ fn job(id: &str, device: &str, len: u64) -> CloudToRelay {
     }
 }
 
-fn data(id: &str, bytes: &[u8]) -> CloudToRelay {
+pub(crate) fn data(id: &str, bytes: &[u8]) -> CloudToRelay {
     CloudToRelay::JobData {
         job_id: id.into(),
         bytes: bytes.to_vec(),

@@ -243,6 +243,7 @@ fn a_job_crosses_from_the_cloud_to_the_controller_and_back() {
         heartbeat_ms: 30_000,
         heartbeat_timeout_ms: 45_000,
         login_timeout_ms: 10_000,
+        ..RelayConfig::default()
     };
     let (mediator_pin, cloud_pin) = (cfg.mediator_pin, cfg.cloud_pin);
     let mut rng = RdRand::new().expect("RDRAND");
@@ -318,6 +319,8 @@ fn a_job_crosses_from_the_cloud_to_the_controller_and_back() {
                 Action::ControllerSend(req) => replies.push_back(controller_reply(&req)),
                 Action::ControllerClose => {}
                 Action::Log(line) => logs.push(line),
+                // No sleep_idle_ms= and no segment=: neither comes.
+                Action::Sleep | Action::SendMagic { .. } => panic!("unexpected {a:?}"),
             }
         }
         thread::sleep(Duration::from_millis(1));

@@ -235,5 +235,8 @@ fn the_sleep_and_wake_messages_keep_their_variant_numbers() {
     });
     assert_eq!(&wake[4..], &[9, 2, 1, b'b', 9, 9, 9, 9, 9, 9, 1, b'd', 3]);
     let back: MediatorToRelay = decode_body(&wake[4..]).unwrap();
-    assert!(matches!(back, MediatorToRelay::WakeRelay { tunnel_id: 3, .. }));
+    assert!(matches!(
+        back,
+        MediatorToRelay::WakeRelay { tunnel_id: 3, .. }
+    ));
 }
