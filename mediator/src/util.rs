@@ -1,5 +1,5 @@
-//! Small shared helpers: the wall clock in milliseconds, hex, random bytes, and raising
-//! the open-file limit for servers that hold thousands of sockets.
+//! Small shared helpers: the wall clock in milliseconds, hex, MAC addresses, random
+//! bytes, and raising the open-file limit for servers that hold thousands of sockets.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,6 +20,25 @@ pub fn hex(bytes: &[u8]) -> String {
         s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
     }
     s
+}
+
+/// A MAC address as `52:54:00:12:34:56`.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| hex(&[*b])).collect::<Vec<_>>().join(":")
+}
+
+/// Parses `52:54:00:12:34:56` (or with `-`; either case).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for b in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 /// Fills a fresh array with random bytes from the operating system.
@@ -92,6 +111,22 @@ mod tests {
         let key: [u8; 32] = random_bytes();
         assert_eq!(duplex_tunnel::parse_key(&hex(&key)), Some(key));
         assert_eq!(hex(&[0, 0xab, 0x0f]), "00ab0f");
+    }
+
+    #[test]
+    fn macs_round_trip() {
+        let mac = [0x52, 0x54, 0x00, 0xab, 0x0c, 0xff];
+        assert_eq!(mac_string(&mac), "52:54:00:ab:0c:ff");
+        assert_eq!(parse_mac("52:54:00:AB:0c:ff"), Some(mac));
+        assert_eq!(parse_mac("52-54-00-ab-0c-ff"), Some(mac));
+        for bad in [
+            "52:54:00:ab:0c",
+            "52:54:00:ab:0c:ff:00",
+            "5:54:00:ab:0c:ff",
+            "zz:54:00:ab:0c:ff",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! `duplex-relay-sim`: a simulated relay on the host, for testing the mediator and a cloud
 //! server without KVM (`docs/mediator.md#duplex-relay-sim`).
 //!
-//! * Normal mode: one relay with a fake device serving tunnel requests end to end.
+//! * Normal mode: one relay with a fake device serving tunnel requests end to end; with
+//!   `--mac`, `--segment` and `--sleep-idle-ms` it sleeps when idle and wakes on the magic
+//!   packet for its MAC at `--wake-listen`; with `--segment` it wakes others as a
+//!   substitute, sending magic packets to `--wake-to`.
 //! * `--sessions N`: N bare sessions (`<prefix><i>`) with heartbeats, for load; prints a
 //!   JSON line of counters every 5 s.
 
@@ -44,6 +47,21 @@ struct Cli {
     backoff_base_ms: u64,
     #[arg(long, default_value_t = 30_000)]
     backoff_max_ms: u64,
+    /// The card's MAC, `52:54:00:12:34:56` (to sleep and be woken).
+    #[arg(long)]
+    mac: Option<String>,
+    /// The LAN segment (to sleep, and to wake other relays as a substitute).
+    #[arg(long)]
+    segment: Option<String>,
+    /// Ask to sleep after this long without tunnel work.
+    #[arg(long)]
+    sleep_idle_ms: Option<u64>,
+    /// UDP address watched while asleep: the magic packet for --mac wakes the relay.
+    #[arg(long)]
+    wake_listen: Option<SocketAddr>,
+    /// Where magic packets go when this relay wakes another (default 255.255.255.255:9).
+    #[arg(long)]
+    wake_to: Option<SocketAddr>,
     /// Load mode: this many sessions, relay ids `<relay-prefix><i>`.
     #[arg(long)]
     sessions: Option<usize>,
@@ -143,12 +161,39 @@ async fn run(cli: Cli) -> Result<(), String> {
     );
     cfg.backoff_base_ms = cli.backoff_base_ms;
     cfg.backoff_max_ms = cli.backoff_max_ms;
+    cfg.mac = match cli.mac.as_deref() {
+        Some(m) => Some(
+            duplex_mediator::util::parse_mac(m)
+                .ok_or_else(|| format!("--mac: {m:?} is not a MAC like 52:54:00:12:34:56"))?,
+        ),
+        None => None,
+    };
+    if let Some(seg) = cli.segment.as_deref() {
+        if !duplex_tunnel::valid_id(seg) {
+            return Err(format!("--segment: {seg:?}: 1-64 of A-Z a-z 0-9 - _ . : @"));
+        }
+    }
+    cfg.segment = cli.segment.clone();
+    cfg.sleep_idle_ms = cli.sleep_idle_ms;
+    cfg.wake_listen = cli.wake_listen;
+    cfg.wake_to = cli.wake_to;
     let relay =
         sim::RelaySim::spawn(cfg, Arc::new(FakeDevice::new())).map_err(|e| e.to_string())?;
+    if let Some(addr) = relay.wake_addr {
+        println!("wake-listen {addr}");
+    }
     until.await;
+    let st = &relay.stats;
     println!(
         "{}",
-        serde_json::json!({"prints": relay.device.prints(), "welcomes": relay.stats.welcomes.load(Ordering::Relaxed)})
+        serde_json::json!({
+            "prints": relay.device.prints(),
+            "welcomes": st.welcomes.load(Ordering::Relaxed),
+            "sleeps": st.sleeps.load(Ordering::Relaxed),
+            "wakes": st.wakes.load(Ordering::Relaxed),
+            "magic_sent": st.magic_sent.load(Ordering::Relaxed),
+            "magic_dropped": st.magic_dropped.load(Ordering::Relaxed),
+        })
     );
     relay.kill().await;
     Ok(())

@@ -1,20 +1,23 @@
 //! Print jobs: one worker per device runs its jobs in order, each on a tunnel it asks the
 //! mediator for (retrying with backoff while the mediator is unreachable, up to the job's
 //! deadline). A tunnel lost before the result means a new tunnel and the same job id
-//! again. The tunnel is closed when no other job for the device is queued.
+//! again. The tunnel is closed when no other job for the device is queued. A request the
+//! mediator fails because the device's relay sleeps and cannot be woken (`no_substitute`,
+//! `wake_timeout`) fails the job, with the mediator's code and message and the wake.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use duplex_tunnel::{CloudToRelay, JobOutcome, RelayToCloud, MAX_DOCUMENT_CHUNK};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
-use tokio::sync::{mpsc, oneshot, watch};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::ask::{open_tunnel, OpenError};
 use super::dial::{close, Tunnel};
 use super::document::{expected_checksums, Document};
-use super::{Asked, Cloud};
+use super::Cloud;
 use crate::http;
 use crate::wire::WireError;
 
@@ -54,6 +57,19 @@ pub struct Timings {
     pub total: Option<u64>,
 }
 
+/// The mediator's error on a tunnel record that ended the job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelError {
+    pub tunnel_id: u64,
+    /// `no_substitute`, `wake_timeout`.
+    pub code: String,
+    pub message: String,
+}
+
+/// Mediator error codes that end a job rather than ask for another tunnel: the device's
+/// relay is asleep and cannot be woken (asking again at once would fail the same way).
+pub const FATAL_TUNNEL_CODES: [&str; 2] = ["no_substitute", "wake_timeout"];
+
 /// A job's report: what `duplex-cloud submit` prints.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JobReport {
@@ -70,6 +86,13 @@ pub struct JobReport {
     pub tunnels_opened: u32,
     pub timings_ms: Timings,
     pub error: Option<String>,
+    /// The tunnel record's error when the mediator failed the request (`no_substitute`,
+    /// `wake_timeout`).
+    #[serde(default)]
+    pub tunnel_error: Option<TunnelError>,
+    /// The last tunnel record's `wake` (its relay was asleep: who woke it, when).
+    #[serde(default)]
+    pub wake: Option<Value>,
 }
 
 impl JobReport {
@@ -93,6 +116,8 @@ impl JobReport {
             tunnels_opened: 0,
             timings_ms: Timings::default(),
             error: None,
+            tunnel_error: None,
+            wake: None,
         }
     }
 
@@ -194,7 +219,10 @@ async fn run_job(cloud: &Arc<Cloud>, job: &JobEntry, slot: &mut Option<Tunnel>) 
                 t
             }
             None => match open_tunnel(cloud, &spec.device_id, spec.deadline).await {
-                Ok(t) => {
+                Ok((t, wake)) => {
+                    if wake.is_some() {
+                        report.wake = wake;
+                    }
                     report.tunnels_opened += 1;
                     report
                         .timings_ms
@@ -204,6 +232,18 @@ async fn run_job(cloud: &Arc<Cloud>, job: &JobEntry, slot: &mut Option<Tunnel>) 
                 }
                 Err(OpenError::Deadline(why)) => return end(report, JobState::Timeout, Some(why)),
                 Err(OpenError::Fatal(why)) => return end(report, JobState::Failed, Some(why)),
+                Err(OpenError::Record { error, wake }) => {
+                    let why = format!(
+                        "tunnel {} failed at the mediator: {}: {}",
+                        error.tunnel_id, error.code, error.message
+                    );
+                    report.tunnel_id = Some(error.tunnel_id);
+                    report.tunnel_error = Some(error);
+                    if wake.is_some() {
+                        report.wake = wake;
+                    }
+                    return end(report, JobState::Failed, Some(why));
+                }
             },
         };
         report.tunnel_id = Some(tunnel.id);
@@ -356,129 +396,4 @@ async fn ended_at_relay(cloud: &Cloud, id: u64) -> Option<String> {
     let state = r.body.get("state").and_then(|s| s.as_str())?;
     matches!(state, "closed" | "failed")
         .then(|| format!("the relay reported the tunnel {state} before the job's result"))
-}
-
-/// Why no tunnel could be had.
-enum OpenError {
-    Deadline(String),
-    Fatal(String),
-}
-
-/// Counts a request to the mediator under way (see [`super::dial::check_dial`]).
-struct Asking<'a>(&'a Cloud);
-
-impl<'a> Asking<'a> {
-    fn new(cloud: &'a Cloud) -> Self {
-        cloud
-            .asking
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Asking(cloud)
-    }
-}
-
-impl Drop for Asking<'_> {
-    fn drop(&mut self) {
-        self.0
-            .asking
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Asks the mediator for a tunnel to `device` and waits for the relay's dial, again and
-/// again (with backoff) until one opens or the deadline passes.
-async fn open_tunnel(cloud: &Cloud, device: &str, deadline: Instant) -> Result<Tunnel, OpenError> {
-    let cfg = &cloud.cfg;
-    let mut backoff = Duration::from_millis(cfg.retry_base_ms);
-    let mut last = String::from("no tunnel before the deadline");
-    let path = format!("/v1/devices/{device}/tunnels");
-    let body = json!({ "dial": cloud.dial_addr.to_string() });
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(OpenError::Deadline(last));
-        }
-        let asking = Asking::new(cloud);
-        let limit = left.min(Duration::from_secs(5));
-        match http::request(
-            &cfg.mediator,
-            "POST",
-            &path,
-            Some(&cfg.token),
-            Some(&body),
-            limit,
-        )
-        .await
-        {
-            Ok(r) if r.status == 201 => match r.body.get("tunnel_id").and_then(|v| v.as_u64()) {
-                Some(id) => {
-                    let (tx, rx) = oneshot::channel();
-                    cloud.asked().insert(
-                        id,
-                        Asked {
-                            device_id: device.to_string(),
-                            waiter: tx,
-                        },
-                    );
-                    drop(asking);
-                    log::info!("asked for tunnel {id} to device {device}");
-                    match wait_for_dial(cloud, id, rx, deadline).await {
-                        Ok(t) => return Ok(t),
-                        Err(why) => {
-                            cloud.asked().remove(&id);
-                            log::warn!("tunnel {id}: {why}");
-                            last = why;
-                        }
-                    }
-                }
-                None => last = "mediator answered 201 without a tunnel_id".into(),
-            },
-            Ok(r) if r.status == 429 || r.status >= 500 => {
-                last = format!("mediator answered {}: {}", r.status, r.body);
-                log::warn!("{last}; retrying in {} ms", backoff.as_millis());
-            }
-            Ok(r) => {
-                return Err(OpenError::Fatal(format!(
-                    "mediator refused the tunnel: {} {}",
-                    r.status, r.body
-                )))
-            }
-            Err(e) => {
-                last = format!("mediator unreachable: {e}");
-                log::warn!("{last}; retrying in {} ms", backoff.as_millis());
-            }
-        }
-        let wait = backoff.min(deadline.saturating_duration_since(Instant::now()));
-        tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(Duration::from_millis(cfg.retry_max_ms));
-    }
-}
-
-/// Waits for the dial of tunnel `id`, polling its record: `Err` when the record failed or
-/// expired, or at the deadline.
-async fn wait_for_dial(
-    cloud: &Cloud,
-    id: u64,
-    mut rx: oneshot::Receiver<Tunnel>,
-    deadline: Instant,
-) -> Result<Tunnel, String> {
-    let cfg = &cloud.cfg;
-    let mut poll = tokio::time::interval(Duration::from_millis(cfg.poll_ms));
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let path = format!("/v1/tunnels/{id}");
-    loop {
-        tokio::select! {
-            biased;
-            t = &mut rx => return t.map_err(|_| "the dial's hand-over failed".to_string()),
-            _ = tokio::time::sleep_until(deadline) => return Err(format!("no dial for tunnel {id} before the deadline")),
-            _ = poll.tick() => {
-                let r = http::request(&cfg.mediator, "GET", &path, Some(&cfg.token), None, Duration::from_secs(2)).await;
-                if let Ok(r) = r {
-                    let state = r.body.get("state").and_then(|s| s.as_str()).unwrap_or("");
-                    if r.status == 404 || matches!(state, "failed" | "expired" | "closed") {
-                        return Err(format!("tunnel record is {} ({})", if state.is_empty() { "gone" } else { state }, r.body.get("error").unwrap_or(&serde_json::Value::Null)));
-                    }
-                }
-            }
-        }
-    }
 }

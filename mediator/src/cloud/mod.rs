@@ -1,13 +1,16 @@
 //! `duplex-cloud`: a reference cloud print service (`docs/mediator.md#duplex-cloud`).
 //!
 //! A job submitted to its local API ([`api`]) goes to its device's worker ([`jobs`]),
-//! which asks the mediator for a tunnel, waits for the relay's dial-back ([`dial`]:
+//! which asks the mediator for a tunnel ([`ask`]; a request the mediator fails because
+//! the device's relay sleeps and cannot be woken fails the job with the mediator's code),
+//! waits for the relay's dial-back ([`dial`]:
 //! ticket checks, codes 426/412/410), sends the job and its document, checks the result
 //! against the expected checksums ([`document`]) and closes the tunnel when no other job
 //! for that device is queued. A tunnel lost before the result means a new tunnel and the
 //! same job id again: the device prints it once.
 
 pub mod api;
+pub mod ask;
 pub mod config;
 pub mod dial;
 pub mod document;

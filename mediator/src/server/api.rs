@@ -131,7 +131,9 @@ async fn create_tunnel(
         "tunnel {} requested by cloud {cloud} for device {device_id} (relay {relay_id}), dial {dial}",
         rec.tunnel_id
     );
-    m.nudge(&relay_id, &device_id, rec.tunnel_id);
+    // Offered at once if the relay is active; a sleeping relay's request gets a wake (and
+    // fails at once, `no_substitute`, if no relay can wake it).
+    let rec = super::wake_flow::route(&m, rec).await;
     Ok((StatusCode::CREATED, Json(rec.to_json())))
 }
 
@@ -169,13 +171,15 @@ async fn list_relays(
         .into_iter()
         .map(|l| (l.relay_id.clone(), l))
         .collect();
+    let book = m.book.lock().await;
     let sessions = m.sessions();
     let relays: Vec<Value> = m
         .cfg
         .relays
         .iter()
         .map(|r| {
-            if let Some(s) = sessions.get(&r.id) {
+            let session = sessions.get(&r.id);
+            let mut v = if let Some(s) = session {
                 json!({
                     "relay_id": r.id, "online": true, "session_id": s.session_id,
                     "devices": s.devices, "since_ms": s.since_ms,
@@ -191,7 +195,11 @@ async fn list_relays(
                     "relay_id": r.id, "online": false, "session_id": null,
                     "devices": [], "since_ms": null, "last_heard_ms": null,
                 })
+            };
+            if let Value::Object(o) = &mut v {
+                o.extend(book.relay_json(&r.id, session.is_some()));
             }
+            v
         })
         .collect();
     Ok(Json(json!({ "relays": relays })))

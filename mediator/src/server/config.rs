@@ -50,6 +50,15 @@ fn default_pending_ttl_ms() -> u64 {
 fn default_login_timeout_ms() -> u64 {
     10_000
 }
+fn default_wake_timeout_ms() -> u64 {
+    15_000
+}
+fn default_wake_retry_ms() -> u64 {
+    3_000
+}
+fn default_wake_attempts() -> u32 {
+    3
+}
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -73,6 +82,12 @@ struct RawConfig {
     pending_ttl_ms: u64,
     #[serde(default = "default_login_timeout_ms")]
     login_timeout_ms: u64,
+    #[serde(default = "default_wake_timeout_ms")]
+    wake_timeout_ms: u64,
+    #[serde(default = "default_wake_retry_ms")]
+    wake_retry_ms: u64,
+    #[serde(default = "default_wake_attempts")]
+    wake_attempts: u32,
     #[serde(default)]
     clouds: Vec<RawCloud>,
     #[serde(default)]
@@ -126,6 +141,12 @@ pub struct Config {
     pub ticket_ttl_ms: u64,
     pub pending_ttl_ms: u64,
     pub login_timeout_ms: u64,
+    /// How long a sleeping relay has to log in after the first `WakeRelay` for it.
+    pub wake_timeout_ms: u64,
+    /// How often `WakeRelay` is sent again while the relay has not logged in.
+    pub wake_retry_ms: u64,
+    /// Most `WakeRelay` messages per wake.
+    pub wake_attempts: u32,
     pub clouds: Vec<CloudEntry>,
     pub relays: Vec<RelayEntry>,
     /// Device id → the relay that serves it.
@@ -182,6 +203,21 @@ impl Config {
                 "ticket_ttl_ms/pending_ttl_ms/login_timeout_ms".into(),
                 "must be over 0",
             ));
+        }
+        if raw.wake_timeout_ms == 0 {
+            return Err(invalid("wake_timeout_ms".into(), "must be over 0"));
+        }
+        if raw.wake_retry_ms == 0 || raw.wake_retry_ms >= raw.wake_timeout_ms {
+            return Err(invalid(
+                "wake_retry_ms".into(),
+                &format!(
+                    "{} must be over 0 and less than wake_timeout_ms ({})",
+                    raw.wake_retry_ms, raw.wake_timeout_ms
+                ),
+            ));
+        }
+        if raw.wake_attempts == 0 {
+            return Err(invalid("wake_attempts".into(), "must be 1 or more"));
         }
         let mut clouds = Vec::new();
         let mut names = HashSet::new();
@@ -256,6 +292,9 @@ impl Config {
             ticket_ttl_ms: raw.ticket_ttl_ms,
             pending_ttl_ms: raw.pending_ttl_ms,
             login_timeout_ms: raw.login_timeout_ms,
+            wake_timeout_ms: raw.wake_timeout_ms,
+            wake_retry_ms: raw.wake_retry_ms,
+            wake_attempts: raw.wake_attempts,
             clouds,
             relays,
             device_relay,
@@ -291,6 +330,10 @@ mod tests {
         assert_eq!(c.key, Path::new("/k.pem"));
         assert_eq!(c.db.as_deref(), Some(Path::new("/etc/duplex/m.db")));
         assert_eq!(c.device_relay["d2"], "r1");
+        assert_eq!(
+            (c.wake_timeout_ms, c.wake_retry_ms, c.wake_attempts),
+            (15_000, 3_000, 3)
+        );
     }
 
     #[test]
@@ -299,6 +342,18 @@ mod tests {
             (
                 r#"{"cert":"c","key":"k","heartbeat_ms":1000,"heartbeat_timeout_ms":1000}"#,
                 "heartbeat_timeout_ms",
+            ),
+            (
+                r#"{"cert":"c","key":"k","wake_timeout_ms":3000,"wake_retry_ms":3000}"#,
+                "wake_retry_ms: 3000 must be over 0 and less than wake_timeout_ms (3000)",
+            ),
+            (
+                r#"{"cert":"c","key":"k","wake_attempts":0}"#,
+                "wake_attempts",
+            ),
+            (
+                r#"{"cert":"c","key":"k","wake_timeout_ms":0}"#,
+                "wake_timeout_ms",
             ),
             (
                 r#"{"cert":"c","key":"k","clouds":[{"name":"c","token":"tok-tok-tok","ticket_key":"zz"}]}"#,

@@ -1,17 +1,20 @@
 //! The mediation server (`duplex-mediator serve`): relays' control sessions on TLS
-//! ([`session`]), the HTTP API cloud servers ask for tunnels with ([`api`]), and the store
-//! of leases and tunnel records ([`crate::store`]). The protocol is
+//! ([`session`]), the HTTP API cloud servers ask for tunnels with ([`api`]), sleeping
+//! relays and their wakes through substitutes ([`wake`]), and the store of leases and
+//! tunnel records ([`crate::store`]). The protocol is
 //! `docs/tunnel-protocol.md`; running it is `docs/mediator.md`.
 //!
 //! State shared by all tasks is one [`Mediator`]: the registry from the configuration,
-//! the live sessions (one per relay: a newer login evicts the older), and the store.
-//! Sessions are one task each; the API and the background sweeps (expiry every second,
-//! leases' `last_heard_ms` every 5 s) are tasks too.
+//! the live sessions (one per relay: a newer login evicts the older), the wake book, and
+//! the store. Sessions are one task each; the API and the background sweeps (expiry every
+//! second, leases' `last_heard_ms` every 5 s, wakes every 100 ms) are tasks too.
 
 pub mod api;
 pub mod config;
 pub mod login;
 pub mod session;
+pub mod wake;
+pub mod wake_flow;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,6 +53,8 @@ pub enum Command {
     Offer(u64),
     /// A newer session of the relay logged in: send `Evicted` and close.
     Evict,
+    /// Send this message (a `WakeRelay` for this relay to carry out as a substitute).
+    Send(Box<duplex_tunnel::MediatorToRelay>),
 }
 
 /// A live, logged-in session of a relay.
@@ -71,7 +76,10 @@ pub struct Mediator {
     clouds_by_token: HashMap<String, CloudEntry>,
     clouds_by_name: HashMap<String, CloudEntry>,
     sessions: Mutex<HashMap<String, SessionSlot>>,
+    /// Sleeping relays, LAN segments and wakes (held across the store calls of a step).
+    pub book: tokio::sync::Mutex<wake::WakeBook>,
     next_session: AtomicU64,
+    next_wake: AtomicU64,
     /// TCP connections open on the relay port (logged in or not).
     connections: AtomicUsize,
     ready: AtomicBool,
@@ -81,7 +89,10 @@ impl Mediator {
     /// The state for `cfg` over `store`.
     pub fn new(cfg: Config, store: Arc<dyn Store>) -> Result<Mediator, StoreError> {
         let next = store.max_session_id()? + 1;
+        let book = wake::WakeBook::new(store.sleep_leases()?);
         Ok(Mediator {
+            book: tokio::sync::Mutex::new(book),
+            next_wake: AtomicU64::new(crate::util::random_u64() >> 16),
             relays: cfg
                 .relays
                 .iter()
@@ -129,6 +140,11 @@ impl Mediator {
     /// A fresh session id.
     pub fn next_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A fresh wake id (random start, then rising: unique across restarts in practice).
+    pub fn next_wake_id(&self) -> u64 {
+        self.next_wake.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Whether the store is open and the relay listener bound.
@@ -219,6 +235,7 @@ pub async fn start(cfg: Config) -> Result<Running, ServerError> {
     tasks.spawn(api::serve(mediator.clone(), api_listener));
     tasks.spawn(expiry_sweep(mediator.clone()));
     tasks.spawn(lease_flush(mediator.clone()));
+    tasks.spawn(wake_flow::sweep(mediator.clone()));
     mediator.ready.store(true, Ordering::Relaxed);
     Ok(Running {
         relay_addr,

@@ -3,7 +3,8 @@
 //! `Login` checked against the registry, `Welcome`, then heartbeats, tunnel requests and
 //! the relay's reports until the relay leaves, breaks the protocol, goes quiet, or a newer
 //! login evicts it ([`super::login`] is the part before `Welcome`). A bad frame ends
-//! this connection only.
+//! this connection only. `Lan`, `Sleep`, `WakeSent` and the `WakeRelay` sent on the hub's
+//! behalf go to [`super::wake`].
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::login::{login, message};
-use super::{Command, ConnectionGuard, Mediator, SessionSlot};
+use super::{wake_flow as wake, Command, ConnectionGuard, Mediator, SessionSlot};
 use crate::store::{Lease, StoreError, Transition, TunnelRecord, TunnelState};
 use crate::util::{now_ms, random_bytes};
 use crate::wire::{Framed, WireError};
@@ -90,6 +91,10 @@ struct Session {
     rx: mpsc::UnboundedReceiver<Command>,
     /// Tunnels offered on this session and not yet answered.
     offered: HashSet<u64>,
+    /// Wake ids sent to this relay in `WakeRelay` and not yet answered.
+    wakes_asked: HashSet<u64>,
+    /// The server answered `SleepGranted`: nothing more is offered on this session.
+    granted_sleep: bool,
 }
 
 impl Session {
@@ -124,6 +129,8 @@ impl Session {
             last_heard,
             rx,
             offered: HashSet::new(),
+            wakes_asked: HashSet::new(),
+            granted_sleep: false,
         }
     }
 
@@ -163,6 +170,7 @@ impl Session {
             self.devices,
             self.peer
         );
+        wake::on_login(&self.m, &self.relay_id).await;
         let relay = self.relay_id.clone();
         match self.m.store.run(move |s| s.waiting_for_relay(&relay)).await {
             Ok(waiting) => {
@@ -207,6 +215,12 @@ impl Session {
                             Err(e) => log::error!("tunnel {id}: {e}"),
                         }
                     }
+                    Some(Command::Send(msg)) => {
+                        if let MediatorToRelay::WakeRelay { wake_id, .. } = *msg {
+                            self.wakes_asked.insert(wake_id);
+                        }
+                        self.send(&msg).await?;
+                    }
                     Some(Command::Evict) | None => return Err(End::Evicted),
                 },
                 _ = tokio::time::sleep_until(deadline) => return Err(End::Timeout),
@@ -228,6 +242,42 @@ impl Session {
                     code::MALFORMED,
                     "Hello or Login after Welcome".into(),
                 ));
+            }
+            RelayToMediator::Lan { segment, mac } => {
+                if !valid_id(&segment) {
+                    let shown: String = segment.chars().take(80).collect();
+                    return Err(End::Protocol(
+                        code::MALFORMED,
+                        format!("Lan: invalid segment {shown:?}"),
+                    ));
+                }
+                wake::on_lan(&self.m, &self.relay_id, self.session_id, segment, mac).await;
+                return Ok(false);
+            }
+            RelayToMediator::Sleep {
+                devices,
+                mac,
+                segment,
+            } => {
+                let answer = wake::sleep(&self.m, &self.relay_id, devices, mac, segment).await;
+                self.granted_sleep = matches!(answer, MediatorToRelay::SleepGranted);
+                self.send(&answer).await?;
+                return Ok(false);
+            }
+            RelayToMediator::WakeSent {
+                wake_id,
+                sent,
+                code: c,
+                message: why,
+            } => {
+                if !self.wakes_asked.remove(&wake_id) {
+                    return Err(End::Protocol(
+                        code::UNKNOWN_TUNNEL,
+                        format!("WakeSent: wake {wake_id} was not asked of this relay"),
+                    ));
+                }
+                wake::wake_sent(&self.m, &self.relay_id, wake_id, sent, c, &why).await;
+                return Ok(false);
             }
             RelayToMediator::TunnelAccepted { tunnel_id } => {
                 (tunnel_id, Transition::Opened { at: now })
@@ -294,7 +344,8 @@ impl Session {
     /// (a fresh ticket when pending, the same one when offered before).
     async fn offer(&mut self, rec: TunnelRecord) -> Result<(), End> {
         let now = now_ms();
-        if !rec.state.is_waiting()
+        if self.granted_sleep
+            || !rec.state.is_waiting()
             || rec.expires_ms <= now
             || rec.relay_id != self.relay_id
             || !self.devices.contains(&rec.device_id)
@@ -397,6 +448,7 @@ impl Session {
                 sessions.remove(&self.relay_id);
             }
         }
+        wake::on_session_end(&self.m, &self.relay_id, self.session_id).await;
         let (relay, session, heard) = (
             self.relay_id.clone(),
             self.session_id,

@@ -5,11 +5,14 @@
 //! ([`crate::tls::pinned_client_config`]), `Send` and `Close` go to that connection's task,
 //! the controller requests go to the in-process [`FakeDevice`], and the logic's timers run
 //! at its [`Relay::next_deadline`]. Console lines go to the log as `sim <relay>: <line>`.
+//! `Sleep` puts the relay to sleep: no timers, no connections, only the wake socket
+//! watched, where the magic packet for its MAC calls [`Relay::on_woken`]; `SendMagic`
+//! sends that packet over UDP to `wake_to` (default the LAN broadcast).
 //!
 //! The frames the mediator sends are also decoded here, read-only, for [`SimStats`].
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +21,10 @@ use duplex_link::controller::ClientId;
 use duplex_link::{FrameDecoder, HostReply};
 use duplex_relay::{Action, ConnId, Peer, Relay, RelayConfig};
 use duplex_tunnel::error_code as code;
-use duplex_tunnel::{control_decoder, MediatorToRelay};
+use duplex_tunnel::{control_decoder, magic_packet, MediatorToRelay, WAKE_UDP_PORT};
 use rustls::ClientConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
@@ -42,7 +45,15 @@ pub(crate) struct Setup {
     pub cloud_tls: Arc<ClientConfig>,
     pub stats: Arc<SimStats>,
     pub device: Arc<FakeDevice>,
+    /// Watched while asleep (bound by the caller, non-blocking).
+    pub wake_socket: Option<std::net::UdpSocket>,
+    /// Where magic packets go.
+    pub wake_to: Option<SocketAddr>,
+    pub mac: Option<[u8; 6]>,
 }
+
+/// Largest datagram read from the wake socket (a magic packet is 102 bytes).
+const WAKE_BUF: usize = 1500;
 
 /// What a connection task reports.
 enum Event {
@@ -72,6 +83,8 @@ struct Driver {
     /// The controller connection (a client of the device).
     controller: Option<ClientId>,
     replies: VecDeque<HostReply>,
+    wake_to: SocketAddr,
+    mac: Option<[u8; 6]>,
 }
 
 /// Runs the relay until `stop` says so (or its sender is gone). Connections still open
@@ -79,6 +92,16 @@ struct Driver {
 pub(crate) async fn run(setup: Setup, mut stop: watch::Receiver<bool>) {
     let (events, mut event_rx) = mpsc::unbounded_channel();
     let relay_id = setup.cfg.relay_id.clone();
+    let wake_socket = setup
+        .wake_socket
+        .and_then(|s| match UdpSocket::from_std(s) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::error!("sim {relay_id}: wake socket: {e}");
+                None
+            }
+        });
+    let mut wake_buf = vec![0u8; WAKE_BUF];
     let mut d = Driver {
         relay: Relay::new(setup.cfg, Box::new(crate::util::random_u64), 0),
         relay_id,
@@ -92,6 +115,10 @@ pub(crate) async fn run(setup: Setup, mut stop: watch::Receiver<bool>) {
         observed: HashMap::new(),
         controller: None,
         replies: VecDeque::new(),
+        wake_to: setup
+            .wake_to
+            .unwrap_or(SocketAddr::from((Ipv4Addr::BROADCAST, WAKE_UDP_PORT))),
+        mac: setup.mac,
     };
     loop {
         d.drain();
@@ -108,6 +135,11 @@ pub(crate) async fn run(setup: Setup, mut stop: watch::Receiver<bool>) {
                 }
             }
             Some(ev) = event_rx.recv() => d.on_event(ev),
+            got = recv_wake(wake_socket.as_ref(), &mut wake_buf) => {
+                if let Some(n) = got {
+                    d.on_datagram(&wake_buf[..n]);
+                }
+            }
             _ = sleep_until(deadline) => {
                 let now = d.now();
                 d.relay.on_tick(now);
@@ -118,6 +150,15 @@ pub(crate) async fn run(setup: Setup, mut stop: watch::Receiver<bool>) {
         d.device.disconnect(c);
     }
     d.stats.online.store(false, Ordering::SeqCst);
+}
+
+/// A datagram's length from the wake socket, or forever without one (`None` after an
+/// error).
+async fn recv_wake(sock: Option<&UdpSocket>, buf: &mut [u8]) -> Option<usize> {
+    match sock {
+        Some(s) => s.recv_from(buf).await.ok().map(|(n, _)| n),
+        None => std::future::pending().await,
+    }
 }
 
 /// Sleeps until `at`, or forever.
@@ -132,6 +173,32 @@ impl Driver {
     /// The relay's clock: milliseconds since the driver started.
     fn now(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A datagram on the wake socket: the magic packet for this relay's MAC wakes it while
+    /// asleep; anything else is dropped and counted.
+    fn on_datagram(&mut self, bytes: &[u8]) {
+        let magic = self.mac.is_some_and(|mac| bytes == magic_packet(mac));
+        if magic && self.relay.is_sleeping() {
+            log::info!("sim {}: magic packet received: waking", self.relay_id);
+            self.stats.asleep.store(false, Ordering::SeqCst);
+            self.stats.wakes.fetch_add(1, Ordering::SeqCst);
+            let now = self.now();
+            self.relay.on_woken("magic packet", now);
+        } else {
+            self.stats.magic_dropped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Sends the magic packet for `mac` to `wake_to`.
+    fn send_magic(&self, mac: [u8; 6]) -> Result<(), String> {
+        let sock = std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+            .map_err(|e| format!("UDP socket: {e}"))?;
+        sock.set_broadcast(true)
+            .map_err(|e| format!("SO_BROADCAST: {e}"))?;
+        sock.send_to(&magic_packet(mac), self.wake_to)
+            .map_err(|e| format!("send to {}: {e}", self.wake_to))?;
+        Ok(())
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -185,6 +252,9 @@ impl Driver {
                 endpoint,
                 peer,
             } => {
+                if self.relay.is_sleeping() {
+                    self.stats.dials_asleep.fetch_add(1, Ordering::SeqCst);
+                }
                 let addr = SocketAddr::from((endpoint.ip, endpoint.port));
                 let tls = match peer {
                     Peer::Mediator => {
@@ -236,6 +306,19 @@ impl Driver {
                 self.replies.clear();
             }
             Action::Log(line) => log::info!("sim {}: {line}", self.relay_id),
+            Action::Sleep => {
+                log::info!("sim {}: asleep", self.relay_id);
+                self.stats.sleeps.fetch_add(1, Ordering::SeqCst);
+                self.stats.asleep.store(true, Ordering::SeqCst);
+            }
+            Action::SendMagic { wake_id, mac } => {
+                let result = self.send_magic(mac);
+                match &result {
+                    Ok(()) => self.stats.magic_sent.fetch_add(1, Ordering::SeqCst),
+                    Err(_) => self.stats.magic_failed.fetch_add(1, Ordering::SeqCst),
+                };
+                self.relay.on_magic_sent(wake_id, result, now);
+            }
         }
     }
 
@@ -278,6 +361,18 @@ impl Driver {
                 MediatorToRelay::Error { code, message } => {
                     set_end(code, message);
                     ended = true;
+                }
+                MediatorToRelay::SleepGranted => {
+                    s.sleep_grants.fetch_add(1, Ordering::SeqCst);
+                }
+                MediatorToRelay::SleepRefused { code, message } => {
+                    s.sleep_refusals.fetch_add(1, Ordering::SeqCst);
+                    *s.last_sleep_refusal
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some((code, message));
+                }
+                MediatorToRelay::WakeRelay { .. } => {
+                    s.wake_requests.fetch_add(1, Ordering::SeqCst);
                 }
                 MediatorToRelay::Challenge { .. } => {}
             }

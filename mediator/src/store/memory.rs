@@ -4,11 +4,14 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{Lease, NewTunnel, Store, StoreError, Transition, TunnelRecord, TunnelState};
+use super::{
+    Lease, NewTunnel, SleepLease, Store, StoreError, Transition, TunnelRecord, TunnelState,
+};
 
 #[derive(Default)]
 struct Inner {
     leases: BTreeMap<String, Lease>,
+    sleep: BTreeMap<String, SleepLease>,
     tunnels: BTreeMap<u64, TunnelRecord>,
     max_session: u64,
 }
@@ -90,6 +93,7 @@ impl Store for MemoryStore {
             jobs: Vec::new(),
             error: None,
             ticket: None,
+            wake: None,
         };
         g.tunnels.insert(tunnel_id, rec.clone());
         Ok(rec)
@@ -104,8 +108,44 @@ impl Store for MemoryStore {
             .lock()
             .tunnels
             .values()
-            .filter(|r| r.device_id == device_id && r.state.is_waiting())
+            .filter(|r| r.device_id == device_id && r.state.is_unfinished())
             .count())
+    }
+
+    fn busy_for_relay(&self, relay_id: &str) -> Result<usize, StoreError> {
+        Ok(self
+            .lock()
+            .tunnels
+            .values()
+            .filter(|r| {
+                r.relay_id == relay_id && (r.state.is_unfinished() || r.state == TunnelState::Open)
+            })
+            .count())
+    }
+
+    fn waking(&self) -> Result<Vec<TunnelRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .tunnels
+            .values()
+            .filter(|r| r.state == TunnelState::Waking)
+            .cloned()
+            .collect())
+    }
+
+    fn sleep_leases(&self) -> Result<Vec<SleepLease>, StoreError> {
+        Ok(self.lock().sleep.values().cloned().collect())
+    }
+
+    fn put_sleep_lease(&self, lease: &SleepLease) -> Result<(), StoreError> {
+        self.lock()
+            .sleep
+            .insert(lease.relay_id.clone(), lease.clone());
+        Ok(())
+    }
+
+    fn clear_sleep_lease(&self, relay_id: &str) -> Result<bool, StoreError> {
+        Ok(self.lock().sleep.remove(relay_id).is_some())
     }
 
     fn waiting_for_relay(&self, relay_id: &str) -> Result<Vec<TunnelRecord>, StoreError> {
@@ -138,7 +178,7 @@ impl Store for MemoryStore {
         let mut g = self.lock();
         let mut done = Vec::new();
         for rec in g.tunnels.values_mut() {
-            if rec.state.is_waiting() && rec.expires_ms <= now_ms {
+            if rec.state.is_unfinished() && rec.expires_ms <= now_ms {
                 rec.apply(Transition::Expired { at: now_ms })?;
                 done.push(rec.tunnel_id);
             }

@@ -1,6 +1,7 @@
 //! What the mediation server remembers: relays' **leases** (who was logged in, with which
-//! devices, when last heard) and **tunnel records** (each request, its state, and the job
-//! ids the tunnel carried). [`Store`] is the interface; [`sqlite::SqliteStore`] is the
+//! devices, when last heard), **sleep leases** (a relay that went to sleep: its devices,
+//! MAC and LAN segment, so that it can be woken) and **tunnel records** (each request, its
+//! state, its wake if its relay was asleep, and the job ids the tunnel carried). [`Store`] is the interface; [`sqlite::SqliteStore`] is the
 //! durable one (a restarted server comes back with its records), [`memory::MemoryStore`]
 //! the one for unit tests. State changes of a tunnel go through [`TunnelRecord::apply`],
 //! so both stores follow the same rules.
@@ -12,7 +13,7 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 
 use duplex_tunnel::Ticket;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,11 +50,47 @@ pub struct Lease {
     pub online: bool,
 }
 
+/// A relay asleep (power saving), as its `Sleep` said: recorded when the server answers
+/// `SleepGranted`, cleared when the relay logs in again. It does not expire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SleepLease {
+    pub relay_id: String,
+    pub devices: Vec<String>,
+    pub mac: [u8; 6],
+    pub segment: String,
+    pub since_ms: u64,
+}
+
+/// A tunnel request's wake: its relay was asleep and a substitute was asked to wake it
+/// (`docs/tunnel-protocol.md#the-wake-object`). Every request sharing one wake shows the
+/// same values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WakeInfo {
+    /// The sleeping relay.
+    pub relay_id: String,
+    /// The relay last asked to wake it (`None` before any was).
+    pub substitute: Option<String>,
+    /// The sleeping relay's LAN segment (its lease's).
+    pub segment: String,
+    /// `WakeRelay` messages sent so far.
+    pub attempts: u32,
+    /// When the wake started.
+    pub requested_ms: u64,
+    /// When a substitute first reported `WakeSent { sent: true }`.
+    pub sent_ms: Option<u64>,
+    /// When the relay logged in.
+    pub woken_ms: Option<u64>,
+    /// When the wake gives up (`wake_timeout_ms` after `requested_ms`).
+    pub deadline_ms: u64,
+}
+
 /// Where a tunnel request stands (`docs/tunnel-protocol.md#tunnel-record`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TunnelState {
     Pending,
+    /// The device's relay is asleep: a substitute is asked to wake it.
+    Waking,
     Offered,
     Open,
     Closed,
@@ -66,6 +103,7 @@ impl TunnelState {
     pub fn name(self) -> &'static str {
         match self {
             TunnelState::Pending => "pending",
+            TunnelState::Waking => "waking",
             TunnelState::Offered => "offered",
             TunnelState::Open => "open",
             TunnelState::Closed => "closed",
@@ -78,6 +116,7 @@ impl TunnelState {
     pub fn from_name(name: &str) -> Option<TunnelState> {
         [
             TunnelState::Pending,
+            TunnelState::Waking,
             TunnelState::Offered,
             TunnelState::Open,
             TunnelState::Closed,
@@ -88,9 +127,16 @@ impl TunnelState {
         .find(|s| s.name() == name)
     }
 
-    /// Pending or offered: still waiting for the relay.
+    /// Pending or offered: still waiting for the relay (a `waking` request is offered only
+    /// once it is `pending` again, when its relay logged in).
     pub fn is_waiting(self) -> bool {
         matches!(self, TunnelState::Pending | TunnelState::Offered)
+    }
+
+    /// Not finished: pending, waking or offered (counted against a device's limit, and
+    /// expired at `expires_ms`).
+    pub fn is_unfinished(self) -> bool {
+        self.is_waiting() || self == TunnelState::Waking
     }
 }
 
@@ -134,6 +180,8 @@ pub struct TunnelRecord {
     pub error: Option<ErrorInfo>,
     /// The ticket sent in the last `TunnelRequest` (resent if offered again).
     pub ticket: Option<Ticket>,
+    /// The wake of its relay, if the relay was asleep when the request came.
+    pub wake: Option<WakeInfo>,
 }
 
 /// A change of a tunnel record.
@@ -149,6 +197,17 @@ pub enum Transition {
     Closed { at: u64, jobs: Vec<String> },
     /// Not opened before `expires_ms`.
     Expired { at: u64 },
+    /// The relay is asleep: a wake is under way (`pending` or `waking` → `waking`, the wake
+    /// info updated).
+    Waking { wake: WakeInfo },
+    /// The relay logged in: `waking` → `pending` (then offered as usual), `woken_ms` set.
+    Woken { at: u64 },
+    /// The wake failed (`no_substitute`, `wake_timeout`): `pending` or `waking` → `failed`.
+    WakeFailed {
+        at: u64,
+        error: ErrorInfo,
+        wake: WakeInfo,
+    },
 }
 
 /// The name of a protocol error code, for a record's `error.code`.
@@ -162,6 +221,8 @@ pub fn code_name(code: u16) -> String {
         c::UNSUPPORTED_VERSION => "unsupported_version".into(),
         c::TOO_MANY => "too_many".into(),
         c::DIAL_FAILED => "dial_failed".into(),
+        c::SLEEP_DEFERRED => "sleep_deferred".into(),
+        c::WAKE_FAILED => "wake_failed".into(),
         other => format!("error_{other}"),
     }
 }
@@ -186,7 +247,7 @@ impl TunnelRecord {
                 self.ticket = Some(ticket);
             }
             Transition::Opened { at } => match self.state {
-                Pending | Offered | Expired => {
+                Pending | Waking | Offered | Expired => {
                     self.state = Open;
                     self.opened_ms = Some(at);
                     self.error = None;
@@ -195,7 +256,7 @@ impl TunnelRecord {
                 Closed | Failed => return Err(bad("opened")),
             },
             Transition::Failed { at, code, message } => match self.state {
-                Pending | Offered | Expired => {
+                Pending | Waking | Offered | Expired => {
                     self.state = Failed;
                     self.closed_ms = Some(at);
                     self.error = Some(ErrorInfo {
@@ -208,7 +269,7 @@ impl TunnelRecord {
                 Open | Closed | Failed => return Ok(false),
             },
             Transition::Closed { at, jobs } => match self.state {
-                Pending | Offered | Open | Expired => {
+                Pending | Waking | Offered | Open | Expired => {
                     self.state = Closed;
                     self.closed_ms = Some(at);
                     self.jobs = jobs;
@@ -217,7 +278,7 @@ impl TunnelRecord {
                 Closed | Failed => return Ok(false),
             },
             Transition::Expired { at } => {
-                if !self.state.is_waiting() {
+                if !self.state.is_unfinished() {
                     return Ok(false);
                 }
                 self.state = Expired;
@@ -227,6 +288,31 @@ impl TunnelRecord {
                     message: "not opened before expires_ms".into(),
                 });
             }
+            Transition::Waking { wake } => match self.state {
+                Pending | Waking => {
+                    self.state = Waking;
+                    self.wake = Some(wake);
+                }
+                _ => return Err(bad("waking")),
+            },
+            Transition::Woken { at } => match self.state {
+                Waking => {
+                    self.state = Pending;
+                    if let Some(w) = self.wake.as_mut() {
+                        w.woken_ms = Some(at);
+                    }
+                }
+                _ => return Ok(false),
+            },
+            Transition::WakeFailed { at, error, wake } => match self.state {
+                Pending | Waking => {
+                    self.state = Failed;
+                    self.closed_ms = Some(at);
+                    self.error = Some(error);
+                    self.wake = Some(wake);
+                }
+                _ => return Ok(false),
+            },
         }
         Ok(true)
     }
@@ -245,6 +331,23 @@ impl TunnelRecord {
             "closed_ms": self.closed_ms,
             "jobs": self.jobs,
             "error": self.error,
+            "wake": self.wake.as_ref().map(WakeInfo::to_json),
+        })
+    }
+}
+
+impl WakeInfo {
+    /// The wake as the HTTP API shows it.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "relay_id": self.relay_id,
+            "substitute": self.substitute,
+            "segment": self.segment,
+            "attempts": self.attempts,
+            "requested_ms": self.requested_ms,
+            "sent_ms": self.sent_ms,
+            "woken_ms": self.woken_ms,
+            "deadline_ms": self.deadline_ms,
         })
     }
 }
@@ -272,8 +375,19 @@ pub trait Store: Send + Sync + 'static {
     fn create_tunnel(&self, new: &NewTunnel) -> Result<TunnelRecord, StoreError>;
     /// The record of `tunnel_id`.
     fn tunnel(&self, tunnel_id: u64) -> Result<Option<TunnelRecord>, StoreError>;
-    /// How many requests for `device_id` are pending or offered.
+    /// How many requests for `device_id` are pending, waking or offered.
     fn waiting_for_device(&self, device_id: &str) -> Result<usize, StoreError>;
+    /// How many requests for `relay_id` are pending, waking, offered or open (a relay
+    /// with any may not sleep).
+    fn busy_for_relay(&self, relay_id: &str) -> Result<usize, StoreError>;
+    /// Every `waking` request, oldest first (a restarted server wakes their relays again).
+    fn waking(&self) -> Result<Vec<TunnelRecord>, StoreError>;
+    /// Every sleep lease.
+    fn sleep_leases(&self) -> Result<Vec<SleepLease>, StoreError>;
+    /// Records a sleep lease (replacing the relay's previous one).
+    fn put_sleep_lease(&self, lease: &SleepLease) -> Result<(), StoreError>;
+    /// Removes the relay's sleep lease; whether it had one.
+    fn clear_sleep_lease(&self, relay_id: &str) -> Result<bool, StoreError>;
     /// The pending and offered requests for `relay_id`, oldest first.
     fn waiting_for_relay(&self, relay_id: &str) -> Result<Vec<TunnelRecord>, StoreError>;
     /// Applies `t` to `tunnel_id` (which must be `relay_id`'s when given); returns the
@@ -284,7 +398,7 @@ pub trait Store: Send + Sync + 'static {
         relay_id: Option<&str>,
         t: Transition,
     ) -> Result<TunnelRecord, StoreError>;
-    /// Expires waiting requests with `expires_ms <= now_ms`; returns their ids.
+    /// Expires unfinished requests with `expires_ms <= now_ms`; returns their ids.
     fn expire_due(&self, now_ms: u64) -> Result<Vec<u64>, StoreError>;
 }
 

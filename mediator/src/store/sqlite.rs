@@ -1,7 +1,8 @@
 //! The SQLite [`Store`] (rusqlite, bundled SQLite): WAL journal, `synchronous = NORMAL`,
 //! one connection behind a mutex (callers are on tokio's blocking pool). The schema is in
 //! `docs/mediator.md#store`; opening a database marks every lease offline (no session
-//! survives a restart).
+//! survives a restart) and brings a version 1 database to version 2 (the `wake` column,
+//! the `sleep_leases` table). Sleep leases are kept: a sleeping relay still sleeps.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -10,8 +11,10 @@ use duplex_tunnel::{Ticket, TicketBody};
 use rusqlite::{params, Connection, Row};
 
 use super::{
-    ErrorInfo, Lease, NewTunnel, Store, StoreError, Transition, TunnelRecord, TunnelState,
+    ErrorInfo, Lease, NewTunnel, SleepLease, Store, StoreError, Transition, TunnelRecord,
+    TunnelState, WakeInfo,
 };
+use crate::util::{mac_string, parse_mac};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS leases (
@@ -37,7 +40,15 @@ CREATE TABLE IF NOT EXISTS tunnels (
     error_code    TEXT,
     error_message TEXT,
     ticket_nonce  BLOB,
-    ticket_mac    BLOB
+    ticket_mac    BLOB,
+    wake          TEXT
+);
+CREATE TABLE IF NOT EXISTS sleep_leases (
+    relay_id TEXT PRIMARY KEY,
+    devices  TEXT NOT NULL,
+    mac      TEXT NOT NULL,
+    segment  TEXT NOT NULL,
+    since_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tunnels_by_relay ON tunnels (relay_id, state);
 CREATE INDEX IF NOT EXISTS tunnels_by_device ON tunnels (device_id, state);
@@ -47,11 +58,13 @@ CREATE TABLE IF NOT EXISTS tunnel_jobs (
     job_id    TEXT NOT NULL,
     PRIMARY KEY (tunnel_id, seq)
 );
-PRAGMA user_version = 1;
 ";
 
+/// The schema's version (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 2;
+
 const TUNNEL_COLUMNS: &str = "tunnel_id, device_id, relay_id, cloud, dial, state, created_ms, \
-    expires_ms, offered_ms, opened_ms, closed_ms, error_code, error_message, ticket_nonce, ticket_mac";
+    expires_ms, offered_ms, opened_ms, closed_ms, error_code, error_message, ticket_nonce, ticket_mac, wake";
 
 /// A [`Store`] in an SQLite file.
 pub struct SqliteStore(Mutex<Connection>);
@@ -88,6 +101,7 @@ struct RawTunnel {
     error_message: Option<String>,
     nonce: Option<Vec<u8>>,
     mac: Option<Vec<u8>>,
+    wake: Option<String>,
 }
 
 impl RawTunnel {
@@ -108,6 +122,7 @@ impl RawTunnel {
             error_message: r.get(12)?,
             nonce: r.get(13)?,
             mac: r.get(14)?,
+            wake: r.get(15)?,
         })
     }
 
@@ -143,7 +158,14 @@ impl RawTunnel {
             }),
             _ => None,
         };
+        let wake = match self.wake {
+            Some(text) => {
+                Some(serde_json::from_str::<WakeInfo>(&text).map_err(|_| corrupt("wake", text))?)
+            }
+            None => None,
+        };
         Ok(TunnelRecord {
+            wake,
             tunnel_id,
             device_id: self.device_id,
             relay_id: self.relay_id,
@@ -171,6 +193,15 @@ impl SqliteStore {
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.busy_timeout(std::time::Duration::from_secs(5))?;
             conn.execute_batch(SCHEMA)?;
+            let has_wake: bool = conn.query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('tunnels') WHERE name = 'wake'",
+                [],
+                |r| r.get::<_, i64>(0).map(|n| n > 0),
+            )?;
+            if !has_wake {
+                conn.execute("ALTER TABLE tunnels ADD COLUMN wake TEXT", [])?;
+            }
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             conn.execute("UPDATE leases SET online = 0 WHERE online != 0", [])?;
             Ok(conn)
         };
@@ -215,10 +246,14 @@ impl SqliteStore {
 
     fn save(conn: &Connection, rec: &TunnelRecord) -> Result<(), StoreError> {
         let id = to_i64(rec.tunnel_id);
+        let wake = match &rec.wake {
+            Some(w) => Some(serde_json::to_string(w).map_err(|e| corrupt("wake", e.to_string()))?),
+            None => None,
+        };
         conn.execute(
             "UPDATE tunnels SET state = ?2, expires_ms = ?3, offered_ms = ?4, opened_ms = ?5,
                  closed_ms = ?6, error_code = ?7, error_message = ?8, ticket_nonce = ?9,
-                 ticket_mac = ?10 WHERE tunnel_id = ?1",
+                 ticket_mac = ?10, wake = ?11 WHERE tunnel_id = ?1",
             params![
                 id,
                 rec.state.name(),
@@ -230,6 +265,7 @@ impl SqliteStore {
                 rec.error.as_ref().map(|e| e.message.as_str()),
                 rec.ticket.as_ref().map(|t| t.body.nonce.to_vec()),
                 rec.ticket.as_ref().map(|t| t.mac.to_vec()),
+                wake,
             ],
         )?;
         conn.execute("DELETE FROM tunnel_jobs WHERE tunnel_id = ?1", [id])?;
@@ -357,11 +393,82 @@ impl Store for SqliteStore {
 
     fn waiting_for_device(&self, device_id: &str) -> Result<usize, StoreError> {
         let n: i64 = self.lock().query_row(
-            "SELECT COUNT(*) FROM tunnels WHERE device_id = ?1 AND state IN ('pending', 'offered')",
+            "SELECT COUNT(*) FROM tunnels WHERE device_id = ?1 AND state IN ('pending', 'waking', 'offered')",
             [device_id],
             |r| r.get(0),
         )?;
         Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    fn busy_for_relay(&self, relay_id: &str) -> Result<usize, StoreError> {
+        let n: i64 = self.lock().query_row(
+            "SELECT COUNT(*) FROM tunnels WHERE relay_id = ?1
+                 AND state IN ('pending', 'waking', 'offered', 'open')",
+            [relay_id],
+            |r| r.get(0),
+        )?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    fn waking(&self) -> Result<Vec<TunnelRecord>, StoreError> {
+        let conn = self.lock();
+        Self::select(&conn, "state = 'waking'", [])
+    }
+
+    fn sleep_leases(&self) -> Result<Vec<SleepLease>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT relay_id, devices, mac, segment, since_ms FROM sleep_leases ORDER BY relay_id",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(relay_id, devices, mac, segment, since)| {
+                let devices: Vec<String> = serde_json::from_str(&devices)
+                    .map_err(|_| corrupt("sleep_leases.devices", devices.clone()))?;
+                let mac = parse_mac(&mac).ok_or_else(|| corrupt("sleep_leases.mac", mac))?;
+                Ok(SleepLease {
+                    relay_id,
+                    devices,
+                    mac,
+                    segment,
+                    since_ms: to_u64(since),
+                })
+            })
+            .collect()
+    }
+
+    fn put_sleep_lease(&self, lease: &SleepLease) -> Result<(), StoreError> {
+        let devices = serde_json::to_string(&lease.devices)
+            .map_err(|e| corrupt("sleep_leases.devices", e.to_string()))?;
+        self.lock().execute(
+            "INSERT OR REPLACE INTO sleep_leases (relay_id, devices, mac, segment, since_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                lease.relay_id,
+                devices,
+                mac_string(&lease.mac),
+                lease.segment,
+                to_i64(lease.since_ms)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn clear_sleep_lease(&self, relay_id: &str) -> Result<bool, StoreError> {
+        let n = self
+            .lock()
+            .execute("DELETE FROM sleep_leases WHERE relay_id = ?1", [relay_id])?;
+        Ok(n > 0)
     }
 
     fn waiting_for_relay(&self, relay_id: &str) -> Result<Vec<TunnelRecord>, StoreError> {
@@ -397,7 +504,7 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         let due = Self::select(
             &tx,
-            "state IN ('pending', 'offered') AND expires_ms <= ?1",
+            "state IN ('pending', 'waking', 'offered') AND expires_ms <= ?1",
             [to_i64(now_ms)],
         )?;
         let mut ids = Vec::with_capacity(due.len());

@@ -1,4 +1,5 @@
-//! One suite of store tests run against both stores, and a reopen of the SQLite one.
+//! One suite of store tests run against both stores, and a reopen of the SQLite one
+//! (with a sleep lease and a wake), and a version 1 database brought to version 2.
 
 use std::path::PathBuf;
 
@@ -136,9 +137,110 @@ fn suite(s: &dyn Store) {
     assert!(s.tunnel(999).unwrap().is_none());
 }
 
+fn sleep_lease() -> SleepLease {
+    SleepLease {
+        relay_id: "r5".into(),
+        devices: vec!["d5".into()],
+        mac: [0x52, 0x54, 0, 1, 2, 3],
+        segment: "lan-1".into(),
+        since_ms: 77,
+    }
+}
+
+fn wake_info(attempts: u32) -> WakeInfo {
+    WakeInfo {
+        relay_id: "r5".into(),
+        substitute: Some("r6".into()),
+        segment: "lan-1".into(),
+        attempts,
+        requested_ms: 10,
+        sent_ms: None,
+        woken_ms: None,
+        deadline_ms: 15_010,
+    }
+}
+
+/// Sleep leases, and the wake transitions: waking, woken, failed.
+fn sleep_suite(s: &dyn Store) {
+    assert!(s.sleep_leases().unwrap().is_empty());
+    s.put_sleep_lease(&sleep_lease()).unwrap();
+    assert_eq!(s.sleep_leases().unwrap(), vec![sleep_lease()]);
+
+    let a = s.create_tunnel(&new_tunnel("d5", "r5", 1000)).unwrap();
+    let b = s.create_tunnel(&new_tunnel("d5", "r5", 1001)).unwrap();
+    assert_eq!(s.busy_for_relay("r5").unwrap(), 2);
+    for id in [a.tunnel_id, b.tunnel_id] {
+        let rec = s
+            .update_tunnel(id, None, Transition::Waking { wake: wake_info(1) })
+            .unwrap();
+        assert_eq!(
+            (rec.state, rec.wake),
+            (TunnelState::Waking, Some(wake_info(1)))
+        );
+    }
+    assert_eq!(
+        s.waiting_for_device("d5").unwrap(),
+        2,
+        "waking counts as waiting"
+    );
+    assert!(
+        s.waiting_for_relay("r5").unwrap().is_empty(),
+        "not offered while waking"
+    );
+    assert_eq!(s.waking().unwrap().len(), 2);
+    assert!(matches!(
+        s.update_tunnel(
+            a.tunnel_id,
+            None,
+            Transition::Offered {
+                at: 1,
+                ticket: ticket(&a, 9)
+            }
+        ),
+        Err(StoreError::BadTransition { .. })
+    ));
+
+    let rec = s
+        .update_tunnel(a.tunnel_id, None, Transition::Woken { at: 1500 })
+        .unwrap();
+    assert_eq!(rec.state, TunnelState::Pending);
+    assert_eq!(rec.wake.as_ref().unwrap().woken_ms, Some(1500));
+    assert_eq!(s.tunnel(a.tunnel_id).unwrap().unwrap(), rec);
+
+    let error = ErrorInfo {
+        code: "wake_timeout".into(),
+        message: "relay r5 did not wake".into(),
+    };
+    let rec = s
+        .update_tunnel(
+            b.tunnel_id,
+            None,
+            Transition::WakeFailed {
+                at: 1600,
+                error: error.clone(),
+                wake: wake_info(3),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        (rec.state, rec.error.clone()),
+        (TunnelState::Failed, Some(error))
+    );
+    assert_eq!(
+        s.tunnel(b.tunnel_id).unwrap().unwrap().wake,
+        Some(wake_info(3))
+    );
+    assert_eq!(s.busy_for_relay("r5").unwrap(), 1, "a is pending again");
+
+    assert!(s.clear_sleep_lease("r5").unwrap());
+    assert!(!s.clear_sleep_lease("r5").unwrap());
+    assert!(s.sleep_leases().unwrap().is_empty());
+}
+
 #[test]
 fn memory_store_follows_the_rules() {
     suite(&MemoryStore::new());
+    sleep_suite(&MemoryStore::new());
 }
 
 #[test]
@@ -146,6 +248,56 @@ fn sqlite_store_follows_the_rules() {
     let path = temp_db();
     suite(&SqliteStore::open(&path).unwrap());
     std::fs::remove_file(&path).ok();
+    let path = temp_db();
+    sleep_suite(&SqliteStore::open(&path).unwrap());
+    std::fs::remove_file(&path).ok();
+}
+
+#[test]
+fn sqlite_keeps_sleep_leases_and_wakes_across_a_reopen_and_upgrades_version_1() {
+    let path = temp_db();
+    {
+        // A version 1 database: no `wake` column, no `sleep_leases` table.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE tunnels (tunnel_id INTEGER PRIMARY KEY, device_id TEXT NOT NULL,
+                relay_id TEXT NOT NULL, cloud TEXT NOT NULL, dial TEXT NOT NULL,
+                state TEXT NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+                offered_ms INTEGER, opened_ms INTEGER, closed_ms INTEGER, error_code TEXT,
+                error_message TEXT, ticket_nonce BLOB, ticket_mac BLOB);
+             INSERT INTO tunnels (device_id, relay_id, cloud, dial, state, created_ms, expires_ms)
+                VALUES ('d5', 'r5', 'c1', '127.0.0.1:9443', 'pending', 1, 2);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    {
+        let s = SqliteStore::open(&path).unwrap();
+        let old = s.tunnel(1).unwrap().unwrap();
+        assert_eq!((old.state, old.wake), (TunnelState::Pending, None));
+        s.put_sleep_lease(&sleep_lease()).unwrap();
+        s.update_tunnel(1, None, Transition::Waking { wake: wake_info(2) })
+            .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        s.sleep_leases().unwrap(),
+        vec![sleep_lease()],
+        "a sleeping relay still sleeps"
+    );
+    let rec = s.tunnel(1).unwrap().unwrap();
+    assert_eq!(
+        (rec.state, rec.wake),
+        (TunnelState::Waking, Some(wake_info(2)))
+    );
+    let v: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 2);
+    for ext in ["", "-wal", "-shm"] {
+        std::fs::remove_file(format!("{}{ext}", path.display())).ok();
+    }
 }
 
 #[test]

@@ -154,6 +154,8 @@ pub struct MediatorSpec {
     /// Fixed listen addresses (a restart on the same ports); `127.0.0.1:0` if `None`.
     pub relay_listen: Option<SocketAddr>,
     pub api_listen: Option<SocketAddr>,
+    /// `wake_timeout_ms`, `wake_retry_ms`, `wake_attempts` (the server's defaults if `None`).
+    pub wake: Option<(u64, u64, u32)>,
 }
 
 impl MediatorSpec {
@@ -166,6 +168,7 @@ impl MediatorSpec {
             db: true,
             relay_listen: None,
             api_listen: None,
+            wake: None,
         }
     }
 }
@@ -196,6 +199,11 @@ pub fn start_mediator(dir: &TempDir, spec: &MediatorSpec) -> Proc {
     });
     if spec.db {
         cfg["db"] = json!(dir.path("mediator.db"));
+    }
+    if let Some((timeout, retry, attempts)) = spec.wake {
+        cfg["wake_timeout_ms"] = json!(timeout);
+        cfg["wake_retry_ms"] = json!(retry);
+        cfg["wake_attempts"] = json!(attempts);
     }
     let path = dir.path("mediator.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json"))
@@ -241,6 +249,18 @@ pub fn sim_relay(
     devices: &[&str],
     device: Arc<FakeDevice>,
 ) -> RelaySim {
+    sim_relay_with(mediator, cloud_pin, id, devices, device, |_| {})
+}
+
+/// A simulated relay with quick reconnects, set up further by `setup` (sleep, LAN).
+pub fn sim_relay_with(
+    mediator: &Proc,
+    cloud_pin: [u8; 32],
+    id: &str,
+    devices: &[&str],
+    device: Arc<FakeDevice>,
+    setup: impl FnOnce(&mut SimConfig),
+) -> RelaySim {
     let mut cfg = SimConfig::new(
         mediator.addr("relays"),
         mediator.pin(),
@@ -251,6 +271,7 @@ pub fn sim_relay(
     );
     cfg.backoff_base_ms = 100;
     cfg.backoff_max_ms = 500;
+    setup(&mut cfg);
     RelaySim::spawn(cfg, device).expect("start the simulated relay")
 }
 
