@@ -289,38 +289,27 @@ class Scene:
             self.net_up = False
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_scene(doc, make_scene, play, logs, tmp_prefix):
+    """What every relay scene's main does: parse --work/--bin, run `play(scene)` on
+    `make_scene(work, bin)`, report any failure with the last lines of `logs`, stop
+    everything, and print the one JSON line `play` returned (or the failure's)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--work", help="work folder (default: a new temporary one, removed at the end)")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release"),
                     help="folder of duplex, duplex-mediator and duplex-cloud")
     args = ap.parse_args()
     own = args.work is None
-    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="duplex-demo-relay."))
+    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix=tmp_prefix))
 
     def on_signal(signum, _frame):
         raise Interrupted(signal.Signals(signum).name)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
-    scene = Scene(work, os.path.abspath(args.bin))
+    scene = make_scene(work, os.path.abspath(args.bin))
     status, final = 0, None
     try:
-        scene.network()
-        scene.servers()
-        scene.device()
-        scene.job(1, 5, 7, 4)
-        scene.job(2, 3, 8, 5)
-        scene.snapshot_reboot()
-        scene.job(3, 2, 9, 7)
-        scene.step = "shutdown"
-        scene.stop()
-        scene.say("8. monitor and servers stopped, network removed")
-        r = scene.result
-        final = {"demo": "relay", "jobs_done": 3, "tunnels_opened": len(set(r["tunnel_ids"])),
-                 "tunnel_ids": r["tunnel_ids"], "tunnel_up_ms": r["tunnel_up_ms"], "job_ms": r["job_ms"],
-                 "relay_login_ms": r["relay_login_ms"], "wan_to_lan": r["wan_to_lan"],
-                 "relogin_after_restore": r["relogin_after_restore"], "checksums_ok": True}
+        final = play(scene)
     except (Failed, Interrupted, KeyboardInterrupt, Exception) as e:  # noqa: B902 - every failure is reported
         if isinstance(e, Failed):
             step, error = e.step, e.error
@@ -330,7 +319,7 @@ def main():
             step, error = scene.step, f"{type(e).__name__}: {e}"
         status = status or 1
         print(f"demo: FAILED at step {step}: {error}", flush=True)
-        for name in ("monitor", "relay", "mediator", "cloud", "controller"):
+        for name in logs:
             lines = scene.tail(name)
             if lines:
                 print(f"demo:   last lines of {name}.log:", flush=True)
@@ -343,6 +332,29 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(final, separators=(",", ":")), flush=True)
     return status
+
+
+def play(scene):
+    scene.network()
+    scene.servers()
+    scene.device()
+    scene.job(1, 5, 7, 4)
+    scene.job(2, 3, 8, 5)
+    scene.snapshot_reboot()
+    scene.job(3, 2, 9, 7)
+    scene.step = "shutdown"
+    scene.stop()
+    scene.say("8. monitor and servers stopped, network removed")
+    r = scene.result
+    return {"demo": "relay", "jobs_done": 3, "tunnels_opened": len(set(r["tunnel_ids"])),
+            "tunnel_ids": r["tunnel_ids"], "tunnel_up_ms": r["tunnel_up_ms"], "job_ms": r["job_ms"],
+            "relay_login_ms": r["relay_login_ms"], "wan_to_lan": r["wan_to_lan"],
+            "relogin_after_restore": r["relogin_after_restore"], "checksums_ok": True}
+
+
+def main():
+    return run_scene(__doc__, Scene, play, ("monitor", "relay", "mediator", "cloud", "controller"),
+                     "duplex-demo-relay.")
 
 
 if __name__ == "__main__":

@@ -23,19 +23,15 @@ The last line of stdout is one JSON object,
 
     python3 scripts/demo_relays.py --work DIR [--bin target/release]
 """
-import argparse
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from demo_relay import Failed, Interrupted, Scene  # noqa: E402
+from demo_relay import Scene, run_scene  # noqa: E402
 from demo_scene import write_device_config  # noqa: E402
 
 MEDIATOR_API = "http://10.77.0.2:8080"
@@ -167,54 +163,21 @@ class RelaysScene(Scene):
                 "asleep_cpu_ticks_2s": r["asleep_cpu_ticks_2s"], "checksums_ok": True}
 
 
+def play(scene):
+    scene.network()
+    scene.servers()
+    scene.device()
+    scene.sleep()
+    scene.wake_job()
+    scene.step = "shutdown"
+    scene.stop()
+    scene.say("6. monitor and servers stopped, network removed")
+    return scene.final()
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", help="work folder (default: a new temporary one, removed at the end)")
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target/release"),
-                    help="folder of duplex, duplex-mediator and duplex-cloud")
-    args = ap.parse_args()
-    own = args.work is None
-    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="duplex-demo-relays."))
-
-    def on_signal(signum, _frame):
-        raise Interrupted(signal.Signals(signum).name)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-
-    scene = RelaysScene(work, os.path.abspath(args.bin))
-    status, final = 0, None
-    try:
-        scene.network()
-        scene.servers()
-        scene.device()
-        scene.sleep()
-        scene.wake_job()
-        scene.step = "shutdown"
-        scene.stop()
-        scene.say("6. monitor and servers stopped, network removed")
-        final = scene.final()
-    except (Failed, Interrupted, KeyboardInterrupt, Exception) as e:  # noqa: B902 - every failure is reported
-        if isinstance(e, Failed):
-            step, error = e.step, e.error
-        elif isinstance(e, (Interrupted, KeyboardInterrupt)):
-            step, error, status = scene.step, f"interrupted ({e or 'SIGINT'})", 130
-        else:
-            step, error = scene.step, f"{type(e).__name__}: {e}"
-        status = status or 1
-        print(f"demo: FAILED at step {step}: {error}", flush=True)
-        for name in ("monitor", SUBSTITUTE, SLEEPER, "mediator", "cloud", "controller"):
-            lines = scene.tail(name)
-            if lines:
-                print(f"demo:   last lines of {name}.log:", flush=True)
-                for ln in lines:
-                    print(f"demo:     {ln}", flush=True)
-        final = {"demo": "failed", "step": step, "error": error}
-    finally:
-        scene.stop()
-        if own and not os.environ.get("DUPLEX_DEMO_KEEP"):
-            shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(final, separators=(",", ":")), flush=True)
-    return status
+    return run_scene(__doc__, RelaysScene, play,
+                     ("monitor", SUBSTITUTE, SLEEPER, "mediator", "cloud", "controller"), "duplex-demo-relays.")
 
 
 if __name__ == "__main__":

@@ -252,14 +252,7 @@ fn kvm_tap_a_set_with_a_card_restores_in_a_new_process() {
 fn loop_cost(dev: &Device, d: Duration) -> (u64, u64) {
     let before = dev.ok(json!({"cmd": "status"}))["event_loop"].clone();
     let tid = before["tid"].as_i64().expect("loop tid");
-    let cpu = || {
-        let stat = std::fs::read_to_string(format!("/proc/{}/task/{tid}/stat", dev.pid()))
-            .expect("loop thread stat");
-        // Fields after the command name: state is 3rd, utime 14th, stime 15th.
-        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
-    };
+    let cpu = || thread_ticks(dev.pid(), &tid.to_string());
     let c0 = cpu();
     std::thread::sleep(d);
     let c1 = cpu();

@@ -94,22 +94,6 @@ fn ordinary(i: u8) -> Vec<u8> {
     f
 }
 
-/// CPU time (clock ticks) of the monitor's thread named `comm`.
-fn thread_ticks(pid: u32, comm: &str) -> u64 {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
-        let path = task.expect("task").path();
-        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if name.trim() != comm {
-            continue;
-        }
-        let stat = std::fs::read_to_string(path.join("stat")).expect("stat");
-        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        return f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
-    }
-    panic!("no thread {comm} in process {pid}");
-}
-
 fn counters(dev: &Device) -> Value {
     dev.status_of("relay")["net"]["counters"].clone()
 }
@@ -146,10 +130,11 @@ fn kvm_tap_a_sleeping_partition_uses_no_cpu_and_only_its_magic_packet_wakes_it()
     let wire = ns.wire(TAP, PROTO);
 
     // No CPU while asleep: the vCPU thread waits in the monitor with no timer.
-    let before = thread_ticks(dev.pid(), "relay-vcpu0");
+    let vcpu = thread_named(dev.pid(), "relay-vcpu0");
+    let before = thread_ticks(dev.pid(), &vcpu);
     let exits = dev.status_of("relay")["exits"]["total"].as_u64();
     std::thread::sleep(Duration::from_secs(2));
-    let used = thread_ticks(dev.pid(), "relay-vcpu0") - before;
+    let used = thread_ticks(dev.pid(), &vcpu) - before;
     assert!(used <= 1, "a sleeping vCPU used {used} ticks in 2 s");
     assert_eq!(dev.status_of("relay")["exits"]["total"].as_u64(), exits);
 

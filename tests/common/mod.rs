@@ -23,6 +23,26 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// CPU time (user + system, clock ticks) of thread `tid` of process `pid`.
+pub fn thread_ticks(pid: u32, tid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+        .unwrap_or_else(|e| panic!("thread {tid} of {pid}: {e}"));
+    // Fields after the command name: state is 3rd, utime 14th, stime 15th.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+/// The id of the thread of process `pid` named `comm`.
+pub fn thread_named(pid: u32, comm: &str) -> String {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|t| t.ok())
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|n| n.trim() == comm))
+        .map(|t| t.file_name().to_string_lossy().into_owned())
+        .unwrap_or_else(|| panic!("no thread {comm} in process {pid}"))
+}
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -301,41 +301,16 @@ impl Scene {
         let cloud_pin = keygen(&work.0.join("keys/cloud"), CLOUD_IP);
         let secret = random_hex32();
         let ticket_key = random_hex32();
-        let mediator_cfg = json!({
-            "relay_listen": format!("{MEDIATOR_IP}:7443"),
-            "api_listen": MEDIATOR_API,
-            "db": "mediator.db",
-            "cert": "keys/mediator/cert.pem",
-            "key": "keys/mediator/key.pem",
-            "heartbeat_ms": HEARTBEAT_MS,
-            "heartbeat_timeout_ms": HEARTBEAT_TIMEOUT_MS,
-            "ticket_ttl_ms": 30_000,
-            "pending_ttl_ms": opts.pending_ttl_ms,
-            "login_timeout_ms": 5_000,
-            "clouds": [{"name": "cloud-1", "token": TOKEN, "ticket_key": ticket_key}],
-            "relays": [{"id": RELAY_ID, "secret": secret, "devices": [DEVICE_ID]}],
-        });
-        let cloud_cfg = json!({
-            "listen": format!("{CLOUD_IP}:9443"),
-            "dial": format!("{CLOUD_IP}:9443"),
-            "api_listen": CLOUD_API,
-            "cert": "keys/cloud/cert.pem",
-            "key": "keys/cloud/key.pem",
-            "mediator": format!("http://{MEDIATOR_API}"),
-            "token": TOKEN,
-            "ticket_key": ticket_key,
-            "user": "test-user",
-            "retry_base_ms": 200,
-            "retry_max_ms": 1000,
-            "poll_ms": 200,
-        });
-        for (name, v) in [("mediator.json", &mediator_cfg), ("cloud.json", &cloud_cfg)] {
-            std::fs::write(
-                work.0.join(name),
-                serde_json::to_vec_pretty(v).expect("json"),
-            )
-            .expect("writing a server configuration");
-        }
+        write_server_configs(
+            &work.0,
+            &ticket_key,
+            json!([{"id": RELAY_ID, "secret": secret, "devices": [DEVICE_ID]}]),
+            json!({
+                "heartbeat_ms": HEARTBEAT_MS,
+                "heartbeat_timeout_ms": HEARTBEAT_TIMEOUT_MS,
+                "pending_ttl_ms": opts.pending_ttl_ms,
+            }),
+        );
         let mut scene = Scene {
             opts,
             device: None,
@@ -665,6 +640,46 @@ pub fn http_get(net: &RelayNet, addr: &str, path: &str, token: Option<&str>) -> 
     let json = serde_json::from_str(body)
         .unwrap_or_else(|e| panic!("GET {path}: body is not JSON ({e}): {resp:?}"));
     (status, json)
+}
+
+/// Writes the scene's `mediator.json` (the keys every scene shares, the relay registry
+/// `relays`, then the keys of `extra` over them) and `cloud.json` into `dir`.
+pub fn write_server_configs(dir: &Path, ticket_key: &str, relays: Value, extra: Value) {
+    let mut mediator = json!({
+        "relay_listen": format!("{MEDIATOR_IP}:7443"),
+        "api_listen": MEDIATOR_API,
+        "db": "mediator.db",
+        "cert": "keys/mediator/cert.pem",
+        "key": "keys/mediator/key.pem",
+        "heartbeat_ms": HEARTBEAT_MS,
+        "heartbeat_timeout_ms": HEARTBEAT_TIMEOUT_MS,
+        "ticket_ttl_ms": 30_000,
+        "pending_ttl_ms": 120_000,
+        "login_timeout_ms": 5_000,
+        "clouds": [{"name": "cloud-1", "token": TOKEN, "ticket_key": ticket_key}],
+        "relays": relays,
+    });
+    if let (Some(m), Some(e)) = (mediator.as_object_mut(), extra.as_object()) {
+        m.extend(e.clone());
+    }
+    let cloud = json!({
+        "listen": format!("{CLOUD_IP}:9443"),
+        "dial": format!("{CLOUD_IP}:9443"),
+        "api_listen": CLOUD_API,
+        "cert": "keys/cloud/cert.pem",
+        "key": "keys/cloud/key.pem",
+        "mediator": format!("http://{MEDIATOR_API}"),
+        "token": TOKEN,
+        "ticket_key": ticket_key,
+        "user": "test-user",
+        "retry_base_ms": 200,
+        "retry_max_ms": 1000,
+        "poll_ms": 200,
+    });
+    for (name, v) in [("mediator.json", &mediator), ("cloud.json", &cloud)] {
+        std::fs::write(dir.join(name), serde_json::to_vec_pretty(v).expect("json"))
+            .expect("writing a server configuration");
+    }
 }
 
 /// Patience for anything the scene does (a busy 2-core machine).

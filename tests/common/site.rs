@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::relay_scene::{
-    http_get, keygen, mediator_bin, random_hex32, wait_for, Server, Submit, CLOUD_API,
+    http_get, keygen, mediator_bin, random_hex32, wait_for, write_server_configs, Server, Submit,
     MEDIATOR_API, T, TOKEN,
 };
 use super::relaynet::{RelayNet, CLOUD_IP, MEDIATOR_IP};
@@ -99,47 +99,19 @@ impl Site {
         let cloud_pin = keygen(&work.0.join("keys/cloud"), CLOUD_IP);
         let secrets = [random_hex32(), random_hex32()];
         let ticket_key = random_hex32();
-        let mediator_cfg = json!({
-            "relay_listen": format!("{MEDIATOR_IP}:7443"),
-            "api_listen": MEDIATOR_API,
-            "db": "mediator.db",
-            "cert": "keys/mediator/cert.pem",
-            "key": "keys/mediator/key.pem",
-            "heartbeat_ms": 500,
-            "heartbeat_timeout_ms": 1500,
-            "ticket_ttl_ms": 30_000,
-            "pending_ttl_ms": 120_000,
-            "login_timeout_ms": 5_000,
-            "wake_timeout_ms": opts.wake_timeout_ms,
-            "wake_retry_ms": opts.wake_retry_ms,
-            "wake_attempts": opts.wake_attempts,
-            "clouds": [{"name": "cloud-1", "token": TOKEN, "ticket_key": ticket_key}],
-            "relays": [
+        write_server_configs(
+            &work.0,
+            &ticket_key,
+            json!([
                 {"id": A.id, "secret": secrets[0], "devices": [A.device]},
                 {"id": B.id, "secret": secrets[1], "devices": [B.device]},
-            ],
-        });
-        let cloud_cfg = json!({
-            "listen": format!("{CLOUD_IP}:9443"),
-            "dial": format!("{CLOUD_IP}:9443"),
-            "api_listen": CLOUD_API,
-            "cert": "keys/cloud/cert.pem",
-            "key": "keys/cloud/key.pem",
-            "mediator": format!("http://{MEDIATOR_API}"),
-            "token": TOKEN,
-            "ticket_key": ticket_key,
-            "user": "test-user",
-            "retry_base_ms": 200,
-            "retry_max_ms": 1000,
-            "poll_ms": 200,
-        });
-        for (name, v) in [("mediator.json", &mediator_cfg), ("cloud.json", &cloud_cfg)] {
-            std::fs::write(
-                work.0.join(name),
-                serde_json::to_vec_pretty(v).expect("json"),
-            )
-            .expect("writing a server configuration");
-        }
+            ]),
+            json!({
+                "wake_timeout_ms": opts.wake_timeout_ms,
+                "wake_retry_ms": opts.wake_retry_ms,
+                "wake_attempts": opts.wake_attempts,
+            }),
+        );
         let mut site = Site {
             opts,
             device: None,

@@ -53,8 +53,9 @@ fn fatal_record(id: u64, rec: &Value) -> Option<OpenError> {
         })
 }
 
-/// The `wake` of tunnel `id`'s record at the mediator, if it has one.
-async fn fetch_wake(cloud: &Cloud, id: u64) -> Option<Value> {
+/// Tunnel `id`'s record at the mediator (`GET /v1/tunnels/{id}`), or `None` when the
+/// mediator cannot be asked.
+pub async fn fetch_record(cloud: &Cloud, id: u64) -> Option<Value> {
     let cfg = &cloud.cfg;
     let path = format!("/v1/tunnels/{id}");
     let r = http::request(
@@ -67,7 +68,12 @@ async fn fetch_wake(cloud: &Cloud, id: u64) -> Option<Value> {
     )
     .await
     .ok()?;
-    record_wake(&r.body)
+    Some(r.body)
+}
+
+/// The `wake` of tunnel `id`'s record at the mediator, if it has one.
+async fn fetch_wake(cloud: &Cloud, id: u64) -> Option<Value> {
+    record_wake(&fetch_record(cloud, id).await?)
 }
 
 /// Counts a request to the mediator under way (see [`super::dial::check_dial`]).

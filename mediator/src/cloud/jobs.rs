@@ -14,11 +14,10 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::ask::{open_tunnel, OpenError};
+use super::ask::{fetch_record, open_tunnel, OpenError};
 use super::dial::{close, Tunnel};
 use super::document::{expected_checksums, Document};
 use super::Cloud;
-use crate::http;
 use crate::wire::WireError;
 
 /// What to print.
@@ -381,19 +380,8 @@ async fn send_job(
 /// or `failed`): a result can no longer come on it. `None` while it is open, or when the
 /// mediator cannot be asked (the connection itself then decides).
 async fn ended_at_relay(cloud: &Cloud, id: u64) -> Option<String> {
-    let cfg = &cloud.cfg;
-    let path = format!("/v1/tunnels/{id}");
-    let r = http::request(
-        &cfg.mediator,
-        "GET",
-        &path,
-        Some(&cfg.token),
-        None,
-        Duration::from_secs(2),
-    )
-    .await
-    .ok()?;
-    let state = r.body.get("state").and_then(|s| s.as_str())?;
+    let record = fetch_record(cloud, id).await?;
+    let state = record.get("state").and_then(|s| s.as_str())?;
     matches!(state, "closed" | "failed")
         .then(|| format!("the relay reported the tunnel {state} before the job's result"))
 }
