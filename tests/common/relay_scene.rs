@@ -410,25 +410,7 @@ impl Scene {
     /// A new monitor in the LAN namespace (cold, or restored from `restore`), in a fresh
     /// directory of its own (config, control socket, vsock bridge).
     pub fn boot(&self, restore: Option<&Path>) -> Device {
-        let dir = TempDir::new("relay-dev");
-        let cfg = dir.0.join("device.json");
-        std::fs::write(
-            &cfg,
-            serde_json::to_vec_pretty(&self.device_config()).expect("json"),
-        )
-        .expect("writing the device config");
-        let mut extra = Vec::new();
-        if let Some(set) = restore {
-            extra.push("--restore".to_string());
-            extra.push(set.display().to_string());
-        }
-        let prefix = [
-            "ip".to_string(),
-            "netns".into(),
-            "exec".into(),
-            self.net.ns("lan"),
-        ];
-        Device::boot_file_prefixed(&prefix, &cfg, dir, &extra, &[])
+        boot_in_lan(&self.net, &self.device_config(), restore)
     }
 
     /// The controller's host bridge socket of the running device.
@@ -640,6 +622,27 @@ pub fn http_get(net: &RelayNet, addr: &str, path: &str, token: Option<&str>) -> 
     let json = serde_json::from_str(body)
         .unwrap_or_else(|e| panic!("GET {path}: body is not JSON ({e}): {resp:?}"));
     (status, json)
+}
+
+/// A new monitor in the LAN namespace of `net` running `config` (cold, or restored from
+/// `restore`), in a fresh directory of its own (config, control socket, vsock bridge).
+pub fn boot_in_lan(net: &RelayNet, config: &Value, restore: Option<&Path>) -> Device {
+    let dir = TempDir::new("relay-dev");
+    let cfg = dir.0.join("device.json");
+    std::fs::write(&cfg, serde_json::to_vec_pretty(config).expect("json"))
+        .expect("writing the device config");
+    let mut extra = Vec::new();
+    if let Some(set) = restore {
+        extra.push("--restore".to_string());
+        extra.push(set.display().to_string());
+    }
+    let prefix = [
+        "ip".to_string(),
+        "netns".into(),
+        "exec".into(),
+        net.ns("lan"),
+    ];
+    Device::boot_file_prefixed(&prefix, &cfg, dir, &extra, &[])
 }
 
 /// Writes the scene's `mediator.json` (the keys every scene shares, the relay registry

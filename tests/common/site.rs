@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::relay_scene::{
-    http_get, keygen, mediator_bin, random_hex32, wait_for, write_server_configs, Server, Submit,
-    MEDIATOR_API, T, TOKEN,
+    boot_in_lan, http_get, keygen, mediator_bin, random_hex32, wait_for, write_server_configs,
+    Server, Submit, MEDIATOR_API, T, TOKEN,
 };
 use super::relaynet::{RelayNet, CLOUD_IP, MEDIATOR_IP};
 use super::{guest, Device, TempDir};
@@ -194,25 +194,7 @@ impl Site {
 
     /// A new monitor in the LAN namespace (cold, or restored from `restore`).
     pub fn boot(&self, restore: Option<&Path>) -> Device {
-        let dir = TempDir::new("relays-dev");
-        let cfg = dir.0.join("device.json");
-        std::fs::write(
-            &cfg,
-            serde_json::to_vec_pretty(&self.device_config()).expect("json"),
-        )
-        .expect("writing the device config");
-        let mut extra = Vec::new();
-        if let Some(set) = restore {
-            extra.push("--restore".to_string());
-            extra.push(set.display().to_string());
-        }
-        let prefix = [
-            "ip".to_string(),
-            "netns".into(),
-            "exec".into(),
-            self.net.ns("lan"),
-        ];
-        Device::boot_file_prefixed(&prefix, &cfg, dir, &extra, &[])
+        boot_in_lan(&self.net, &self.device_config(), restore)
     }
 
     /// The running device.
