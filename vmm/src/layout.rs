@@ -36,6 +36,10 @@ pub const VSOCK_GSI: u32 = 5;
 pub const NET_MMIO: u64 = VIRTIO_MMIO_START + VIRTIO_MMIO_SIZE;
 /// The GSI of the network card's interrupt.
 pub const NET_GSI: u32 = 6;
+/// The third virtio-mmio device window (the disk), 4 KiB.
+pub const BLK_MMIO: u64 = NET_MMIO + VIRTIO_MMIO_SIZE;
+/// The GSI of the disk's interrupt.
+pub const BLK_GSI: u32 = 7;
 /// The GSI of the console UART (COM1).
 pub const CONSOLE_GSI: u32 = 4;
 
@@ -58,6 +62,11 @@ pub fn vsock_cmdline_entry() -> String {
 /// The kernel command line entry announcing the network card.
 pub fn net_cmdline_entry() -> String {
     virtio_cmdline_entry(NET_MMIO, NET_GSI)
+}
+
+/// The kernel command line entry announcing the disk.
+pub fn blk_cmdline_entry() -> String {
+    virtio_cmdline_entry(BLK_MMIO, BLK_GSI)
 }
 
 /// Where KVM's TSS for real-mode emulation lives (3 pages, inside the MMIO hole).
@@ -85,7 +94,8 @@ mod tests {
     fn vsock_cmdline_entry_uses_linux_syntax() {
         assert_eq!(vsock_cmdline_entry(), "virtio_mmio.device=4K@0xd0002000:5");
         assert_eq!(net_cmdline_entry(), "virtio_mmio.device=4K@0xd0003000:6");
-        const { assert!(NET_MMIO + VIRTIO_MMIO_SIZE <= MMIO_START + MMIO_SIZE) };
+        assert_eq!(blk_cmdline_entry(), "virtio_mmio.device=4K@0xd0004000:7");
+        const { assert!(BLK_MMIO + VIRTIO_MMIO_SIZE <= MMIO_START + MMIO_SIZE) };
     }
 
     #[test]

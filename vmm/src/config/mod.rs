@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot::{probe_kernel, BootError};
 
+mod disk;
 mod net;
+pub use disk::DiskConfig;
 pub use net::{parse_mac, NetConfig};
 
 /// Most vCPUs one partition may have.
@@ -86,6 +88,9 @@ pub struct PartitionConfig {
     /// A virtio-net card backed by a host TAP device (optional; see `docs/net.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<NetConfig>,
+    /// A virtio-blk disk backed by a host file (optional; see `docs/blk.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskConfig>,
 }
 
 /// A partition's virtio-vsock device (see `docs/vsock.md`).
@@ -264,6 +269,12 @@ impl DeviceConfig {
                     *file = base.join(&*file);
                 }
             }
+            if let Some(disk) = partition.disk.as_mut() {
+                // An empty name stays empty, for the check to refuse it.
+                if disk.file.is_relative() && !disk.file.as_os_str().is_empty() {
+                    disk.file = base.join(&disk.file);
+                }
+            }
             if let Some(uds) = partition.vsock.as_mut().and_then(|v| v.uds.as_mut()) {
                 if uds.is_relative() {
                     *uds = base.join(&*uds);
@@ -290,6 +301,7 @@ impl DeviceConfig {
         let mut cids = HashSet::new();
         let mut taps = HashSet::new();
         let mut macs = HashSet::new();
+        let mut disks = HashSet::new();
         for (index, p) in self.partitions.iter().enumerate() {
             if let Err(problem) = check_name(&p.name) {
                 return Err(invalid(format!("partitions[{index}].name"), problem));
@@ -375,6 +387,15 @@ impl DeviceConfig {
                     return Err(invalid(
                         at("net.mac"),
                         format!("mac {} is used by another partition", n.mac),
+                    ));
+                }
+            }
+            if let Some(d) = &p.disk {
+                disk::check(d).map_err(|(field, problem)| invalid(at(field), problem))?;
+                if !disks.insert(d.file.as_path()) {
+                    return Err(invalid(
+                        at("disk.file"),
+                        format!("{} is the disk of another partition", d.file.display()),
                     ));
                 }
             }

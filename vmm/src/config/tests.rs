@@ -120,6 +120,11 @@ fn broken_configs_are_refused_with_a_precise_message() {
         ("net unknown field", one(&format!(r#"{ok}, "net": {{"tap": "dplx0", "mac": "52:54:00:12:34:56", "vhost": true}}"#)), vec!["unknown field `vhost`"]),
         ("net duplicate tap", format!(r#"{{"partitions": [{{"name": "r1", "role": "relay", {ok}, "net": {{"tap": "dplx0", "mac": "52:54:00:00:00:01"}}}}, {{"name": "r2", "role": "relay", {ok}, "net": {{"tap": "dplx0", "mac": "52:54:00:00:00:02"}}}}]}}"#), vec!["\"r2\": net.tap", "tap dplx0 is used"]),
         ("net duplicate mac", format!(r#"{{"partitions": [{{"name": "r1", "role": "relay", {ok}, "net": {{"tap": "dplx0", "mac": "52:54:00:00:00:01"}}}}, {{"name": "r2", "role": "relay", {ok}, "net": {{"tap": "dplx1", "mac": "52:54:00:00:00:01"}}}}]}}"#), vec!["\"r2\": net.mac", "is used by another"]),
+        ("disk size zero", one(&format!(r#"{ok}, "disk": {{"file": "c.disk", "size_mib": 0}}"#)), vec!["\"engine\": disk.size_mib", "out of range"]),
+        ("disk file empty", one(&format!(r#"{ok}, "disk": {{"file": "", "size_mib": 8}}"#)), vec!["\"engine\": disk.file", "empty"]),
+        ("disk size missing", one(&format!(r#"{ok}, "disk": {{"file": "c.disk"}}"#)), vec!["missing field `size_mib`"]),
+        ("disk unknown field", one(&format!(r#"{ok}, "disk": {{"file": "c.disk", "size_mib": 8, "ro": true}}"#)), vec!["unknown field `ro`"]),
+        ("disk shared", format!(r#"{{"partitions": [{{"name": "c1", "role": "controller", {ok}, "disk": {{"file": "c.disk", "size_mib": 8}}}}, {{"name": "c2", "role": "controller", {ok}, "disk": {{"file": "c.disk", "size_mib": 8}}}}]}}"#), vec!["\"c2\": disk.file", "the disk of another partition"]),
         ("net duplicate mac other case", format!(r#"{{"partitions": [{{"name": "r1", "role": "relay", {ok}, "net": {{"tap": "dplx0", "mac": "52:54:00:00:00:aa"}}}}, {{"name": "r2", "role": "relay", {ok}, "net": {{"tap": "dplx1", "mac": "52:54:00:00:00:AA"}}}}]}}"#), vec!["\"r2\": net.mac"]),
         ("kernel too big for memory", one(r#""kernel": "pvh.elf", "memory_mib": 1"#), vec!["\"engine\"", "pvh.elf"]),
     ];
@@ -155,7 +160,8 @@ fn a_good_config_loads_with_defaults_and_resolved_paths() {
         r#"{{"device": "mfp-1", "partitions": [
             {{"name": "engine", "role": "engine", "kernel": "pvh.elf", "memory_mib": 16}},
             {{"name": "controller-2", "role": "controller", "kernel": "{}", "memory_mib": 1024,
-              "vcpus": 64, "cmdline": "{}", "console": {{"file": "logs/ctl.log"}}}},
+              "vcpus": 64, "cmdline": "{}", "console": {{"file": "logs/ctl.log"}},
+              "disk": {{"file": "data/ctl.disk", "size_mib": 256}}}},
             {{"name": "r_1", "role": "relay", "kernel": "bz.img", "memory_mib": 2, "console": "stdout",
               "net": {{"tap": "dplx-relay0", "mac": "52:54:00:AB:cd:01"}}}}]}}"#,
         d.join("pvh.elf").display(),
@@ -180,6 +186,9 @@ fn a_good_config_loads_with_defaults_and_resolved_paths() {
     let ctl = &config.partitions[1];
     assert_eq!((ctl.vcpus, ctl.cmdline.len()), (64, MAX_CMDLINE_LEN));
     assert_eq!(ctl.console, ConsoleSink::File(d.join("logs/ctl.log")));
+    let disk = ctl.disk.as_ref().expect("disk");
+    assert_eq!((disk.file.clone(), disk.len()), (d.join("data/ctl.disk"), 256 << 20));
+    assert!(engine.disk.is_none());
     assert_eq!(config.partitions[2].kernel, d.join("bz.img"));
     assert_eq!(config.partitions[2].role.to_string(), "relay");
     let net = config.partitions[2].net.as_ref().expect("net");
