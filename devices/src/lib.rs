@@ -1,10 +1,12 @@
 //! Duplex devices: what a partition's guest reaches through MMIO and port I/O.
 //!
+//! - [`blk`]: virtio-blk for partitions, backed by a regular host file, with the written
+//!   blocks tracked for snapshots (`docs/blk.md`).
 //! - [`console`]: a 16550 UART (vm-superio) whose output goes to a sink (the monitor's
 //!   stdout with a `[name]` prefix, or a file) and to a ring of recent lines that the
 //!   control socket and crash reports read.
 //! - [`sysctl`]: the system control page of the guest ABI (`docs/guest-abi.md`): power off,
-//!   reboot, wait, fault and panic reports, TSC frequency.
+//!   reboot, wait, power-saving sleep, fault and panic reports, TSC frequency.
 //! - [`event_loop`]: the device event loop (rust-vmm `event-manager` on a thread of its own)
 //!   that devices wait on for their host-side fds: TAP devices, the vsock host bridge.
 //! - [`net`]: virtio-net for partitions, backed by a host TAP device (`docs/net.md`).
@@ -13,6 +15,7 @@
 //! - [`vsock`]: virtio-vsock devices for partitions and the switch that connects them to each
 //!   other by CID and to host programs through Unix sockets (`docs/vsock.md`).
 
+pub mod blk;
 pub mod console;
 pub mod event_loop;
 pub mod net;

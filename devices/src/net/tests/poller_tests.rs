@@ -100,19 +100,14 @@ fn magic_frame(mac: [u8; 6]) -> Vec<u8> {
 fn a_sleeping_card_wakes_once_on_its_magic_packet_and_bounds_a_flood() {
     let el = EventLoop::start("net-watch-test").unwrap();
     let mut c = Card::started(8);
-    c.add_rx(8, 2048);
     let poller = NetPoller::new(c.mmio.clone());
     let polls = poller.polls();
     let _key = el.add(Box::new(poller)).unwrap();
     wait_for("the subscriber", || el.stats().subscribers == 1);
 
-    let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let w = woken.clone();
-    c.mmio.watch_for_magic(Box::new(move || {
-        w.fetch_add(1, Ordering::SeqCst);
-    }));
     // A flood of magic packets for another MAC, an ordinary frame, a truncated magic
-    // packet: read and dropped in batches of 64, none reaches the guest's buffers.
+    // packet, all waiting before the partition sleeps (so that every batch is full): read
+    // and dropped in batches of 64, none reaches the guest's buffers.
     let mut other = MAC;
     other[5] ^= 1;
     let flood = 640;
@@ -123,7 +118,14 @@ fn a_sleeping_card_wakes_once_on_its_magic_packet_and_bounds_a_flood() {
     let mut short = magic_frame(MAC);
     short.truncate(short.len() - 1);
     c.drv.peer.inject(&short).unwrap();
+    // No RX buffers yet: the frames wait in the backend.
+    assert_eq!(c.drv.peer.pending(), flood as usize + 2);
+    let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = woken.clone();
     let started = Instant::now();
+    c.mmio.watch_for_magic(Box::new(move || {
+        w.fetch_add(1, Ordering::SeqCst);
+    }));
     wait_for("the flood drained", || c.drv.peer.pending() == 0);
     let took = started.elapsed();
     let stats = c.mmio.stats();
@@ -137,8 +139,11 @@ fn a_sleeping_card_wakes_once_on_its_magic_packet_and_bounds_a_flood() {
     );
     assert!(polls.load(Ordering::Relaxed) <= 2 * (flood / 64 + 2));
 
-    // The magic packet wakes once and is consumed; the next one goes to the guest as an
-    // ordinary frame.
+    // The guest posts buffers while it sleeps: nothing is delivered. Then the magic packet
+    // wakes once and is consumed; the next one goes to the guest as an ordinary frame.
+    c.add_rx(8, 2048);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(c.mmio.stats().rx_frames, 0);
     c.drv.peer.inject(&magic_frame(MAC)).unwrap();
     wait_for("the wake", || woken.load(Ordering::SeqCst) == 1);
     assert!(!c.mmio.watching());
