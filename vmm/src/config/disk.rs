@@ -22,7 +22,7 @@ pub struct DiskConfig {
 
 impl DiskConfig {
     /// The disk's size in bytes.
-    pub fn len(&self) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.size_mib << 20
     }
 }
@@ -52,7 +52,7 @@ mod tests {
             size_mib,
         };
         assert_eq!(check(&d("c.disk", 256)), Ok(()));
-        assert_eq!(d("c.disk", 256).len(), 256 << 20);
+        assert_eq!(d("c.disk", 256).bytes(), 256 << 20);
         assert_eq!(check(&d("", 1)).map_err(|e| e.0), Err("disk.file"));
         assert_eq!(check(&d("c", 0)).map_err(|e| e.0), Err("disk.size_mib"));
         assert_eq!(

@@ -187,7 +187,10 @@ fn a_good_config_loads_with_defaults_and_resolved_paths() {
     assert_eq!((ctl.vcpus, ctl.cmdline.len()), (64, MAX_CMDLINE_LEN));
     assert_eq!(ctl.console, ConsoleSink::File(d.join("logs/ctl.log")));
     let disk = ctl.disk.as_ref().expect("disk");
-    assert_eq!((disk.file.clone(), disk.len()), (d.join("data/ctl.disk"), 256 << 20));
+    assert_eq!(
+        (disk.file.clone(), disk.bytes()),
+        (d.join("data/ctl.disk"), 256 << 20)
+    );
     assert!(engine.disk.is_none());
     assert_eq!(config.partitions[2].kernel, d.join("bz.img"));
     assert_eq!(config.partitions[2].role.to_string(), "relay");

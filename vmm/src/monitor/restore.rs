@@ -80,6 +80,29 @@ pub fn check_config(
             }
             (Some(_), Some(_)) => {}
         }
+        match (&s.disk, &p.disk) {
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(invalid(format!(
+                    "partition {}: the set has a disk, the config none",
+                    p.name
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(format!(
+                    "partition {}: the config has a disk, the set none",
+                    p.name
+                )))
+            }
+            // The guest knows its disk's size; the backing file may be another one.
+            (Some(a), Some(b)) if a.size_mib != b.size_mib => {
+                return Err(invalid(format!(
+                    "partition {}: disk.size_mib is {} in the config but {} in the set",
+                    p.name, b.size_mib, a.size_mib
+                )))
+            }
+            (Some(_), Some(_)) => {}
+        }
     }
     if let Some(extra) = saved
         .partitions
@@ -304,8 +327,19 @@ impl Monitor {
                             ),
                         }
                         .map_err(invalid)?;
+                        let disk = match &builder_config_disk(&self.config, &name) {
+                            Some(d) => {
+                                Some(partition::disk::RestoredDisk::write(&name, d, set).map_err(
+                                    |e| SnapshotFailure::RestoreFailed {
+                                        step: "build",
+                                        reason: e.to_string(),
+                                    },
+                                )?)
+                            }
+                            None => None,
+                        };
                         builder
-                            .prepare_restore(with, mem, state, shell)
+                            .prepare_restore(with, mem, state, shell, disk)
                             .map_err(|e| SnapshotFailure::RestoreFailed {
                                 step: "build",
                                 reason: e.to_string(),
@@ -328,6 +362,11 @@ impl Monitor {
         // On an error the runs built so far are dropped, which ends them.
         results.into_iter().collect()
     }
+}
+
+/// The disk of partition `name` in `config`, if it has one.
+fn builder_config_disk(config: &DeviceConfig, name: &str) -> Option<crate::config::DiskConfig> {
+    config.partition(name).and_then(|p| p.disk.clone())
 }
 
 #[cfg(test)]
@@ -364,6 +403,34 @@ mod tests {
             let err = check_config(dir, &saved(set), &config(cfg)).expect_err(words);
             assert!(matches!(err, SnapshotFailure::Invalid { .. }));
             let msg = err.to_string();
+            assert!(
+                msg.contains("partition relay") && msg.contains(words),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_set_and_a_config_must_agree_on_the_disk_and_its_size() {
+        let disk = r#", "disk": {"file": "c.disk", "size_mib": 8}"#;
+        let elsewhere = r#", "disk": {"file": "/elsewhere/c.disk", "size_mib": 8}"#;
+        let bigger = r#", "disk": {"file": "c.disk", "size_mib": 16}"#;
+        let dir = Path::new("/set");
+        let saved = |d: &str| serde_json::to_value(config(d)).expect("json");
+        assert!(check_config(dir, &saved(disk), &config(disk)).is_ok());
+        assert!(check_config(dir, &saved(disk), &config(elsewhere)).is_ok());
+        for (set, cfg, words) in [
+            (disk, "", "the set has a disk, the config none"),
+            ("", disk, "the config has a disk, the set none"),
+            (
+                disk,
+                bigger,
+                "disk.size_mib is 16 in the config but 8 in the set",
+            ),
+        ] {
+            let msg = check_config(dir, &saved(set), &config(cfg))
+                .expect_err(words)
+                .to_string();
             assert!(
                 msg.contains("partition relay") && msg.contains(words),
                 "{msg}"

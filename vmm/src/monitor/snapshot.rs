@@ -255,7 +255,7 @@ impl Monitor {
         let fail = |e: &dyn std::fmt::Display| SnapshotFailure::Failed(e.to_string());
         let mut out = Vec::new();
         for p in &self.partitions {
-            let (name, mem, only) = {
+            let (name, mem, only, disk) = {
                 let mut p = lock(p);
                 p.harvest_dirty().map_err(|e| fail(&e))?;
                 let mem = p
@@ -263,12 +263,21 @@ impl Monitor {
                     .cloned()
                     .ok_or_else(|| fail(&format!("partition {} has no memory", p.name())))?;
                 let only = incremental.then(|| p.pending_dirty());
-                (p.name().to_owned(), mem, only)
+                // The disk's blocks from here on are the second pass's.
+                p.harvest_disk_dirty();
+                let disk = p.disk_file().map_err(|e| fail(&e))?;
+                let disk_only = incremental.then(|| p.pending_disk_dirty());
+                (p.name().to_owned(), mem, only, disk.map(|d| (d, disk_only)))
             };
             self.faults.check("snapshot.copy").map_err(|e| fail(&e))?;
             let stats = writer
                 .write_memory(&name, &mem, only.as_deref())
                 .map_err(|e| fail(&e))?;
+            if let Some(((file, len), disk_only)) = disk {
+                writer
+                    .write_disk(&name, &file, len, disk_only.as_deref())
+                    .map_err(|e| fail(&e))?;
+            }
             out.push((name, stats.pages_written));
         }
         Ok(out)
@@ -316,6 +325,13 @@ impl Monitor {
                 .update_memory(&name, &mem, &delta)
                 .map_err(|e| fail(&e))?;
             cut.pages_again.insert(name.clone(), stats.pages_scanned);
+            if let (Some(delta), Some((file, _))) =
+                (p.harvest_disk_dirty(), p.disk_file().map_err(|e| fail(&e))?)
+            {
+                writer
+                    .update_disk(&name, &file, &delta)
+                    .map_err(|e| fail(&e))?;
+            }
             let state = p.capture().map_err(|e| fail(&e))?;
             cut.states.push((name, state));
         }

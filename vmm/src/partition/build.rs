@@ -3,6 +3,7 @@
 //! loaded, boot registers set) or from a snapshot (state restored).
 
 use duplex_devices::GuestMemoryMmap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -38,6 +39,8 @@ pub enum Source<'a> {
         mem: GuestMemoryMmap,
         state: &'a PartitionState,
         shell: Option<VmShell>,
+        /// The disk restored from the set, opened instead of the configured file.
+        disk: Option<&'a Path>,
     },
 }
 
@@ -181,6 +184,7 @@ pub fn build(
             let entries = [
                 config.vsock.is_some().then(layout::vsock_cmdline_entry),
                 config.net.is_some().then(layout::net_cmdline_entry),
+                config.disk.is_some().then(layout::blk_cmdline_entry),
             ];
             for entry in entries.into_iter().flatten() {
                 if !cmdline.is_empty() {
@@ -313,8 +317,23 @@ pub fn build(
             },
         ),
     };
-    // The card before the vsock device: nothing may fail once that is attached.
+    // The card and the disk before the vsock device: nothing may fail once that is attached.
     let net = build_net(config, net, &vm, &mem, &shared, &source, &cx)?;
+    let disk_file = match (&config.disk, &source) {
+        (
+            Some(d),
+            Source::Restore {
+                disk: Some(path), ..
+            },
+        ) => Some(super::disk::open_file(&name, d, path)?),
+        (Some(d), _) => Some(super::disk::open_file(&name, d, &d.file)?),
+        (None, _) => None,
+    };
+    let (saved_disk, restoring) = match &source {
+        Source::Cold => (None, false),
+        Source::Restore { state, .. } => (state.devices.blk.as_ref(), true),
+    };
+    let disk = super::disk::build(config, disk_file, saved_disk, restoring, &vm, &mem, &shared)?;
     let vsock = match (&config.vsock, switch) {
         (None, _) => None,
         (Some(_), None) => return Err(PartitionError::NoSwitch { name }),
@@ -371,6 +390,7 @@ pub fn build(
         console_log: console_log.clone(),
         vsock: vsock_mmio,
         net: net.as_ref().map(|n| n.card.clone()),
+        disk,
     });
     Ok(Built {
         vm,

@@ -3,6 +3,7 @@
 //! resumed and stopped; how its last run ended is kept for `status`.
 
 mod build;
+pub mod disk;
 pub mod net;
 mod run;
 pub mod shared;
@@ -24,6 +25,7 @@ use serde::Serialize;
 
 use vmm_sys_util::signal::Killable;
 
+use duplex_devices::blk::BlkStats;
 use duplex_devices::console::{ConsoleHandle, ConsoleOutput};
 use duplex_devices::event_loop::EventLoop;
 use duplex_devices::net::NetStats;
@@ -101,6 +103,9 @@ pub enum PartitionError {
     /// A saved state does not fit this partition.
     #[error("partition {name}: cannot restore: {message}")]
     Restore { name: String, message: String },
+    /// The partition's disk could not be opened, built or restored.
+    #[error("partition {name}: disk: {message}")]
+    Disk { name: String, message: String },
     /// vCPUs did not come out of the guest in time.
     #[error("partition {name}: vCPUs did not stop within {0:?}", PARK_TIMEOUT)]
     Timeout { name: String },
@@ -166,6 +171,9 @@ pub struct PartitionStatus {
     /// The network card: TAP, MAC and counters (absent without one; see `docs/net.md`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub net: Option<net::NetStatus>,
+    /// The disk: backing file, size and counters (absent without one; see `docs/blk.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<disk::DiskStatus>,
     /// Its power-saving sleeps: since when it sleeps, the last wake's reason (absent if it
     /// never slept in this run).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -181,6 +189,8 @@ pub struct BadAccesses {
     pub vsock: u64,
     /// The network card's virtio-mmio window (0 without one).
     pub net: u64,
+    /// The disk's virtio-mmio window (0 without one).
+    pub disk: u64,
 }
 
 /// A partition of the device.
@@ -199,8 +209,12 @@ pub struct Partition {
     net: Option<Arc<net::PartitionNet>>,
     /// The run's network card was put to sleep by [`Suspendable::sleep`].
     card_asleep: bool,
+    /// The run's disk was put to sleep by [`Suspendable::sleep`].
+    disk_asleep: bool,
     /// The card's counters when the last run ended.
     last_net: Option<NetStats>,
+    /// The disk's counters when the last run ended.
+    last_disk: Option<BlkStats>,
 }
 
 impl Partition {
@@ -242,7 +256,9 @@ impl Partition {
             asleep: false,
             net,
             card_asleep: false,
+            disk_asleep: false,
             last_net: None,
+            last_disk: None,
         })
     }
 
@@ -335,11 +351,21 @@ impl Partition {
     /// run it replaces, for the caller to end ([`discard_in_background`]).
     /// The replaced run's card stays asleep (it shares the TAP) until it is dropped.
     pub fn install(&mut self, prepared: PreparedRun) -> Option<Run> {
+        if let Some(disk) = prepared.disk {
+            // The new run has the restored file open already: only its name moves.
+            if let Err(e) = disk.commit() {
+                log::error!(
+                    "partition {}: putting the restored disk in place: {e}",
+                    self.config.name
+                );
+            }
+        }
         let mut run = prepared.run;
         run.subscribe_net();
         let old = self.run.replace(run);
         self.asleep = false;
         self.card_asleep = false;
+        self.disk_asleep = false;
         self.boots += 1;
         self.last = None;
         old
@@ -427,6 +453,7 @@ impl Partition {
         if let Some(mut run) = self.run.take() {
             let (exits, outcome) = run.end();
             self.last_net = run.net.as_ref().map(|n| n.card.stats());
+            self.last_disk = run.devices.disk.as_ref().map(|d| d.stats());
             self.last_exits = exits;
             self.last = outcome;
             self.console.lock().flush_partial();
@@ -486,6 +513,7 @@ impl Partition {
                     sysctl: crate::lock(&r.devices.sysctl).bad_accesses(),
                     vsock: r.devices.vsock.as_ref().map_or(0, |v| v.bad_accesses()),
                     net: r.devices.net.as_ref().map_or(0, |n| n.bad_accesses()),
+                    disk: r.devices.disk.as_ref().map_or(0, |d| d.bad_accesses()),
                 }),
             net: self.net.as_ref().map(|n| {
                 let counters = match &self.run {
@@ -493,6 +521,13 @@ impl Partition {
                     None => self.last_net,
                 };
                 net::NetStatus::new(n, counters.unwrap_or_default())
+            }),
+            disk: self.config.disk.as_ref().map(|d| {
+                let counters = match &self.run {
+                    Some(r) => r.devices.disk.as_ref().map(|c| c.stats()),
+                    None => self.last_disk,
+                };
+                disk::DiskStatus::new(d, counters.unwrap_or_default())
             }),
             sleep: self.run.as_ref().and_then(|r| {
                 sleep::SleepStatus::new(crate::lock(&r.devices.sysctl).sleep_state())
@@ -511,6 +546,11 @@ impl Partition {
             return Err(self.invalid("wake"));
         }
         Ok(())
+    }
+
+    /// The current run's disk, if any.
+    pub fn disk(&self) -> Option<Arc<disk::Disk>> {
+        self.run.as_ref().and_then(|r| r.devices.disk.clone())
     }
 
     /// The current run's network card, if any.
@@ -535,10 +575,19 @@ impl Suspendable for Partition {
             let Ok(()) = card.sleep();
             self.card_asleep = true;
         }
+        if let Some(mut disk) = self.disk() {
+            let Ok(()) = disk.sleep();
+            self.disk_asleep = true;
+        }
         Ok(())
     }
 
     fn wake(&mut self) {
+        if std::mem::take(&mut self.disk_asleep) {
+            if let Some(mut disk) = self.disk() {
+                disk.wake();
+            }
+        }
         if std::mem::take(&mut self.card_asleep) {
             if let Some(mut card) = self.card() {
                 card.wake();

@@ -83,6 +83,8 @@ impl Drop for Run {
 /// prepare half of a restore ([`Builder::prepare_restore`], [`Partition::install`]).
 pub struct PreparedRun {
     pub(super) run: Run,
+    /// Its disk, restored beside the partition's backing file until the install.
+    pub(super) disk: Option<super::disk::RestoredDisk>,
 }
 
 impl PreparedRun {
@@ -140,6 +142,7 @@ impl Builder {
         mem: GuestMemoryMmap,
         state: &snapshot::PartitionState,
         shell: Option<shell::VmShell>,
+        disk: Option<super::disk::RestoredDisk>,
     ) -> Result<PreparedRun, PartitionError> {
         let args = snapshot::RunArgs {
             shell,
@@ -152,9 +155,11 @@ impl Builder {
             boot: self.boot,
             set_id: with.set_id.clone(),
             net: self.net.clone(),
+            disk: disk.as_ref().map(|d| d.path.clone()),
         };
         Ok(PreparedRun {
             run: Run::restore(args, state)?,
+            disk,
         })
     }
 }

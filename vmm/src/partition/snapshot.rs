@@ -7,6 +7,7 @@ use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use duplex_devices::blk::BlkMmioState;
 use duplex_devices::console::ConsoleState;
 use duplex_devices::net::NetMmioState;
 use duplex_devices::persist::Persist;
@@ -35,6 +36,10 @@ pub struct DevicesState {
     /// The network card (absent in sets of partitions without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<NetMmioState>,
+    /// The disk's device (absent in sets of partitions without one); the disk's contents
+    /// are in the set's disk image, not here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blk: Option<BlkMmioState>,
 }
 
 /// Everything of a partition but its memory.
@@ -58,6 +63,8 @@ pub struct DirtyLog {
     since: Option<String>,
     /// Harvested since `since` (one bitmap per RAM region), or nothing harvested yet.
     pending: Option<Vec<Vec<u64>>>,
+    /// The disk's 4 KiB blocks harvested since `since` (one bitmap), or nothing yet.
+    disk_pending: Option<Vec<u64>>,
 }
 
 impl DirtyLog {
@@ -70,6 +77,7 @@ impl DirtyLog {
     pub fn restored(&mut self, set_id: &str) {
         self.since = Some(set_id.to_owned());
         self.pending = None;
+        self.disk_pending = None;
     }
 
     fn add(&mut self, fresh: &[Vec<u64>]) {
@@ -130,6 +138,52 @@ impl Partition {
         Ok(out)
     }
 
+    /// The disk's blocks written since the last harvest (the device's bitmap, cleared); they
+    /// join the run's pending blocks. `None` without a disk.
+    pub fn harvest_disk_dirty(&mut self) -> Option<Vec<u64>> {
+        let run = self.run.as_mut()?;
+        let fresh = run.devices.disk.as_ref()?.take_dirty_blocks();
+        match &mut run.dirty.disk_pending {
+            None => run.dirty.disk_pending = Some(fresh.clone()),
+            Some(p) => {
+                p.resize(p.len().max(fresh.len()), 0);
+                for (a, b) in p.iter_mut().zip(&fresh) {
+                    *a |= b;
+                }
+            }
+        }
+        Some(fresh)
+    }
+
+    /// Every disk block harvested since the set the run's writes are tracked from (all
+    /// zero when nothing was harvested yet); empty without a disk.
+    pub fn pending_disk_dirty(&self) -> Vec<u64> {
+        let Some(run) = &self.run else {
+            return Vec::new();
+        };
+        match (&run.dirty.disk_pending, &run.devices.disk) {
+            (Some(p), _) => p.clone(),
+            (None, Some(d)) => vec![0u64; (d.disk_len() / 4096).div_ceil(64) as usize],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// The disk's backing file (a duplicate descriptor) and length, for a set to read.
+    pub fn disk_file(&self) -> Result<Option<(std::fs::File, u64)>, PartitionError> {
+        let Some(disk) = self.run.as_ref().and_then(|r| r.devices.disk.as_ref()) else {
+            return Ok(None);
+        };
+        let err = |message: String| PartitionError::Disk {
+            name: self.config.name.clone(),
+            message,
+        };
+        let file = disk
+            .backend_file()
+            .map_err(|e| err(format!("duplicating the disk file: {e}")))?
+            .ok_or_else(|| err("the disk has no file".into()))?;
+        Ok(Some((file, disk.disk_len())))
+    }
+
     /// Every page harvested since the set the run's writes are tracked from (all zero when
     /// nothing was harvested yet).
     pub fn pending_dirty(&self) -> Vec<Vec<u64>> {
@@ -155,6 +209,7 @@ impl Partition {
         if let Some(run) = self.run.as_mut() {
             run.dirty.since = Some(set_id.to_owned());
             run.dirty.pending = None;
+            run.dirty.disk_pending = None;
         }
     }
 
@@ -225,6 +280,8 @@ pub struct RunArgs {
     pub shell: Option<super::shell::VmShell>,
     /// The partition's TAP, when it has a network card.
     pub net: Option<Arc<super::net::PartitionNet>>,
+    /// The disk restored from the set (see [`super::disk::RestoredDisk`]).
+    pub disk: Option<std::path::PathBuf>,
 }
 
 /// A run of a partition as a snapshot sees it: VM, vCPUs and devices ([`PartitionState`];
@@ -273,6 +330,10 @@ impl Persist for Run {
                 Some(n) => Some(n.save().map_err(|e| device("the network card", &e))?),
                 None => None,
             },
+            blk: match &self.devices.disk {
+                Some(d) => Some(d.save().map_err(|e| device("the disk", &e))?),
+                None => None,
+            },
         };
         Ok(PartitionState {
             version: STATE_VERSION,
@@ -291,6 +352,7 @@ impl Persist for Run {
             mem: args.mem,
             state,
             shell: args.shell,
+            disk: args.disk.as_deref(),
         };
         let built = build::build(
             &args.config,

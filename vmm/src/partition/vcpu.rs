@@ -31,6 +31,9 @@ pub struct Devices {
     /// The network card's virtio-mmio window, when the partition has one (shared with the
     /// device event loop, which moves received frames into it).
     pub net: Option<Arc<super::net::Card>>,
+    /// The disk's virtio-mmio window, when the partition has one (requests run on the
+    /// notifying vCPU thread).
+    pub disk: Option<Arc<super::disk::Disk>>,
 }
 
 /// Identifies one run of a partition (so a late message about an old run is ignored).
@@ -357,6 +360,11 @@ fn virtio_offset(addr: u64) -> Option<u64> {
         .filter(|o| *o < layout::VIRTIO_MMIO_SIZE)
 }
 
+fn disk_offset(addr: u64) -> Option<u64> {
+    addr.checked_sub(layout::BLK_MMIO)
+        .filter(|o| *o < layout::VIRTIO_MMIO_SIZE)
+}
+
 fn net_offset(addr: u64) -> Option<u64> {
     addr.checked_sub(layout::NET_MMIO)
         .filter(|o| *o < layout::VIRTIO_MMIO_SIZE)
@@ -371,6 +379,8 @@ fn mmio_read(devices: &Devices, addr: u64, data: &mut [u8]) {
         vsock.read(off, data);
     } else if let (Some(off), Some(net)) = (net_offset(addr), &devices.net) {
         net.read(off, data);
+    } else if let (Some(off), Some(disk)) = (disk_offset(addr), &devices.disk) {
+        disk.read(off, data);
     } else {
         data.fill(0xff);
     }
@@ -392,6 +402,10 @@ fn mmio_write(devices: &Devices, addr: u64, data: &[u8]) -> Next {
     }
     if let (Some(off), Some(net)) = (net_offset(addr), &devices.net) {
         net.write(off, data);
+        return Next::Continue;
+    }
+    if let (Some(off), Some(disk)) = (disk_offset(addr), &devices.disk) {
+        disk.write(off, data);
         return Next::Continue;
     }
     let Some(off) = sysctl_offset(addr) else {
