@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 /// Why writing, opening, verifying, loading or merging a snapshot set failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    /// The set was written by another version of the format.
+    /// The set was written by another version of the format: this crate reads versions
+    /// [`MIN_FORMAT_VERSION`](crate::MIN_FORMAT_VERSION) to `expected`
+    /// ([`FORMAT_VERSION`](crate::FORMAT_VERSION)).
     #[error(
         "snapshot set {dir}: manifest.json has format_version {found}, this monitor reads \
-         format_version {expected} only (a set of another version cannot be restored: take a \
-         new snapshot with this monitor)"
+         format_version 2 to {expected} only (a set of another version cannot be restored: \
+         take a new snapshot with this monitor)"
     )]
     Version {
         dir: PathBuf,
@@ -79,6 +81,14 @@ pub enum SnapshotError {
     #[error("snapshot set being written to {dest}: partition {partition:?}: {message}")]
     Usage {
         dest: PathBuf,
+        partition: String,
+        message: String,
+    },
+    /// A partition's disk could not be restored (the set has none, or the destination
+    /// file failed).
+    #[error("snapshot set {dir}: partition {partition}: disk: {message}")]
+    Disk {
+        dir: PathBuf,
         partition: String,
         message: String,
     },

@@ -3,11 +3,14 @@
 //!
 //! - [`SetWriter`] writes a set: per partition a sparse, mappable memory file (only
 //!   resident non-zero pages are written, found with `mincore`; for an incremental set only
-//!   the dirty pages, with a page-presence bitmap) and an opaque state file; `commit` seals
-//!   the manifest, fsyncs, and puts the set in place atomically.
+//!   the dirty pages, with a page-presence bitmap) and an opaque state file, and optionally
+//!   a disk image (the partition's virtio-blk backing file: its blocks that hold data, or for
+//!   an incremental set the blocks written since the parent); `commit` seals the manifest,
+//!   fsyncs, and puts the set in place atomically.
 //! - [`SnapshotSet`] opens and validates a set (and its parent chain), verifies checksums,
 //!   reads states and restores guest memory lazily ([`LoadMode::Lazy`], private file
-//!   mappings) or eagerly ([`LoadMode::Eager`]).
+//!   mappings) or eagerly ([`LoadMode::Eager`]), and restores disks
+//!   ([`SnapshotSet::restore_disk`]).
 //! - [`merge`] flattens an incremental chain into a full set; [`inspect`] summarises a set.
 //!
 //! ```no_run
@@ -25,6 +28,7 @@
 //! ```
 
 mod crc;
+mod disk;
 mod error;
 mod load;
 pub mod manifest;
@@ -35,10 +39,12 @@ mod set;
 mod sys;
 mod writer;
 
+pub use disk::DiskRestoreStats;
 pub use error::SnapshotError;
 pub use load::LoadMode;
 pub use manifest::{
-    FileEntry, Manifest, ParentRef, PartitionEntry, RamRegion, FORMAT_VERSION, MANIFEST_FILE,
+    DiskEntry, FileEntry, Manifest, ParentRef, PartitionEntry, RamRegion, FORMAT_VERSION,
+    MANIFEST_FILE, MIN_FORMAT_VERSION,
 };
 pub use memfile::{MemoryWriteStats, PageBits};
 pub use merge::{inspect, merge};

@@ -336,14 +336,7 @@ impl SnapshotSet {
             let present = set.present_pages(name)?.ok_or_else(|| {
                 SnapshotError::manifest(&set.dir, format!("partition {name:?} has no pages file"))
             })?;
-            let mut m = PageBits::new(pages);
-            for p in 0..pages {
-                if present.get(p) && !claimed.get(p) {
-                    claimed.set(p);
-                    m.set(p);
-                }
-            }
-            mine.push(m);
+            mine.push(claimed.claim(&present));
         }
         if let Some(base) = &base {
             sys::prefetch(base, &claimed.byte_runs());

@@ -11,10 +11,15 @@ use serde_json::Value;
 use crate::sys::PAGE;
 use crate::SnapshotError;
 
-/// The format version this crate writes and reads. Version 2 added `device_states` (the
+/// The newest format version, which this crate writes for a set with a disk image. Version 3
+/// added disk images (`PartitionEntry::disk`); version 2 added `device_states` (the
 /// monitor's device-wide state, such as the vsock switch, in checksummed files of their own
 /// instead of the manifest's `extra`); version 1 sets are refused.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format version this crate reads, and the one it writes for a set without a
+/// disk image (which version 2 describes exactly, so that a monitor of version 2 still
+/// restores it).
+pub const MIN_FORMAT_VERSION: u32 = 2;
 /// The manifest's file name inside a set directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -28,13 +33,16 @@ const TRAILER_LEN: usize = TRAILER_HEAD.len() + 8 + TRAILER_TAIL.len();
 /// a crafted manifest can make a reader allocate.
 pub const MAX_RAM: u64 = 1 << 40;
 
+/// The largest disk image a manifest may describe (1 TiB), for the same reason.
+pub const MAX_DISK: u64 = 1 << 40;
+
 /// The deepest parent chain `open` follows (a guard against cycles and runaway chains).
 pub const MAX_CHAIN: usize = 64;
 
 /// The contents of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// Always [`FORMAT_VERSION`].
+    /// [`FORMAT_VERSION`] if a partition has a disk image, else [`MIN_FORMAT_VERSION`].
     pub format_version: u32,
     /// 32 lowercase hex digits (16 random bytes), unique per set.
     pub set_id: String,
@@ -75,6 +83,27 @@ pub struct PartitionEntry {
     /// Bytes of page data actually written to the memory file (the rest are holes).
     pub memory_bytes_written: u64,
     /// True if the memory file holds only the pages dirtied since the parent set.
+    pub incremental: bool,
+    /// The partition's disk image, if it has one (format version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskEntry>,
+}
+
+/// A partition's disk image: its blocks as they were at the cut.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskEntry {
+    /// `<name>.disk`: the disk's 4096-byte blocks at their offsets, sparse (like a memory
+    /// file of one region).
+    pub file: String,
+    /// `<name>.diskpages` (incremental sets only): which blocks of the disk file this set
+    /// holds (the pages file format).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages_file: Option<String>,
+    /// The disk's length in bytes (a multiple of 4096), which is also the disk file's.
+    pub len: u64,
+    /// Bytes of block data written to the disk file (the rest are holes).
+    pub bytes_written: u64,
+    /// True if the disk file holds only the blocks written since the parent set.
     pub incremental: bool,
 }
 
@@ -127,8 +156,24 @@ impl PartitionEntry {
     /// Every file this partition has in the set.
     pub fn file_names(&self) -> Vec<&str> {
         let mut v = vec![self.memory_file.as_str(), self.state_file.as_str()];
-        if let Some(p) = &self.pages_file {
-            v.push(p);
+        v.extend(self.pages_file.as_deref());
+        if let Some(d) = &self.disk {
+            v.push(&d.file);
+            v.extend(d.pages_file.as_deref());
+        }
+        v
+    }
+
+    /// The partition's image files (memory file, disk file), whose checksum is the page
+    /// CRC; with each its length and its pages file.
+    pub fn images(&self) -> Vec<(&str, u64, Option<&str>)> {
+        let mut v = vec![(
+            self.memory_file.as_str(),
+            self.memory_len(),
+            self.pages_file.as_deref(),
+        )];
+        if let Some(d) = &self.disk {
+            v.push((d.file.as_str(), d.len, d.pages_file.as_deref()));
         }
         v
     }
@@ -203,7 +248,7 @@ pub fn unseal(dir: &Path, bytes: &[u8]) -> Result<Manifest, SnapshotError> {
         .ok_or_else(|| {
             SnapshotError::manifest(dir, "field format_version is missing or not a number")
         })?;
-    if version != u64::from(FORMAT_VERSION) {
+    if !(u64::from(MIN_FORMAT_VERSION)..=u64::from(FORMAT_VERSION)).contains(&version) {
         return Err(SnapshotError::Version {
             dir: dir.to_path_buf(),
             found: version,
@@ -268,18 +313,54 @@ pub fn validate(dir: &Path, m: &Manifest) -> Result<(), SnapshotError> {
         };
         expect("memory_file", &p.memory_file, format!("{}.mem", p.name))?;
         expect("state_file", &p.state_file, format!("{}.state", p.name))?;
-        if p.incremental != m.parent.is_some() {
-            return Err(at(format!(
-                "field incremental is {} but the set {} a parent",
-                p.incremental,
-                if m.parent.is_some() { "has" } else { "has no" }
-            )));
-        }
-        match (&p.pages_file, p.incremental) {
-            (Some(f), true) => expect("pages_file", f, format!("{}.pages", p.name))?,
-            (None, false) => {}
-            (Some(_), false) => return Err(at("a full set has no pages_file".into())),
-            (None, true) => return Err(at("an incremental set needs pages_file".into())),
+        // An image (memory or disk) holds every page (full set) or those written since the
+        // parent, which its pages file names.
+        let incremental = |field: &str, inc: bool, pages: &Option<String>, want: String| {
+            if inc != m.parent.is_some() {
+                return Err(at(format!(
+                    "field {field}incremental is {inc} but the set {} a parent",
+                    if m.parent.is_some() { "has" } else { "has no" }
+                )));
+            }
+            match (pages, inc) {
+                (Some(f), true) => expect(&format!("{field}pages_file"), f, want),
+                (None, false) => Ok(()),
+                (Some(_), false) => Err(at(format!("a full set has no {field}pages_file"))),
+                (None, true) => Err(at(format!("an incremental set needs {field}pages_file"))),
+            }
+        };
+        incremental(
+            "",
+            p.incremental,
+            &p.pages_file,
+            format!("{}.pages", p.name),
+        )?;
+        if let Some(d) = &p.disk {
+            if m.format_version < FORMAT_VERSION {
+                return Err(at(format!(
+                    "field disk needs format_version {FORMAT_VERSION}, the manifest has {}",
+                    m.format_version
+                )));
+            }
+            expect("disk.file", &d.file, format!("{}.disk", p.name))?;
+            incremental(
+                "disk.",
+                d.incremental,
+                &d.pages_file,
+                format!("{}.diskpages", p.name),
+            )?;
+            if d.len == 0 || d.len % PAGE as u64 != 0 || d.len > MAX_DISK {
+                return Err(at(format!(
+                    "field disk.len {} is not a positive multiple of {PAGE} of at most {MAX_DISK}",
+                    d.len
+                )));
+            }
+            if d.bytes_written > d.len {
+                return Err(at(format!(
+                    "field disk.bytes_written {} exceeds disk.len {}",
+                    d.bytes_written, d.len
+                )));
+            }
         }
         if p.ram.is_empty() {
             return Err(at("field ram is empty".into()));
@@ -326,16 +407,23 @@ pub fn validate(dir: &Path, m: &Manifest) -> Result<(), SnapshotError> {
                 .files
                 .get(f)
                 .ok_or_else(|| at(format!("file {f} is not listed in field files")))?;
-            let want = if f == p.memory_file {
-                Some(mem_len)
-            } else if Some(f) == p.pages_file.as_deref() {
-                Some(pages_file_len(mem_len / PAGE as u64))
-            } else {
-                None
-            };
-            if let Some(want) = want.filter(|w| *w != e.len) {
+            let want = p
+                .images()
+                .into_iter()
+                .enumerate()
+                .find_map(|(i, (image, len, pages))| {
+                    let what = if i == 0 { "RAM layout" } else { "disk length" };
+                    if f == image {
+                        Some((len, what))
+                    } else if Some(f) == pages {
+                        Some((pages_file_len(len / PAGE as u64), what))
+                    } else {
+                        None
+                    }
+                });
+            if let Some((want, what)) = want.filter(|(w, _)| *w != e.len) {
                 return Err(at(format!(
-                    "files[{f:?}].len is {}, must be {want} for this RAM layout",
+                    "files[{f:?}].len is {}, must be {want} for this {what}",
                     e.len
                 )));
             }
@@ -390,6 +478,7 @@ mod tests {
                 ram: vec![RamRegion { gpa: 0, len: 8192 }],
                 memory_bytes_written: 4096,
                 incremental: false,
+                disk: None,
             }],
             parent: None,
             files,
@@ -419,6 +508,60 @@ mod tests {
                 bytes[i] as char
             );
         }
+    }
+
+    /// `sample` with a disk image: format version 3.
+    fn sample_with_disk() -> Manifest {
+        let mut m = sample();
+        m.format_version = FORMAT_VERSION;
+        m.partitions[0].disk = Some(DiskEntry {
+            file: "a.disk".into(),
+            pages_file: None,
+            len: 3 * 4096,
+            bytes_written: 4096,
+            incremental: false,
+        });
+        m.files.insert(
+            "a.disk".into(),
+            FileEntry {
+                len: 3 * 4096,
+                crc32: 7,
+            },
+        );
+        m
+    }
+
+    #[test]
+    fn a_disk_entry_round_trips_and_any_flipped_byte_is_refused() {
+        let m = sample_with_disk();
+        let bytes = seal(&m).expect("seal");
+        assert_eq!(unseal(Path::new("d"), &bytes).expect("unseal"), m);
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x01;
+            assert!(
+                unseal(Path::new("d"), &b).is_err(),
+                "flipping byte {i} ({:?}) went unnoticed",
+                bytes[i] as char
+            );
+        }
+        // Without a disk, the `disk` member is not written (version 2 readers see no change).
+        let plain = seal(&sample()).expect("seal");
+        assert!(!String::from_utf8_lossy(&plain).contains("disk"));
+    }
+
+    #[test]
+    fn disk_file_length_must_match_the_disk() {
+        let mut m = sample_with_disk();
+        if let Some(d) = m.partitions[0].disk.as_mut() {
+            d.len = 2 * 4096;
+        }
+        let e = validate(Path::new("d"), &m).expect_err("len");
+        assert!(
+            e.to_string()
+                .contains("files[\"a.disk\"].len is 12288, must be 8192 for this disk length"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -84,6 +84,29 @@ impl PageBits {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// The pages of `present` not yet in `self`, which gains them: resolving a chain, newest
+    /// set first, `self` being the pages a newer set already provides.
+    pub fn claim(&mut self, present: &PageBits) -> PageBits {
+        let mut mine = PageBits::new(self.pages);
+        for (i, (c, p)) in self.words.iter_mut().zip(&present.words).enumerate() {
+            mine.words[i] = p & !*c;
+            *c |= p;
+        }
+        mine
+    }
+
+    /// All set, for `pages` pages (what a full set holds).
+    pub fn all(pages: u64) -> Self {
+        let mut b = PageBits::new(pages);
+        b.words.fill(u64::MAX);
+        if !pages.is_multiple_of(64) {
+            if let Some(last) = b.words.last_mut() {
+                *last = (1 << (pages % 64)) - 1;
+            }
+        }
+        b
+    }
+
     /// The set pages as byte ranges `(start, end)` of the memory file, runs merged.
     pub fn byte_runs(&self) -> Vec<(u64, u64)> {
         let mut v: Vec<(u64, u64)> = Vec::new();
@@ -119,7 +142,9 @@ impl PageBits {
         n.copy_from_slice(&bytes[8..16]);
         let n = u64::from_le_bytes(n);
         if n != pages {
-            return Err(format!("describes {n} pages, the memory file has {pages}"));
+            return Err(format!(
+                "describes {n} pages, the memory or disk file it goes with has {pages}"
+            ));
         }
         let body = &bytes[PAGES_HEADER_LEN..];
         if body.len() as u64 != pages.div_ceil(8) {
@@ -199,13 +224,15 @@ impl<'a> Batch<'a> {
 }
 
 /// Writes `mem` into `file` (a new, empty file at `path`): a sparse file of the RAM's total
-/// length holding every non-zero page that is in the set, at its offset. `dirty`, one bitmap
+/// length holding every non-zero page that is in the set, at its offset. The pages read are
+/// the resident or swapped ones and, for a region mapping a file, those in the file's data
+/// extents; for a shared file mapping (a disk image) only those. `dirty`, one bitmap
 /// per region, makes the set incremental: only dirty pages are in it.
-pub(crate) fn write<B: Bitmap>(
+pub(crate) fn write<B: Bitmap, D: AsRef<[u64]>>(
     path: &Path,
     file: &File,
     mem: &GuestMemoryMmap<B>,
-    dirty: Option<&[Vec<u64>]>,
+    dirty: Option<&[D]>,
     usage: &dyn Fn(String) -> SnapshotError,
 ) -> Result<Written, SnapshotError> {
     let started = Instant::now();
@@ -238,6 +265,7 @@ pub(crate) fn write<B: Bitmap>(
             )));
         }
         for (i, (bm, r)) in d.iter().zip(&ram).enumerate() {
+            let bm = bm.as_ref();
             let need = (r.len / PAGE as u64).div_ceil(64);
             if (bm.len() as u64) < need {
                 return Err(usage(format!(
@@ -283,14 +311,23 @@ pub(crate) fn write<B: Bitmap>(
             ),
             None => None,
         };
+        // A shared file mapping (a disk image) holds exactly its file's content: the file's
+        // data extents are its only pages with data (residency would add the page cache's
+        // zero pages of holes).
+        let shared = backing.is_some() && region.flags() & libc::MAP_SHARED != 0;
         let mut ext = 0usize;
         let slice = region.as_volatile_slice().map_err(mem_err)?;
 
         for chunk in (0..pages).step_by(CHUNK_PAGES) {
             let n = CHUNK_PAGES.min(pages - chunk);
-            sys::resident(host + chunk * PAGE, n, &mut res)
-                .map_err(|e| usage(format!("region {ri}: mincore: {e}")))?;
-            let swapped = if swap {
+            if shared {
+                res.clear();
+                res.resize(n, 0);
+            } else {
+                sys::resident(host + chunk * PAGE, n, &mut res)
+                    .map_err(|e| usage(format!("region {ri}: mincore: {e}")))?;
+            }
+            let swapped = if swap && !shared {
                 Some(
                     sys::swapped(host + chunk * PAGE, n)
                         .map_err(|e| usage(format!("region {ri}: pagemap: {e}")))?,
@@ -303,7 +340,7 @@ pub(crate) fn write<B: Bitmap>(
                 let file_page = file_base / PAGE as u64 + p as u64;
                 let off = file_page * PAGE as u64;
                 if let (Some(d), Some(pr)) = (dirty, present.as_mut()) {
-                    if d[ri][p / 64] & (1 << (p % 64)) == 0 {
+                    if d[ri].as_ref()[p / 64] & (1 << (p % 64)) == 0 {
                         batch.flush()?;
                         continue;
                     }
@@ -368,11 +405,11 @@ pub(crate) fn write<B: Bitmap>(
 /// written as zeros (the checksum skips them). `present`, for an incremental set, gains the
 /// pages. The file's checksum must then be computed again ([`checksum`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn overwrite<B: Bitmap>(
+pub(crate) fn overwrite<B: Bitmap, D: AsRef<[u64]>>(
     path: &Path,
     file: &File,
     mem: &GuestMemoryMmap<B>,
-    delta: &[Vec<u64>],
+    delta: &[D],
     mut present: Option<&mut PageBits>,
     rewritten: &mut BTreeSet<u64>,
     usage: &dyn Fn(String) -> SnapshotError,
@@ -389,6 +426,7 @@ pub(crate) fn overwrite<B: Bitmap>(
     let mut batch = Batch::new(file, path);
     let mut file_base = 0u64;
     for (ri, (region, bits)) in mem.iter().zip(delta).enumerate() {
+        let bits = bits.as_ref();
         let pages = (region.len() / PAGE as u64) as usize;
         stats.pages_total += pages as u64;
         if (bits.len() as u64) < (pages as u64).div_ceil(64) {

@@ -1,7 +1,8 @@
 //! `merge` (flatten an incremental chain into one full set) and `inspect` (a JSON summary
 //! of a set for people and tools).
 
-use std::os::unix::fs::MetadataExt;
+use std::fs::OpenOptions;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -11,7 +12,7 @@ use crate::{LoadMode, SetWriter, SnapshotError, SnapshotSet};
 /// Flattens the chain ending at `child` into a full set at `dest` (committed atomically like
 /// [`SetWriter::commit`]; `dest` may be `child` itself). Every checksum of the chain is
 /// verified first. The new set keeps the child's device config, partition and device
-/// states, and `extra`.
+/// states, and `extra`; disks are flattened like memory.
 pub fn merge(child: &Path, dest: &Path) -> Result<(), SnapshotError> {
     let set = SnapshotSet::open(child)?;
     set.verify()?;
@@ -20,6 +21,20 @@ pub fn merge(child: &Path, dest: &Path) -> Result<(), SnapshotError> {
         let mem = set.load_memory(&p.name, LoadMode::Eager)?;
         w.write_memory(&p.name, &mem, None)?;
         drop(mem);
+        if let Some(d) = &p.disk {
+            // The composed disk goes through an unlinked file in the new set's directory.
+            let path = w.temp_dir().join(format!("{}.disk.merging", p.name));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| SnapshotError::io(&path, "creating", e))?;
+            std::fs::remove_file(&path).map_err(|e| SnapshotError::io(&path, "removing", e))?;
+            set.restore_disk_into(&p.name, &file, false)?;
+            w.write_disk(&p.name, &file, d.len, None)?;
+        }
         w.write_state(&p.name, &set.read_state(&p.name)?)?;
     }
     for component in set.manifest.device_states.keys() {
@@ -40,7 +55,8 @@ fn disk_bytes(path: &Path) -> u64 {
 }
 
 /// A JSON summary of the set at `dir` (opened and validated, checksums not verified):
-/// ids, chain, per-partition RAM layout, sizes on disk, files, device config and extra.
+/// ids, chain, per-partition RAM layout and disk image, sizes on disk, files, device config
+/// and extra.
 pub fn inspect(dir: &Path) -> Result<Value, SnapshotError> {
     let set = SnapshotSet::open(dir)?;
     let m = &set.manifest;
@@ -50,6 +66,17 @@ pub fn inspect(dir: &Path) -> Result<Value, SnapshotError> {
         let mem_disk = disk_bytes(&set.dir.join(&p.memory_file));
         let present = set.present_pages(&p.name)?.map(|b| b.count());
         let state_bytes = m.files.get(&p.state_file).map_or(0, |f| f.len);
+        let disk = match &p.disk {
+            None => Value::Null,
+            Some(d) => json!({
+                "file": d.file,
+                "len": d.len,
+                "incremental": d.incremental,
+                "bytes_written": d.bytes_written,
+                "disk_bytes": disk_bytes(&set.dir.join(&d.file)),
+                "blocks_present": set.present_disk_blocks(&p.name)?.map(|b| b.count()),
+            }),
+        };
         partitions.push(json!({
             "name": p.name,
             "ram": p.ram.iter().map(|r| json!({
@@ -63,6 +90,7 @@ pub fn inspect(dir: &Path) -> Result<Value, SnapshotError> {
             "memory_disk_bytes": mem_disk,
             "pages_present": present,
             "state_bytes": state_bytes,
+            "disk": disk,
         }));
     }
     for f in m.files.keys() {

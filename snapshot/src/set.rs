@@ -128,7 +128,8 @@ fn recover(dir: &Path) {
 impl SnapshotSet {
     /// Opens a set and validates it without reading memory: the manifest's seal, version
     /// and fields; every listed file exists with its recorded length; the parent chain is
-    /// present, has the recorded set ids and the same RAM layout per partition.
+    /// present, has the recorded set ids and the same RAM layout (and, for a partition with
+    /// a disk, a disk of the same length) per partition.
     pub fn open(dir: &Path) -> Result<SnapshotSet, SnapshotError> {
         recover(dir);
         Self::open_depth(dir, 0)
@@ -188,7 +189,7 @@ impl SnapshotSet {
                                 ),
                             ))
                         }
-                        Some(_) => {}
+                        Some(pp) => check_parent_disk(dir, &pdir, part, pp)?,
                     }
                 }
                 Some(Box::new(p))
@@ -226,7 +227,7 @@ impl SnapshotSet {
     }
 
     /// Verifies every checksum of the set and its parent chain: each manifest's seal, each
-    /// state and pages file's CRC-32, each memory file's page CRC.
+    /// state and pages file's CRC-32, each memory and disk file's page CRC.
     pub fn verify(&self) -> Result<VerifyStats, SnapshotError> {
         let started = Instant::now();
         let mut stats = VerifyStats::default();
@@ -246,7 +247,7 @@ impl SnapshotSet {
                     .manifest
                     .partitions
                     .iter()
-                    .any(|p| &p.memory_file == name);
+                    .any(|p| p.images().iter().any(|(image, _, _)| image == name));
                 let path = dir.join(name);
                 let (crc, read) = if is_mem {
                     crc::checksum(&f, entry.len)
@@ -332,16 +333,60 @@ impl SnapshotSet {
     /// full set, which holds them all.
     pub fn present_pages(&self, name: &str) -> Result<Option<PageBits>, SnapshotError> {
         let p = self.partition_or_err(name)?;
-        let Some(pf) = &p.pages_file else {
+        self.present_bits(p.pages_file.as_deref(), p.memory_len())
+    }
+
+    /// Reads a pages file (`None`: a full set's image, which holds every page) of an image
+    /// of `len` bytes, checking its length, CRC-32, header and bits.
+    pub(crate) fn present_bits(
+        &self,
+        pages_file: Option<&str>,
+        len: u64,
+    ) -> Result<Option<PageBits>, SnapshotError> {
+        let Some(pf) = pages_file else {
             return Ok(None);
         };
         let bytes = self.read_small(pf)?;
-        PageBits::decode(&bytes, p.memory_len() / PAGE as u64)
+        PageBits::decode(&bytes, len / PAGE as u64)
             .map(Some)
             .map_err(|message| SnapshotError::Corrupt {
                 dir: self.dir.clone(),
-                file: pf.clone(),
+                file: pf.to_string(),
                 message,
             })
+    }
+}
+
+/// A partition's disk in an incremental set at `dir` needs one of the same length in the
+/// parent at `pdir` (its blocks are resolved against the parent's).
+fn check_parent_disk(
+    dir: &Path,
+    pdir: &Path,
+    part: &PartitionEntry,
+    parent: &PartitionEntry,
+) -> Result<(), SnapshotError> {
+    let Some(d) = &part.disk else {
+        return Ok(());
+    };
+    match &parent.disk {
+        Some(pd) if pd.len == d.len => Ok(()),
+        Some(pd) => Err(SnapshotError::parent(
+            dir,
+            format!(
+                "partition {:?} has a disk of {} bytes, {} one of {} bytes",
+                part.name,
+                d.len,
+                pdir.display(),
+                pd.len
+            ),
+        )),
+        None => Err(SnapshotError::parent(
+            dir,
+            format!(
+                "partition {:?} has a disk, in {} it has none",
+                part.name,
+                pdir.display()
+            ),
+        )),
     }
 }

@@ -2,7 +2,9 @@
 //! `<dest>.tmp-<set_id>`, and `commit` fsyncs it and puts it at `<dest>` atomically, so that
 //! a crash at any point leaves either the old or the new set valid at `<dest>`.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod image;
+
+use std::collections::BTreeMap;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -14,13 +16,14 @@ use serde_json::Value;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::crc;
 use crate::manifest::{
-    self, FileEntry, Manifest, ParentRef, PartitionEntry, RamRegion, FORMAT_VERSION, MANIFEST_FILE,
+    self, DiskEntry, FileEntry, Manifest, ParentRef, PartitionEntry, RamRegion, FORMAT_VERSION,
+    MANIFEST_FILE, MIN_FORMAT_VERSION,
 };
-use crate::memfile::{self, MemoryWriteStats, PageBits};
+use crate::memfile::MemoryWriteStats;
 use crate::place::{file_name_of, parent_dir_of, remove_in_background, remove_stale, replaceable};
 use crate::{sys, SnapshotError, SnapshotSet};
+use image::ImageKind;
 
 /// What `commit` did and how long it took.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -52,17 +55,10 @@ pub(crate) enum CrashPoint {
 /// A partition as written so far.
 struct Part {
     name: String,
+    /// The guest RAM layout, once its memory is written.
     ram: Option<Vec<RamRegion>>,
-    memory_bytes_written: u64,
-    /// For an incremental set: the pages it holds (its pages file is written at commit).
-    present: Option<PageBits>,
-    /// The memory file: its index in `SetWriter::open`.
-    mem_file: Option<usize>,
-    /// The memory file's checksum, per chunk.
-    crc: Option<crc::MemCrc>,
-    /// Chunks of the memory file written again ([`SetWriter::update_memory`]): their
-    /// checksums are computed again at commit.
-    rewritten: BTreeSet<u64>,
+    memory: Option<image::Image>,
+    disk: Option<image::Image>,
     state: bool,
 }
 
@@ -214,11 +210,8 @@ impl SetWriter {
         self.parts.push(Part {
             name: name.to_string(),
             ram: None,
-            memory_bytes_written: 0,
-            present: None,
-            mem_file: None,
-            crc: None,
-            rewritten: BTreeSet::new(),
+            memory: None,
+            disk: None,
             state: false,
         });
         Ok(self.parts.len() - 1)
@@ -266,24 +259,7 @@ impl SetWriter {
         dirty: Option<&[Vec<u64>]>,
     ) -> Result<MemoryWriteStats, SnapshotError> {
         let i = self.part(partition)?;
-        if self.parts[i].ram.is_some() {
-            return Err(self.usage(partition, "memory written twice"));
-        }
-        match (&self.parent, dirty) {
-            (Some(_), None) => {
-                return Err(self.usage(
-                    partition,
-                    "an incremental set (it has a parent) needs a dirty bitmap per RAM region",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(self.usage(
-                    partition,
-                    "dirty bitmaps are for incremental sets; this set has no parent",
-                ))
-            }
-            _ => {}
-        }
+        self.check_new_image(i, ImageKind::Memory, dirty.is_some())?;
         if let Some(p) = &self.parent {
             let ram = ram_layout(mem);
             match p.partitions.iter().find(|e| e.name == partition) {
@@ -297,30 +273,9 @@ impl SetWriter {
                 Some(_) => {}
             }
         }
-        let fname = format!("{partition}.mem");
-        let (path, file) = self.new_file(&fname)?;
-        let usage = |m: String| SnapshotError::Usage {
-            dest: self.dest.clone(),
-            partition: partition.to_string(),
-            message: m,
-        };
-        let w = memfile::write(&path, &file, mem, dirty, &usage)?;
-        self.files.insert(
-            fname,
-            FileEntry {
-                len: w.len,
-                crc32: w.crc.finish(),
-            },
-        );
-        self.bytes_written += w.stats.bytes_written;
-        self.open.push((path, file));
-        let part = &mut self.parts[i];
-        part.ram = Some(w.ram);
-        part.memory_bytes_written = w.stats.bytes_written;
-        part.present = w.present;
-        part.mem_file = Some(self.open.len() - 1);
-        part.crc = Some(w.crc);
-        Ok(w.stats)
+        let (stats, ram) = self.write_image(i, ImageKind::Memory, mem, dirty)?;
+        self.parts[i].ram = Some(ram);
+        Ok(stats)
     }
 
     /// Writes again the pages set in `delta` (one bitmap per RAM region, as for
@@ -337,31 +292,12 @@ impl SetWriter {
         delta: &[Vec<u64>],
     ) -> Result<MemoryWriteStats, SnapshotError> {
         let i = self.part(partition)?;
-        let Some(fi) = self.parts[i].mem_file else {
-            return Err(self.usage(partition, "memory updated before it was written"));
-        };
-        if self.parts[i].ram.as_ref() != Some(&ram_layout(mem)) {
-            return Err(self.usage(partition, "the guest RAM layout changed between passes"));
+        if let Some(ram) = &self.parts[i].ram {
+            if *ram != ram_layout(mem) {
+                return Err(self.usage(partition, "the guest RAM layout changed between passes"));
+            }
         }
-        let usage = |m: String| SnapshotError::Usage {
-            dest: self.dest.clone(),
-            partition: partition.to_string(),
-            message: m,
-        };
-        let (path, file) = &self.open[fi];
-        let part = &mut self.parts[i];
-        let stats = memfile::overwrite(
-            path,
-            file,
-            mem,
-            delta,
-            part.present.as_mut(),
-            &mut part.rewritten,
-            &usage,
-        )?;
-        part.memory_bytes_written += stats.bytes_written;
-        self.bytes_written += stats.bytes_written;
-        Ok(stats)
+        self.update_image(i, ImageKind::Memory, mem, delta)
     }
 
     /// Writes a device-wide state (one that belongs to no single partition, such as the
@@ -382,33 +318,6 @@ impl SetWriter {
         Ok(())
     }
 
-    /// Before the manifest: checksums of memory files written twice, and pages files.
-    fn finish_memory(&mut self) -> Result<(), SnapshotError> {
-        for i in 0..self.parts.len() {
-            let name = self.parts[i].name.clone();
-            if let (false, Some(fi)) = (self.parts[i].rewritten.is_empty(), self.parts[i].mem_file)
-            {
-                let (path, file) = &self.open[fi];
-                let fname = format!("{name}.mem");
-                let len = self.files.get(&fname).map_or(0, |e| e.len);
-                let part = &mut self.parts[i];
-                let crc = part.crc.get_or_insert_with(crc::MemCrc::new);
-                for chunk in std::mem::take(&mut part.rewritten) {
-                    crc.recompute(file, len, chunk)
-                        .map_err(|e| SnapshotError::io(path, "checksumming", e))?;
-                }
-                let crc32 = crc.finish();
-                part.memory_bytes_written = part.memory_bytes_written.min(len);
-                self.files.insert(fname, FileEntry { len, crc32 });
-            }
-            if let Some(present) = self.parts[i].present.take() {
-                self.write_small(&format!("{name}.pages"), &present.encode())?;
-                self.parts[i].present = Some(present);
-            }
-        }
-        Ok(())
-    }
-
     /// Writes a partition's state: opaque bytes (the monitor's JSON of vCPU/VM/device state).
     pub fn write_state(&mut self, partition: &str, state: &[u8]) -> Result<(), SnapshotError> {
         let i = self.part(partition)?;
@@ -425,8 +334,9 @@ impl SetWriter {
             return Err(self.usage("", "no partition was written"));
         }
         let mut partitions = Vec::new();
+        let incremental = self.parent.is_some();
         for p in &self.parts {
-            let Some(ram) = p.ram.clone() else {
+            let (Some(ram), Some(memory)) = (p.ram.clone(), &p.memory) else {
                 return Err(self.usage(&p.name, "its memory was not written"));
             };
             if !p.state {
@@ -434,19 +344,33 @@ impl SetWriter {
             }
             partitions.push(PartitionEntry {
                 name: p.name.clone(),
-                memory_file: format!("{}.mem", p.name),
+                memory_file: memory.file.clone(),
                 state_file: format!("{}.state", p.name),
-                pages_file: p.present.is_some().then(|| format!("{}.pages", p.name)),
+                pages_file: memory.pages_file_name(),
                 ram,
-                memory_bytes_written: p.memory_bytes_written,
-                incremental: self.parent.is_some(),
+                memory_bytes_written: memory.bytes_written,
+                incremental,
+                disk: p.disk.as_ref().map(|d| DiskEntry {
+                    file: d.file.clone(),
+                    pages_file: d.pages_file_name(),
+                    len: d.len,
+                    bytes_written: d.bytes_written,
+                    incremental,
+                }),
             });
         }
         let created_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        // The oldest version that describes the set, so that a monitor of version 2 still
+        // restores a set without disks.
+        let format_version = if partitions.iter().any(|p| p.disk.is_some()) {
+            FORMAT_VERSION
+        } else {
+            MIN_FORMAT_VERSION
+        };
         Ok(Manifest {
-            format_version: FORMAT_VERSION,
+            format_version,
             set_id: self.set_id.clone(),
             created_unix_ms,
             device_config,
@@ -472,7 +396,7 @@ impl SetWriter {
         extra: Value,
     ) -> Result<CommitStats, SnapshotError> {
         let started = Instant::now();
-        self.finish_memory()?;
+        self.finish_images()?;
         let m = self.manifest(device_config, extra)?;
         manifest::validate(&self.tmp, &m)?;
         let sealed = manifest::seal(&m)

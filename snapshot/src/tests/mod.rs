@@ -1,9 +1,11 @@
 //! Tests of the crate as the monitor uses it, with plain anonymous guest memory
 //! (`GuestMemoryMmap::from_ranges`), no KVM: round trips, holes, corruption, atomic
-//! replacement, crashes, a full file system, incremental chains and merge.
+//! replacement, crashes, a full file system, incremental chains and merge, disk images.
 
 mod atomic;
 mod corruption;
+mod disk;
+mod disk_corruption;
 mod incremental;
 mod live;
 mod roundtrip;
@@ -115,6 +117,20 @@ pub(crate) fn write_full(dest: &Path, parts: &[(&str, &GuestMemoryMmap, &[u8])])
 
 pub(crate) fn open_ok(dir: &Path) -> SnapshotSet {
     SnapshotSet::open(dir).unwrap_or_else(|e| panic!("open {}: {e}", dir.display()))
+}
+
+/// Flips a bit of the byte at `at` of the file at `path` (twice: the byte is as before).
+pub(crate) fn flip(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read");
+    b[0] ^= 0x20;
+    f.write_all_at(&b, at).expect("write");
 }
 
 /// The entries of a directory whose names start with `prefix`.
