@@ -8,9 +8,11 @@
 //! - [`monitor`]: all partitions of the device, and the control commands.
 //! - [`api`]: the control socket protocol, server and client.
 //! - [`job`]: `duplex job`, a host client of the controller's job port.
+//! - [`boxcli`]: `duplex box`, the host client of the controller's document service.
 
 pub mod api;
 pub mod boot;
+pub mod boxcli;
 pub mod config;
 pub mod job;
 pub mod layout;

@@ -32,6 +32,9 @@ enum Cmd {
     /// Submit print jobs to the controller and read job and engine status (through the
     /// controller's vsock host bridge).
     Job(duplex_vmm::job::JobArgs),
+    /// Manage the controller's document service: accounts, boxes, documents, rights and
+    /// scans (through the controller's vsock host bridge; one JSON object per command).
+    Box(duplex_vmm::boxcli::BoxArgs),
     /// Inspect, verify or merge snapshot sets.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
@@ -195,6 +198,13 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string()),
         Cmd::Job(args) => duplex_vmm::job::run_job(args)
             .map(|v| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()))
+            .map_err(|e| e.to_string()),
+        Cmd::Box(args) => duplex_vmm::boxcli::run_box(args)
+            .map(|v| {
+                if !v.is_null() {
+                    println!("{}", serde_json::to_string(&v).unwrap_or_default());
+                }
+            })
             .map_err(|e| e.to_string()),
         Cmd::Snapshot(cmd) => snapshot_cmd(cmd)
             .map(|v| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())),

@@ -16,6 +16,12 @@
 //! `controller: snapshot requested (reboot=<b>)`. Nothing else changes: the monitor
 //! pauses the partitions at its cut, and what is in flight then is part of the set.
 //!
+//! Documents: at start it opens its virtio-blk disk and the document service on it
+//! (`docs.rs`, `duplex-docsvc`) and prints `controller: store ready (<stats>)`, or
+//! `controller: no disk: documents disabled` (then every `Box` request is answered 503).
+//! The link logic queues `Box` requests in each client's reply order; this firmware
+//! answers them from the service after every round of events, and stores finished scans.
+//!
 //! Without a vsock device it only beats, and says so.
 
 #![no_std]
@@ -25,9 +31,11 @@ extern crate alloc;
 
 #[path = "../../link/firmware/common.rs"]
 mod common;
+mod docs;
 
 use alloc::vec::Vec;
 
+use duplex_docsvc::DocService;
 use duplex_link::controller::{Action, ClientId, Controller};
 use duplex_link::{FromEngine, HostRequest, DEFAULT_ENGINE_CID, JOB_PORT, LINK_PORT};
 use duplex_runtime::time::{self, rdtsc, sleep_until, Instant};
@@ -58,6 +66,7 @@ fn main(boot: &BootInfo) -> ! {
         "controller",
         heartbeat::period_ms(boot, heartbeat::DEFAULT_PERIOD_MS),
     );
+    let store = docs::open(boot);
     let Some(mut v) = vsock::open_vsock(boot) else {
         println!("controller: no vsock device; no jobs, no engine");
         loop {
@@ -84,10 +93,12 @@ fn main(boot: &BootInfo) -> ! {
         next_client: 1,
         scratch: common::scratch(),
         ready_seen: false,
+        docs: store,
     };
     loop {
         beat.tick();
         fw.maintain(&mut v);
+        fw.serve_docs();
         let progressed = fw.flush(&mut v);
         let mut event = if progressed {
             poll(&mut v)
@@ -141,9 +152,30 @@ struct Firmware {
     next_client: ClientId,
     scratch: Vec<u8>,
     ready_seen: bool,
+    /// The document service (`None`: no disk).
+    docs: Option<DocService<docs::BlkDisk>>,
 }
 
 impl Firmware {
+    /// Answers the `Box` requests the logic queued and stores the scans it finished.
+    fn serve_docs(&mut self) {
+        loop {
+            let requests = self.ctl.take_box_requests();
+            let scans = self.ctl.take_scans_done();
+            if requests.is_empty() && scans.is_empty() {
+                return;
+            }
+            for r in requests {
+                let actions = docs::serve(&mut self.ctl, self.docs.as_mut(), r);
+                self.apply(actions);
+            }
+            for d in scans {
+                let actions = docs::store_scan(&mut self.ctl, self.docs.as_mut(), d);
+                self.apply(actions);
+            }
+        }
+    }
+
     /// Starts connection attempts and gives up on stale ones, by the clock.
     fn maintain(&mut self, v: &mut Vsock) {
         let now = rdtsc();

@@ -105,13 +105,18 @@ enum Waiting {
     Snapshot {
         reply: Option<(ClientId, u64)>,
     },
+    /// `ScanPage` (`controller_box.rs`).
+    Scan {
+        scan: u64,
+        page: u32,
+    },
 }
 
 impl Waiting {
     /// The client reply slot this request fills, if any.
     fn reply_mut(&mut self) -> Option<&mut Option<(ClientId, u64)>> {
         match self {
-            Waiting::Page { .. } => None,
+            Waiting::Page { .. } | Waiting::Scan { .. } => None,
             Waiting::Status { reply } | Waiting::Snapshot { reply } => Some(reply),
         }
     }
@@ -144,6 +149,8 @@ pub struct Controller {
     /// The engine's last reported status.
     engine: EngineInfo,
     clients: BTreeMap<ClientId, Client>,
+    /// Document requests for the firmware, and scans (`controller_box.rs`).
+    docs: docs::Docs,
 }
 
 impl Default for Controller {
@@ -171,6 +178,7 @@ impl Controller {
                 error: Some(ENGINE_NOT_CONNECTED.to_string()),
             },
             clients: BTreeMap::new(),
+            docs: docs::Docs::default(),
         }
     }
 
@@ -202,11 +210,11 @@ impl Controller {
         self.active.len()
     }
 
-    /// Pages sent to the engine and not answered.
+    /// Pages (printed or scanned) sent to the engine and not answered.
     pub fn pages_in_flight(&self) -> usize {
         self.waiting
             .iter()
-            .filter(|w| matches!(w, Waiting::Page { .. }))
+            .filter(|w| matches!(w, Waiting::Page { .. } | Waiting::Scan { .. }))
             .count()
     }
 
@@ -306,6 +314,7 @@ impl Controller {
                     self.ask_engine(msg, Some((client, seq)), &mut out);
                 }
             }
+            HostRequest::Box { account, op } => self.queue_box(client, seq, account, op),
         }
         self.pump(&mut out);
         out
@@ -378,6 +387,7 @@ impl Controller {
         for id in printing {
             self.finish(id, Some(ENGINE_RESET.into()), &mut out);
         }
+        self.fail_all_scans(ENGINE_RESET, &mut out);
         out.push(Action::Log("engine link down".into()));
         out
     }
@@ -468,6 +478,12 @@ impl Controller {
                     );
                 }
             }
+            FromEngine::ScannedPage { scan, page, bytes } => {
+                self.on_scanned(scan, page, bytes, &mut out)
+            }
+            FromEngine::ScanFailed { scan, page, reason } => {
+                self.on_scan_failed(scan, page, reason, &mut out)
+            }
         }
         self.pump(&mut out);
         out
@@ -516,8 +532,9 @@ impl Controller {
         }
     }
 
-    /// Sends pages while the engine can take them.
+    /// Sends pages while the engine can take them: scan pages first, then print pages.
     fn pump(&mut self, out: &mut Vec<Action>) {
+        self.pump_scans(out);
         while self.link == Link::Ready
             && !self.hold
             && self.engine.state != EngineState::Error
@@ -582,6 +599,11 @@ fn error(code: u16, message: String) -> HostReply {
 
 #[path = "controller_jobs.rs"]
 mod jobs;
+
+#[path = "controller_box.rs"]
+mod docs;
+
+pub use docs::{BoxRequest, ReplySlot, ScanDone, ScanRequest, MAX_ACTIVE_SCANS};
 
 use jobs::job_info;
 

@@ -19,7 +19,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use crate::msg::{EngineInfo, EngineState, FromEngine, ToEngine};
-use crate::print::{halftone, page_checksum};
+use crate::print::{halftone, page_checksum, page_raster};
 
 /// After printing a page the engine reports `printing` for this long.
 pub const PRINTING_LINGER_MS: u64 = 1000;
@@ -147,7 +147,36 @@ impl Engine {
                     reason: reason.to_string(),
                 },
             },
+            ToEngine::ScanPage {
+                scan,
+                page,
+                seed,
+                width,
+                height,
+            } => match self.scan(seed, page, width, height) {
+                Ok(bytes) => FromEngine::ScannedPage { scan, page, bytes },
+                Err(reason) => FromEngine::ScanFailed { scan, page, reason },
+            },
         }
+    }
+
+    /// Scans one page: the halftone of `page_raster(seed, page, width, height)` through
+    /// the engine's tone curve, exactly as `Print` halftones it (so its
+    /// [`page_checksum`] is the print checksum). A scan needs the engine calibrated and its
+    /// paper path clear; it does not count as a printed page.
+    fn scan(&self, seed: u64, page: u32, width: u16, height: u16) -> Result<Vec<u8>, String> {
+        if !self.ready {
+            return Err(WARMING_UP.to_string());
+        }
+        if self.jammed {
+            return Err(PAPER_JAM.to_string());
+        }
+        let pixels = u32::from(width) * u32::from(height);
+        if width == 0 || height == 0 || pixels > crate::msg::MAX_PAGE_PIXELS {
+            return Err(alloc::format!("bad page: {width}x{height}"));
+        }
+        let raster = page_raster(seed, page, width, height);
+        Ok(halftone(&raster, width, height, &self.gamma))
     }
 
     /// Why the engine must not be snapshotted now (`None`: it may). A jammed engine is
@@ -194,7 +223,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::print::{expected_page_checksum, gamma_table, page_raster};
+    use crate::print::{expected_page_checksum, gamma_table};
     use alloc::vec;
 
     fn print(job: u64, page: u32) -> ToEngine {
@@ -349,6 +378,59 @@ mod tests {
                 job: 1,
                 page: 0,
                 reason: "bad raster: 99 bytes for 10x10".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_scanned_page_is_the_print_halftone_and_needs_a_ready_clear_engine() {
+        let mut e = Engine::new(gamma_table());
+        let scan = |page| ToEngine::ScanPage {
+            scan: 7,
+            page,
+            seed: 42,
+            width: 50,
+            height: 20,
+        };
+        assert_eq!(
+            e.handle(scan(0), 0),
+            FromEngine::ScanFailed {
+                scan: 7,
+                page: 0,
+                reason: "warming up".into()
+            }
+        );
+        e.calibrated();
+        let FromEngine::ScannedPage {
+            scan: 7,
+            page: 1,
+            bytes,
+        } = e.handle(scan(1), 0)
+        else {
+            panic!("not scanned")
+        };
+        assert_eq!(bytes.len(), 7 * 20);
+        assert_eq!(page_checksum(&bytes), expected_page_checksum(42, 1, 50, 20));
+        assert_eq!(e.pages_printed(), 0, "a scan is not a printed page");
+        e.handle(ToEngine::Jam, 0);
+        assert!(matches!(
+            e.handle(scan(2), 0),
+            FromEngine::ScanFailed { .. }
+        ));
+        e.handle(ToEngine::ClearJam, 0);
+        let bad = ToEngine::ScanPage {
+            scan: 1,
+            page: 0,
+            seed: 0,
+            width: 0,
+            height: 5,
+        };
+        assert_eq!(
+            e.handle(bad, 0),
+            FromEngine::ScanFailed {
+                scan: 1,
+                page: 0,
+                reason: "bad page: 0x5".into()
             }
         );
     }

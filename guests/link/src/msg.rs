@@ -117,6 +117,14 @@ pub enum HostRequest {
         /// As `SubmitJob`.
         height: u16,
     },
+    /// A document service request made as `account` (`docs/shared-data.md`). Answer:
+    /// `Box` or `Error` (codes in [`box_error`]; 503 when the controller has no disk).
+    Box {
+        /// The account the request is made as (its rights are checked).
+        account: String,
+        /// The operation.
+        op: BoxOp,
+    },
 }
 
 /// Controller → host, on the job port: exactly one reply per request, in request order.
@@ -154,6 +162,8 @@ pub enum HostReply {
         /// The key was known: nothing new was queued.
         duplicate: bool,
     },
+    /// Answer to `Box`.
+    Box(BoxReply),
 }
 
 /// One job as the controller sees it.
@@ -288,6 +298,21 @@ pub enum ToEngine {
     /// Reach a safe point for a snapshot: answered, in order after every earlier message
     /// (so every page before it is printed), with `SnapshotApproved` or `SnapshotDenied`.
     PrepareSnapshot,
+    /// Scan one page (a document scan job): render [`crate::page_raster`]`(seed, page,
+    /// width, height)` and halftone it as for printing. Answered with `ScannedPage` or
+    /// `ScanFailed`.
+    ScanPage {
+        /// The scan the page belongs to (echoed back).
+        scan: u64,
+        /// The page's index in the scan, from 0 (echoed back).
+        page: u32,
+        /// Seed of the page content.
+        seed: u64,
+        /// Width in pixels.
+        width: u16,
+        /// Height in pixels.
+        height: u16,
+    },
 }
 
 /// Engine → controller, on the link port.
@@ -328,4 +353,30 @@ pub enum FromEngine {
         /// Why: `paper jam`, `warming up`.
         reason: String,
     },
+    /// A page scanned: its halftone, as [`crate::halftone`] makes it for printing.
+    ScannedPage {
+        /// The scan, as in `ScanPage`.
+        scan: u64,
+        /// The page, as in `ScanPage`.
+        page: u32,
+        /// `halftone_stride(width) * height` bytes, 1 = black, rows MSB first.
+        bytes: Vec<u8>,
+    },
+    /// A page could not be scanned.
+    ScanFailed {
+        /// The scan, as in `ScanPage`.
+        scan: u64,
+        /// The page, as in `ScanPage`.
+        page: u32,
+        /// Why: `paper jam`, `warming up`, `bad page: <w>x<h>`.
+        reason: String,
+    },
 }
+
+#[path = "boxmsg.rs"]
+mod boxmsg;
+
+pub use boxmsg::{
+    box_error, pbm_header, AccountEntry, BoxEntry, BoxObject, BoxOp, BoxReply, BoxRole, DocEntry,
+    GrantEntry, MAX_BOX_CHUNK, MAX_BOX_DOCUMENT, MAX_SCAN_PAGES,
+};

@@ -58,6 +58,7 @@
 
 #![no_std]
 
+pub mod blk;
 pub mod boot;
 pub mod bootinfo;
 pub mod console;
