@@ -9,6 +9,8 @@
 pub mod mmio;
 #[cfg(test)]
 pub(crate) mod test_driver;
+#[cfg(test)]
+pub(crate) mod test_hal;
 
 use crate::GuestMemoryMmap;
 use std::fmt;
