@@ -33,6 +33,7 @@ pub mod pairing;
 pub mod replica;
 pub mod rights;
 pub mod sync;
+pub mod transport;
 
 pub use email::{normalize_email, MAX_EMAIL_LEN, MAX_LOCAL_LEN};
 pub use model::{
@@ -51,6 +52,7 @@ pub use sync::{
     MAX_DATA_CHUNK, MAX_DOCUMENTS_PER_SHARE, MAX_DOCUMENT_LEN, MAX_GRANTS_PER_SHARE,
     MAX_MESSAGE_LEN, MAX_PAIRS_PER_SHARE, MAX_SYNC_MESSAGE,
 };
+pub use transport::{CloudToDevice, DeviceToCloud};
 
 #[cfg(test)]
 mod tests_pairing;

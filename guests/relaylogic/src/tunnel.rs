@@ -119,6 +119,8 @@ fn name(msg: &CloudToRelay) -> &'static str {
         CloudToRelay::Job { .. } => "Job",
         CloudToRelay::JobData { .. } => "JobData",
         CloudToRelay::Close => "Close",
+        CloudToRelay::SyncOpen { .. } => "SyncOpen",
+        CloudToRelay::Share { .. } => "Share",
     }
 }
 

@@ -240,6 +240,13 @@ pub enum RelayToCloud {
     Closed { jobs: u32 },
     /// Variant 4: The cloud server broke the protocol; the relay closes the tunnel.
     Error { code: u16, message: String },
+    /// Variant 5: One message of the share sub-protocol from the device's controller
+    /// (`duplex_docs::DeviceToCloud`, postcard), on a tunnel the cloud opened with
+    /// `SyncOpen` (`docs/shared-data.md`, "Transport").
+    Share {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// Cloud server → relay, on a tunnel.
@@ -272,4 +279,13 @@ pub enum CloudToRelay {
     },
     /// Variant 4: No more work: the relay answers `Closed` and closes the tunnel.
     Close,
+    /// Variant 5: This tunnel carries `device_id`'s shared documents: the relay connects it
+    /// to the controller's share service, which sends its requests as `Share` frames.
+    SyncOpen { device_id: String },
+    /// Variant 6: One answer of the share sub-protocol (`duplex_docs::CloudToDevice`,
+    /// postcard), in the order of the device's requests.
+    Share {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }

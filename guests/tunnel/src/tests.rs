@@ -240,3 +240,17 @@ fn the_sleep_and_wake_messages_keep_their_variant_numbers() {
         MediatorToRelay::WakeRelay { tunnel_id: 3, .. }
     ));
 }
+
+#[test]
+fn the_share_frames_are_new_variants_at_the_end() {
+    let open = encode(&CloudToRelay::SyncOpen {
+        device_id: "d".to_string(),
+    });
+    assert_eq!(&open[4..], &[5, 1, b'd']);
+    let share = encode(&CloudToRelay::Share { bytes: vec![7, 8] });
+    assert_eq!(&share[4..], &[6, 2, 7, 8]);
+    let up = encode(&RelayToCloud::Share { bytes: vec![9] });
+    assert_eq!(&up[4..], &[5, 1, 9]);
+    let back: RelayToCloud = decode_body(&up[4..]).unwrap();
+    assert_eq!(back, RelayToCloud::Share { bytes: vec![9] });
+}
