@@ -44,6 +44,17 @@ pub struct JobRequest {
     pub wait: Option<bool>,
 }
 
+/// `GET /scim/v2/Users` query (RFC 7644 §3.4.2.4: `startIndex` 1-based, default 1;
+/// `count` default and at most [`duplex_docs::MAX_SCIM_PAGE`]).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScimQuery {
+    #[serde(default)]
+    pub start_index: Option<u32>,
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
 /// Default deadline of a job.
 pub const DEFAULT_TIMEOUT_S: u64 = 60;
 
@@ -65,6 +76,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/jobs", post(submit))
         .route("/v1/jobs/{job_id}", get(get_job))
         .route("/v1/tunnels", get(tunnels))
+        .route("/scim/v2/Users", get(scim_users))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
         .with_state(cloud)
 }
@@ -188,4 +200,79 @@ async fn get_job(
 async fn tunnels(State(cloud): State<Arc<Cloud>>) -> Json<Value> {
     let list: Vec<_> = cloud.tunnels().values().cloned().collect();
     Json(json!({ "tunnels": list }))
+}
+
+/// `GET /scim/v2/Users?startIndex=S&count=N`: a page of the cloud's users, as SCIM.
+async fn scim_users(
+    State(cloud): State<Arc<Cloud>>,
+    axum::extract::Query(q): axum::extract::Query<ScimQuery>,
+) -> Json<duplex_docs::ScimListResponse> {
+    Json(scim_page(&cloud.cfg.users, q.start_index, q.count))
+}
+
+/// The page of `users` from `start_index` (1-based; 0 counts as 1) of at most `count`
+/// (capped at [`duplex_docs::MAX_SCIM_PAGE`]).
+pub fn scim_page(
+    users: &[duplex_docs::CloudUser],
+    start_index: Option<u32>,
+    count: Option<u32>,
+) -> duplex_docs::ScimListResponse {
+    let start = start_index.unwrap_or(1).max(1);
+    let count = count
+        .unwrap_or(duplex_docs::MAX_SCIM_PAGE)
+        .min(duplex_docs::MAX_SCIM_PAGE);
+    let from = usize::try_from(start - 1).unwrap_or(usize::MAX);
+    let page: Vec<_> = users
+        .iter()
+        .skip(from)
+        .take(count as usize)
+        .cloned()
+        .map(|mut u| {
+            u.schemas = vec![duplex_docs::SCIM_USER_SCHEMA.to_string()];
+            u
+        })
+        .collect();
+    duplex_docs::ScimListResponse {
+        schemas: vec![duplex_docs::SCIM_LIST_RESPONSE_SCHEMA.to_string()],
+        total_results: u32::try_from(users.len()).unwrap_or(u32::MAX),
+        start_index: start,
+        items_per_page: u32::try_from(page.len()).unwrap_or(u32::MAX),
+        resources: page,
+    }
+}
+
+#[cfg(test)]
+mod scim_tests {
+    use super::*;
+
+    fn user(i: u32) -> duplex_docs::CloudUser {
+        serde_json::from_value(json!({
+            "id": format!("u{i}"),
+            "displayName": format!("User {i}"),
+            "emails": [{"value": format!("u{i}@example.com"), "verified": true}]
+        }))
+        .expect("user")
+    }
+
+    #[test]
+    fn users_are_listed_page_by_page_as_scim() {
+        let users: Vec<_> = (1..=5).map(user).collect();
+        let p1 = scim_page(&users, Some(1), Some(2));
+        assert_eq!(
+            (p1.total_results, p1.start_index, p1.items_per_page),
+            (5, 1, 2)
+        );
+        assert_eq!(p1.resources[0].id, "u1");
+        assert_eq!(p1.next_start_index(), Some(3));
+        let p3 = scim_page(&users, Some(5), Some(2));
+        assert_eq!(p3.resources.len(), 1);
+        assert_eq!(p3.next_start_index(), None);
+        assert!(scim_page(&users, Some(9), None).resources.is_empty());
+        // The JSON is SCIM's: Resources, totalResults, the list response schema.
+        let v = serde_json::to_value(scim_page(&users, None, Some(1000))).expect("json");
+        assert_eq!(v["totalResults"], 5);
+        assert_eq!(v["itemsPerPage"], 5);
+        assert_eq!(v["Resources"][4]["emails"][0]["verified"], true);
+        assert_eq!(v["schemas"][0], duplex_docs::SCIM_LIST_RESPONSE_SCHEMA);
+    }
 }

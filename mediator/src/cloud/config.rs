@@ -3,6 +3,7 @@
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
+use duplex_docs::CloudUser;
 use duplex_tunnel::{parse_key, KEY_LEN};
 use serde::Deserialize;
 
@@ -49,6 +50,8 @@ struct RawCloudConfig {
     retry_max_ms: u64,
     #[serde(default = "default_poll_ms")]
     poll_ms: u64,
+    #[serde(default)]
+    users: Vec<CloudUser>,
 }
 
 /// A checked configuration of `duplex-cloud serve`.
@@ -75,6 +78,9 @@ pub struct CloudConfig {
     /// How often a tunnel record is polled while waiting for the relay's dial, and while a
     /// job waits for its result (a tunnel the relay reported ended is lost).
     pub poll_ms: u64,
+    /// The cloud's user accounts (SCIM User resources), listed to devices for pairing
+    /// (`docs/shared-data.md`); unique ids.
+    pub users: Vec<CloudUser>,
 }
 
 impl CloudConfig {
@@ -109,6 +115,15 @@ impl CloudConfig {
                 "need 0 < retry_base_ms <= retry_max_ms and poll_ms > 0",
             ));
         }
+        let mut ids = std::collections::HashSet::new();
+        for u in &raw.users {
+            if !duplex_docs::valid_id(&u.id) || !ids.insert(u.id.as_str()) {
+                return Err(invalid(
+                    "users",
+                    "every user needs a unique id of 1-64 of A-Z a-z 0-9 - _ .",
+                ));
+            }
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let join = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         Ok(CloudConfig {
@@ -124,6 +139,7 @@ impl CloudConfig {
             retry_base_ms: raw.retry_base_ms,
             retry_max_ms: raw.retry_max_ms,
             poll_ms: raw.poll_ms,
+            users: raw.users,
         })
     }
 }
