@@ -5,6 +5,9 @@
 //! * `submit --device ID --pages N --seed S [...]`: asks a running `serve` to print a job
 //!   and prints one JSON object (the job's report); exits 0 only if the job is done with
 //!   the expected checksums.
+//! * `sync --device ID [--timeout-s N]`: asks a running `serve` to sync the device's shared
+//!   documents now (a tunnel, `SyncOpen`, the device's share messages answered until its
+//!   `Done`) and prints one JSON object (the sync's report); exits 0 only if it is done.
 //!
 //! `docs/mediator.md#duplex-cloud` has the configuration and the API.
 
@@ -14,6 +17,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use duplex_mediator::cloud::jobs::{JobReport, JobState};
+use duplex_mediator::cloud::sync::{SyncReport, SyncState};
 use duplex_mediator::cloud::{self, config::CloudConfig};
 use serde_json::json;
 
@@ -49,6 +53,15 @@ enum Cmd {
         /// The job id (the idempotency key); a random `job-<hex>` if not given.
         #[arg(long)]
         job_id: Option<String>,
+        #[arg(long, default_value = "http://127.0.0.1:9080")]
+        server: String,
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+    },
+    /// Sync a device's shared documents through a running service; print the report.
+    Sync {
+        #[arg(long)]
+        device: String,
         #[arg(long, default_value = "http://127.0.0.1:9080")]
         server: String,
         #[arg(long, default_value_t = 60)]
@@ -91,6 +104,11 @@ fn main() -> ExitCode {
             });
             rt.block_on(submit(&server, body, device, timeout_s))
         }
+        Cmd::Sync {
+            device,
+            server,
+            timeout_s,
+        } => rt.block_on(sync(&server, device, timeout_s)),
     }
 }
 
@@ -137,6 +155,33 @@ async fn submit(server: &str, body: serde_json::Value, device: String, timeout_s
         Err(e) => eprintln!("duplex-cloud: cannot print the report: {e}"),
     }
     if report.state == JobState::Done && report.checksums_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn sync(server: &str, device: String, timeout_s: u64) -> ExitCode {
+    let limit = Duration::from_secs(timeout_s + 30);
+    let body = json!({ "timeout_s": timeout_s });
+    let path = format!("/v1/devices/{device}/sync");
+    let report =
+        match duplex_mediator::http::request(server, "POST", &path, None, Some(&body), limit).await
+        {
+            Ok(r) if r.status == 200 => serde_json::from_value::<SyncReport>(r.body)
+                .unwrap_or_else(|e| {
+                    SyncReport::failed(&device, format!("the server's report is malformed: {e}"))
+                }),
+            Ok(r) => {
+                SyncReport::failed(&device, format!("server answered {}: {}", r.status, r.body))
+            }
+            Err(e) => SyncReport::failed(&device, e.to_string()),
+        };
+    match serde_json::to_string(&report) {
+        Ok(line) => println!("{line}"),
+        Err(e) => eprintln!("duplex-cloud: cannot print the report: {e}"),
+    }
+    if report.state == SyncState::Done {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

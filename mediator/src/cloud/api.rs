@@ -58,7 +58,7 @@ pub struct ScimQuery {
 /// Default deadline of a job.
 pub const DEFAULT_TIMEOUT_S: u64 = 60;
 
-struct ApiError(StatusCode, &'static str, String);
+pub(crate) struct ApiError(pub StatusCode, pub &'static str, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -77,6 +77,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/jobs/{job_id}", get(get_job))
         .route("/v1/tunnels", get(tunnels))
         .route("/scim/v2/Users", get(scim_users))
+        .merge(super::shared_api::routes())
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
         .with_state(cloud)
 }

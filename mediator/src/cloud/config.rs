@@ -27,6 +27,19 @@ fn default_retry_max_ms() -> u64 {
 fn default_poll_ms() -> u64 {
     500
 }
+fn default_share_poll_ms() -> u64 {
+    60_000
+}
+
+/// A `users` entry: a SCIM user and, optionally, the bearer token it reads shared
+/// documents with (never listed by SCIM).
+#[derive(Debug, Deserialize)]
+struct RawUser {
+    #[serde(flatten)]
+    user: CloudUser,
+    #[serde(default)]
+    token: Option<String>,
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,7 +64,13 @@ struct RawCloudConfig {
     #[serde(default = "default_poll_ms")]
     poll_ms: u64,
     #[serde(default)]
-    users: Vec<CloudUser>,
+    users: Vec<RawUser>,
+    #[serde(default)]
+    share_db: Option<PathBuf>,
+    #[serde(default)]
+    share_devices: Vec<String>,
+    #[serde(default = "default_share_poll_ms")]
+    share_poll_ms: u64,
 }
 
 /// A checked configuration of `duplex-cloud serve`.
@@ -81,6 +100,15 @@ pub struct CloudConfig {
     /// The cloud's user accounts (SCIM User resources), listed to devices for pairing
     /// (`docs/shared-data.md`); unique ids.
     pub users: Vec<CloudUser>,
+    /// Bearer tokens of the users who have one: (token, user id), for
+    /// `/v1/shared/documents`.
+    pub user_tokens: Vec<(String, String)>,
+    /// The SQLite file of the shares received (`share_db`; default `share.db` next to the
+    /// configuration).
+    pub share_db: PathBuf,
+    /// Devices `serve` syncs with every `share_poll_ms` (`share_devices`; default none).
+    pub share_devices: Vec<String>,
+    pub share_poll_ms: u64,
 }
 
 impl CloudConfig {
@@ -116,13 +144,36 @@ impl CloudConfig {
             ));
         }
         let mut ids = std::collections::HashSet::new();
+        let mut user_tokens: Vec<(String, String)> = Vec::new();
         for u in &raw.users {
-            if !duplex_docs::valid_id(&u.id) || !ids.insert(u.id.as_str()) {
+            if !duplex_docs::valid_id(&u.user.id) || !ids.insert(u.user.id.as_str()) {
                 return Err(invalid(
                     "users",
                     "every user needs a unique id of 1-64 of A-Z a-z 0-9 - _ .",
                 ));
             }
+            if let Some(t) = &u.token {
+                if t.len() < 8 || t.chars().any(|c| !c.is_ascii_graphic()) {
+                    return Err(invalid(
+                        "users[].token",
+                        "at least 8 printable ASCII characters, no blanks",
+                    ));
+                }
+                if user_tokens.iter().any(|(known, _)| known == t) {
+                    return Err(invalid("users[].token", "two users have the same token"));
+                }
+                user_tokens.push((t.clone(), u.user.id.clone()));
+            }
+        }
+        if raw
+            .share_devices
+            .iter()
+            .any(|d| !duplex_tunnel::valid_id(d))
+        {
+            return Err(invalid("share_devices", "1-64 of A-Z a-z 0-9 - _ . : @"));
+        }
+        if raw.share_poll_ms == 0 {
+            return Err(invalid("share_poll_ms", "must be > 0"));
         }
         let base = path.parent().unwrap_or(Path::new("."));
         let join = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
@@ -139,7 +190,54 @@ impl CloudConfig {
             retry_base_ms: raw.retry_base_ms,
             retry_max_ms: raw.retry_max_ms,
             poll_ms: raw.poll_ms,
-            users: raw.users,
+            users: raw.users.into_iter().map(|u| u.user).collect(),
+            user_tokens,
+            share_db: join(raw.share_db.unwrap_or_else(|| PathBuf::from("share.db"))),
+            share_devices: raw.share_devices,
+            share_poll_ms: raw.share_poll_ms,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn load(users: serde_json::Value) -> Result<CloudConfig, ConfigError> {
+        let dir =
+            std::env::temp_dir().join(format!("duplex-cloud-cfg-{:x}", crate::util::random_u64()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("cloud.json");
+        let cfg = json!({"cert": "c.pem", "key": "k.pem", "mediator": "http://127.0.0.1:1",
+            "token": "t", "ticket_key": "5a".repeat(32), "users": users});
+        std::fs::write(&path, cfg.to_string()).expect("write");
+        let r = CloudConfig::load(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn user_tokens_are_read_apart_from_the_scim_users() {
+        let cfg = load(json!([
+            {"id": "alice", "displayName": "Alice", "token": "tok-alice-1"},
+            {"id": "bob"}
+        ]))
+        .expect("config");
+        assert_eq!(cfg.user_tokens, [("tok-alice-1".into(), "alice".into())]);
+        assert_eq!(cfg.users.len(), 2);
+        assert!(cfg.share_db.ends_with("share.db"));
+        let page = serde_json::to_string(&crate::cloud::api::scim_page(&cfg.users, None, None))
+            .expect("json");
+        assert!(
+            page.contains("Alice") && !page.contains("tok-alice-1"),
+            "{page}"
+        );
+        for bad in [
+            json!([{"id": "a", "token": "short"}]),
+            json!([{"id": "a", "token": "same-token-1"}, {"id": "b", "token": "same-token-1"}]),
+        ] {
+            assert!(load(bad).is_err());
+        }
     }
 }

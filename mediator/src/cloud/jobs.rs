@@ -379,7 +379,7 @@ async fn send_job(
 /// `Some(why)` when the mediator's record of tunnel `id` says the relay ended it (`closed`
 /// or `failed`): a result can no longer come on it. `None` while it is open, or when the
 /// mediator cannot be asked (the connection itself then decides).
-async fn ended_at_relay(cloud: &Cloud, id: u64) -> Option<String> {
+pub(crate) async fn ended_at_relay(cloud: &Cloud, id: u64) -> Option<String> {
     let record = fetch_record(cloud, id).await?;
     let state = record.get("state").and_then(|s| s.as_str())?;
     matches!(state, "closed" | "failed")

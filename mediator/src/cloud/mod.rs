@@ -8,6 +8,11 @@
 //! against the expected checksums ([`document`]) and closes the tunnel when no other job
 //! for that device is queued. A tunnel lost before the result means a new tunnel and the
 //! same job id again: the device prints it once.
+//!
+//! Shared documents (`docs/shared-data.md`): a sync ([`sync`]) opens a tunnel the same
+//! way, sends `SyncOpen` and answers the device's share messages (its users for pairing,
+//! its shares' revisions into [`share::Shares`], kept in SQLite by [`share_db`]); the
+//! cloud's users read the documents their paired accounts may read ([`shared_api`]).
 
 pub mod api;
 pub mod ask;
@@ -15,6 +20,10 @@ pub mod config;
 pub mod dial;
 pub mod document;
 pub mod jobs;
+pub mod share;
+pub mod share_db;
+pub mod shared_api;
+pub mod sync;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, SocketAddrV4};
@@ -65,6 +74,10 @@ pub struct Cloud {
     tunnels: Mutex<BTreeMap<u64, TunnelSeen>>,
     jobs: Mutex<HashMap<String, Arc<JobEntry>>>,
     workers: Mutex<HashMap<String, mpsc::UnboundedSender<Arc<JobEntry>>>>,
+    /// The shares received from devices.
+    pub shares: share::Shares,
+    /// One sync per device at a time.
+    pub sync_locks: sync::SyncLocks,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,6 +150,8 @@ pub enum CloudError {
     Tls(#[from] crate::tls::TlsError),
     #[error("config: dial: the listen address {0} cannot be dialled; set \"dial\" to an IPv4 address:port")]
     NoDialAddress(SocketAddr),
+    #[error("{0}")]
+    ShareDb(#[from] share_db::ShareDbError),
 }
 
 /// Binds the tunnel and API listeners and starts serving.
@@ -149,6 +164,7 @@ pub async fn start(cfg: CloudConfig) -> Result<RunningCloud, CloudError> {
         (None, SocketAddr::V4(a)) if !a.ip().is_unspecified() => a,
         (None, other) => return Err(CloudError::NoDialAddress(other)),
     };
+    let shares = share::Shares::open(share_db::ShareDb::open(&cfg.share_db)?)?;
     let cloud = Arc::new(Cloud {
         cfg,
         dial_addr,
@@ -158,6 +174,8 @@ pub async fn start(cfg: CloudConfig) -> Result<RunningCloud, CloudError> {
         tunnels: Mutex::new(BTreeMap::new()),
         jobs: Mutex::new(HashMap::new()),
         workers: Mutex::new(HashMap::new()),
+        shares,
+        sync_locks: sync::SyncLocks::default(),
     });
     let mut tasks = JoinSet::new();
     tasks.spawn(dial::accept_loop(
@@ -166,6 +184,9 @@ pub async fn start(cfg: CloudConfig) -> Result<RunningCloud, CloudError> {
         tokio_rustls::TlsAcceptor::from(tls),
     ));
     tasks.spawn(api::serve(cloud.clone(), api_listener));
+    if !cloud.cfg.share_devices.is_empty() {
+        tasks.spawn(sync::periodic(cloud.clone()));
+    }
     Ok(RunningCloud {
         tunnel_addr,
         api_addr,

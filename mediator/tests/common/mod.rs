@@ -368,3 +368,84 @@ pub async fn wait_for_log(p: &Proc, text: &str) {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
+
+/// Starts a cloud service talking to the mediator at `api`, its configuration (in
+/// `dir/cloud.json`, keys in `dir/cloud-keys`, both kept across restarts) with `extra`'s
+/// keys added (`users`, `share_db`, ...).
+pub fn start_cloud_with(dir: &TempDir, api: SocketAddr, extra: Value) -> Proc {
+    let keydir = dir.path("cloud-keys");
+    if !keydir.join("cert.pem").exists() {
+        keys(dir, "cloud-keys");
+    }
+    let mut cfg = json!({
+        "listen": "127.0.0.1:0",
+        "api_listen": "127.0.0.1:0",
+        "cert": keydir.join("cert.pem"),
+        "key": keydir.join("key.pem"),
+        "mediator": format!("http://{api}"),
+        "token": TOKEN,
+        "ticket_key": hex(&TICKET_KEY),
+        "retry_base_ms": 100,
+        "retry_max_ms": 1000,
+        "poll_ms": 200,
+    });
+    if let (Some(cfg), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            cfg.insert(k.clone(), v.clone());
+        }
+    }
+    let path = dir.path("cloud.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json"))
+        .expect("write the config");
+    let log = dir.path(&format!("cloud-{:x}.log", random_u64() & 0xffff));
+    Proc::start(
+        env!("CARGO_BIN_EXE_duplex-cloud"),
+        &["serve", "--config", path.to_str().expect("UTF-8 path")],
+        log,
+    )
+}
+
+/// A plain HTTP/1.1 request (`Connection: close`) to `addr` with an optional bearer token:
+/// the status and the raw body (for answers that are not JSON).
+pub async fn raw_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    (status, raw[split + 4..].to_vec())
+}
