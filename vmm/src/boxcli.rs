@@ -1,6 +1,7 @@
 //! `duplex box`: the host client of the controller's document service, through the
 //! controller's vsock host bridge (job port 1024, like `duplex job`): accounts, boxes,
-//! documents (`put` from a file, `get`, `list`, `rm`), rights and scans. Every request is
+//! documents (`put` from a file, `get`, `list`, `rm`), rights, scans, and sharing with the
+//! cloud (`share`, `pair`, `unpair`, `conflicts`, `shares`). Every request is
 //! made as the account given with `--as` (default `admin`); the controller enforces the
 //! rights (`docs/shared-data.md`). Each command prints one JSON object on stdout (`get`
 //! without `--out` prints the document's bytes instead); errors go to stderr with their
@@ -176,6 +177,22 @@ pub enum BoxCommand {
         #[arg(long)]
         name: String,
     },
+    /// Share a box with the cloud (admin or an owner of the box): `share BOX --with cloud`.
+    Share {
+        #[arg(value_name = "BOX")]
+        box_id: String,
+        /// With whom: `cloud` (the only one in version 1).
+        #[arg(long = "with", value_name = "cloud")]
+        with: String,
+    },
+    /// Pair a device account with a cloud user by hand (admin).
+    Pair { account: String, cloud_user: String },
+    /// Unpair a device account (admin); automatic pairing then leaves it alone.
+    Unpair { account: String },
+    /// The conflicts of the last automatic pairing (admin).
+    Conflicts,
+    /// The shares and their sync state (admin).
+    Shares,
 }
 
 /// `box:ID` or `doc:ID`.
@@ -512,5 +529,38 @@ pub fn run_box(args: &BoxArgs) -> Result<Value, BoxError> {
                 other => Err(unexpected(other)),
             }
         }
+        BoxCommand::Share { box_id, with } => {
+            if with != "cloud" {
+                return Err(BoxError::Usage(format!("--with {with}: only `cloud`")));
+            }
+            c.expect_done(BoxOp::Share {
+                box_id: box_id.clone(),
+            })?;
+            Ok(json!({ "box": box_id, "shared_with": "cloud" }))
+        }
+        BoxCommand::Pair {
+            account,
+            cloud_user,
+        } => {
+            c.expect_done(BoxOp::Pair {
+                account: account.clone(),
+                cloud_user: cloud_user.clone(),
+            })?;
+            Ok(json!({ "paired": { "account": account, "cloud_user": cloud_user } }))
+        }
+        BoxCommand::Unpair { account } => {
+            c.expect_done(BoxOp::Unpair {
+                account: account.clone(),
+            })?;
+            Ok(json!({ "unpaired": account }))
+        }
+        BoxCommand::Conflicts => match c.call(BoxOp::ListConflicts)? {
+            BoxReply::Conflicts(list) => Ok(json!({ "conflicts": to_json(&list) })),
+            other => Err(unexpected(other)),
+        },
+        BoxCommand::Shares => match c.call(BoxOp::ListShares)? {
+            BoxReply::Shares(list) => Ok(json!({ "shares": to_json(&list) })),
+            other => Err(unexpected(other)),
+        },
     }
 }

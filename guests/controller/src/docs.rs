@@ -1,13 +1,16 @@
 //! The controller's document service on its disk: the virtio-blk disk as a
 //! `duplex_store::BlockDevice` ([`BlkDisk`]), opening the service at start ([`open`]),
-//! and answering the `Box` requests the link logic queued ([`serve`], [`store_scan`]).
+//! and answering the `Box` requests the link logic queued ([`serve`], [`store_scan`]) and
+//! the relay's share requests ([`serve_share`]).
 //! `docs/shared-data.md` describes the service and its storage.
 
 use alloc::vec::Vec;
 
 use duplex_docsvc::wire::{disabled_reply, doc_entry, error_reply};
 use duplex_docsvc::DocService;
-use duplex_link::controller::{Action, BoxRequest, Controller, ScanDone, ScanRequest};
+use duplex_link::controller::{
+    Action, BoxRequest, Controller, ScanDone, ScanRequest, ShareRequest,
+};
 use duplex_link::msg::{BoxOp, BoxReply};
 use duplex_link::HostReply;
 use duplex_runtime::blk::{open_blk, Blk};
@@ -136,4 +139,26 @@ pub fn store_scan(
         }
     };
     ctl.box_reply(d.slot, reply)
+}
+
+/// Answers one `ShareOpen` / `ShareAnswer` with the share service (503 without a disk).
+pub fn serve_share(
+    ctl: &mut Controller,
+    svc: Option<&mut DocService<BlkDisk>>,
+    r: ShareRequest,
+) -> Vec<Action> {
+    let Some(svc) = svc else {
+        return ctl.box_reply(r.slot, disabled_reply());
+    };
+    let open = matches!(r.request, duplex_link::HostRequest::ShareOpen { .. });
+    let reply = svc.share_serve(r.request);
+    match &reply {
+        HostReply::ShareDone => println!("controller: share sync done"),
+        HostReply::Error { code, message } => {
+            println!("controller: share sync refused: {code} {message}")
+        }
+        _ if open => println!("controller: share sync opened"),
+        _ => {}
+    }
+    ctl.box_reply(r.slot, reply)
 }

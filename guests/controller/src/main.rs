@@ -157,13 +157,19 @@ struct Firmware {
 }
 
 impl Firmware {
-    /// Answers the `Box` requests the logic queued and stores the scans it finished.
+    /// Answers the `Box` and share requests the logic queued and stores the scans it
+    /// finished.
     fn serve_docs(&mut self) {
         loop {
             let requests = self.ctl.take_box_requests();
             let scans = self.ctl.take_scans_done();
-            if requests.is_empty() && scans.is_empty() {
+            let shares = self.ctl.take_share_requests();
+            if requests.is_empty() && scans.is_empty() && shares.is_empty() {
                 return;
+            }
+            for r in shares {
+                let actions = docs::serve_share(&mut self.ctl, self.docs.as_mut(), r);
+                self.apply(actions);
             }
             for r in requests {
                 let actions = docs::serve(&mut self.ctl, self.docs.as_mut(), r);

@@ -97,6 +97,7 @@ impl<D: BlockDevice> DocService<D> {
         self.store.put_many(&items)?;
         self.meta = meta;
         self.docs.insert(n, doc.clone());
+        self.shared_document_added(&doc, bytes);
         Ok(doc)
     }
 
@@ -315,6 +316,7 @@ impl<D: BlockDevice> DocService<D> {
         self.grants = grants;
         self.docs.remove(&n);
         self.cache = None;
+        self.shared_document_removed(&d);
         Ok(())
     }
 }

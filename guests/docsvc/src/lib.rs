@@ -4,7 +4,9 @@
 //! [`duplex_store::Store`]. Every operation is made **as an account** and checked with
 //! `duplex_docs::check` (the rights table of `docs/shared-data.md`); account management
 //! is the administrator's ([`duplex_docs::ADMIN`]). [`DocService::serve`] answers the link's
-//! `BoxOp`s ([`wire`]).
+//! `BoxOp`s ([`wire`]). Boxes are shared with the cloud (`sharing.rs`: pairs, conflicts,
+//! one outbox per share) through the relay's share tunnels (`exchange.rs`:
+//! [`DocService::share_open`], [`DocService::share_answer`]).
 //!
 //! # Guarantees
 //!
@@ -25,7 +27,9 @@
 //! | `svc/grants` | `Vec<Grant>` in order |
 //! | `doc/<id>` | `Document` (ids are `d1`, `d2`, …) |
 //! | `dat/<id>/<i:08x>` | bytes `i·32 KiB ..` of the document (the last chunk shorter) |
-//! | `pair/…`, `share/…`, `svc/pairs`, `svc/conflicts` | reserved for pairing and shares |
+//! | `svc/pairs` | `duplex_docs::Pairings`: the pairs and held accounts |
+//! | `svc/conflicts` | `Vec<duplex_docs::Conflict>` of the last automatic pairing |
+//! | `svc/shares` | [`ShareRecord`]s: each share's next and acknowledged revision |
 //!
 //! Accounts, boxes and grants are small collections kept whole in one value each (keys
 //! are at most 64 bytes, and an id alone may be 64): a change rewrites the collection,
@@ -41,14 +45,18 @@ extern crate std;
 
 mod documents;
 mod error;
+mod exchange;
 mod service;
+mod sharing;
 pub mod wire;
 
 #[cfg(test)]
 mod tests;
 
 pub use error::DocError;
+pub use exchange::{MAX_CLOUD_USERS, MAX_SNAPSHOTS, SHARE_BAD_ANSWER, SHARE_NO_EXCHANGE};
 pub use service::{DocService, Limits, Meta, ServiceStats};
+pub use sharing::{share_keys, ShareRecord, ShareStatus};
 
 /// Format version in [`Meta`].
 pub const FORMAT_VERSION: u32 = 1;

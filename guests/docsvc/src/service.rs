@@ -80,6 +80,8 @@ pub struct DocService<D: BlockDevice> {
     pub(crate) limits: Limits,
     /// The last chunk read: (document number, chunk index, bytes).
     pub(crate) cache: Option<(u64, u32, Vec<u8>)>,
+    /// Pairs, conflicts, shares and the exchange in progress (`sharing.rs`).
+    pub(crate) sharing: crate::sharing::Sharing,
 }
 
 pub(crate) fn encode<T: Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, DocError> {
@@ -144,6 +146,7 @@ impl<D: BlockDevice> DocService<D> {
         let accounts: Vec<Account> = load_list(&mut store, keys::ACCOUNTS, "svc/accounts")?;
         let boxes: Vec<DocBox> = load_list(&mut store, keys::BOXES, "svc/boxes")?;
         let grants: Vec<Grant> = load_list(&mut store, keys::GRANTS, "svc/grants")?;
+        let sharing = crate::sharing::Sharing::load(&mut store)?;
         let mut docs = BTreeMap::new();
         for key in store.keys(keys::DOC)? {
             let Some(value) = store.get(&key)? else {
@@ -164,6 +167,7 @@ impl<D: BlockDevice> DocService<D> {
             next_put: 1,
             limits,
             cache: None,
+            sharing,
         })
     }
 
@@ -331,9 +335,16 @@ impl<D: BlockDevice> DocService<D> {
             .filter(|g| g.account != id)
             .cloned()
             .collect();
-        self.commit(&[Self::accounts_item(&accounts)?, Self::grants_item(&grants)?])?;
+        let unpaired = self.unpair_removed_item(id)?;
+        let mut items = vec_items([Self::accounts_item(&accounts)?, Self::grants_item(&grants)?]);
+        let pairings = unpaired.map(|(item, p)| {
+            items.push(item);
+            p
+        });
+        self.commit(&items)?;
         self.accounts = accounts;
         self.grants = grants;
+        self.shared_account_removed(id, pairings);
         Ok(())
     }
 
@@ -395,6 +406,12 @@ impl<D: BlockDevice> DocService<D> {
             return Err(DocError::not_found("box", id));
         }
         self.may(who, Op::DeleteBox, Target::Box(id))?;
+        if self.is_shared(id) {
+            return Err(DocError::Exists {
+                kind: "share of box",
+                id: id.into(),
+            });
+        }
         let gone: Vec<(u64, Document)> = self
             .docs
             .iter()
@@ -443,10 +460,11 @@ impl<D: BlockDevice> DocService<D> {
             )));
         }
         let mut grants = self.grants.clone();
-        grants.push(g);
+        grants.push(g.clone());
         grants.sort();
         self.commit(&[Self::grants_item(&grants)?])?;
         self.grants = grants;
+        self.shared_grant(&g, true);
         Ok(())
     }
 
@@ -461,6 +479,7 @@ impl<D: BlockDevice> DocService<D> {
         grants.remove(pos);
         self.commit(&[Self::grants_item(&grants)?])?;
         self.grants = grants;
+        self.shared_grant(g, false);
         Ok(())
     }
 

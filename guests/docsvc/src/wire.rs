@@ -5,10 +5,12 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use duplex_docs::{Account, DocBox, Document, Grant, Object, Role};
+use duplex_docs::{
+    Account, Conflict, ConflictReason, DocBox, Document, Grant, Object, Role, Subject,
+};
 use duplex_link::msg::{
-    box_error, AccountEntry, BoxEntry, BoxObject, BoxOp, BoxReply, BoxRole, DocEntry, GrantEntry,
-    HostReply,
+    box_error, AccountEntry, BoxEntry, BoxObject, BoxOp, BoxReply, BoxRole, ConflictEntry,
+    DocEntry, GrantEntry, HostReply, ShareEntry,
 };
 use duplex_store::BlockDevice;
 
@@ -89,6 +91,36 @@ fn grant(object_: BoxObject, role_: BoxRole, account: String) -> Grant {
         object: object(object_),
         role: role(role_),
         account,
+    }
+}
+
+/// A conflict reason's name (snake case, as its serde name).
+pub fn reason_name(r: ConflictReason) -> &'static str {
+    match r {
+        ConflictReason::NoMatch => "no_match",
+        ConflictReason::SeveralOnDevice => "several_on_device",
+        ConflictReason::SeveralOnCloud => "several_on_cloud",
+        ConflictReason::Unverified => "unverified",
+        ConflictReason::NoEmail => "no_email",
+        ConflictReason::InvalidEmail => "invalid_email",
+        ConflictReason::SeveralEmails => "several_emails",
+        ConflictReason::MatchUnavailable => "match_unavailable",
+        ConflictReason::HeldByAdmin => "held_by_admin",
+        ConflictReason::InvalidId => "invalid_id",
+    }
+}
+
+/// The link's conflict entry.
+pub fn conflict_entry(c: Conflict) -> ConflictEntry {
+    let (kind, id) = match c.subject {
+        Subject::Account(id) => ("account", id),
+        Subject::CloudUser(id) => ("cloud_user", id),
+    };
+    ConflictEntry {
+        kind: kind.into(),
+        id,
+        reason: reason_name(c.reason).into(),
+        email: c.email,
     }
 }
 
@@ -219,6 +251,40 @@ impl<D: BlockDevice> DocService<D> {
                     .collect();
                 BoxReply::Grants(grants)
             }
+            BoxOp::Share { box_id } => {
+                self.share_box(who, &box_id)?;
+                BoxReply::Done
+            }
+            BoxOp::Pair {
+                account,
+                cloud_user,
+            } => {
+                self.admin_pair(who, &account, &cloud_user)?;
+                BoxReply::Done
+            }
+            BoxOp::Unpair { account } => {
+                self.admin_unpair(who, &account)?;
+                BoxReply::Done
+            }
+            BoxOp::ListConflicts => BoxReply::Conflicts(
+                self.conflicts(who)?
+                    .into_iter()
+                    .map(conflict_entry)
+                    .collect(),
+            ),
+            BoxOp::ListShares => BoxReply::Shares(
+                self.shares(who)?
+                    .into_iter()
+                    .map(|s| ShareEntry {
+                        share_id: s.share_id,
+                        revision: s.revision,
+                        acked: s.acked,
+                        queued: u32::try_from(s.queued).unwrap_or(u32::MAX),
+                        in_flight: u32::try_from(s.in_flight).unwrap_or(u32::MAX),
+                        snapshot_needed: s.snapshot_needed,
+                    })
+                    .collect(),
+            ),
             BoxOp::Scan { .. } => {
                 return Err(DocError::BadRequest(
                     "a scan is run by the controller, not the store".into(),

@@ -185,6 +185,51 @@ pub enum BoxOp {
         width: u16,
         height: u16,
     },
+    /// 17: share the box with the cloud (admin or an `owner` of the box): the share
+    /// (named as the box) starts with a snapshot, then every change to the box is sent.
+    /// Sharing a box shared already changes nothing. Reply `Done`.
+    Share { box_id: String },
+    /// 18: pair `account` with cloud user `cloud_user` by hand (admin only; releases a
+    /// hold). Reply `Done`.
+    Pair { account: String, cloud_user: String },
+    /// 19: unpair `account` (admin only); automatic pairing then leaves it alone. Reply
+    /// `Done`.
+    Unpair { account: String },
+    /// 20: the conflicts of the last automatic pairing (admin only). Reply `Conflicts`.
+    ListConflicts,
+    /// 21: the shares and their sync state (admin only). Reply `Shares`.
+    ListShares,
+}
+
+/// An account or cloud user automatic pairing left alone (`duplex_docs::Conflict`, as
+/// text for the CLI).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictEntry {
+    /// `account` or `cloud_user`.
+    pub kind: String,
+    /// The account's or cloud user's id.
+    pub id: String,
+    /// The reason in snake case (`no_match`, `several_on_device`, ...).
+    pub reason: String,
+    /// The normalised email in question.
+    pub email: Option<String>,
+}
+
+/// A share and its sync state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareEntry {
+    /// The share id (the box's id).
+    pub share_id: String,
+    /// The last revision sent (0: none yet).
+    pub revision: u64,
+    /// The last revision the cloud acknowledged (since the controller started; 0: none).
+    pub acked: u64,
+    /// Changes queued, not sent yet.
+    pub queued: u32,
+    /// Messages sent and not acknowledged.
+    pub in_flight: u32,
+    /// Whether a snapshot is due.
+    pub snapshot_needed: bool,
 }
 
 /// The answer to a [`BoxOp`] (errors are `HostReply::Error` with a [`box_error`] code).
@@ -213,6 +258,10 @@ pub enum BoxReply {
         offset: u64,
         bytes: Vec<u8>,
     },
+    /// 9: the answer to `ListConflicts`.
+    Conflicts(Vec<ConflictEntry>),
+    /// 10: the answer to `ListShares`.
+    Shares(Vec<ShareEntry>),
 }
 
 /// The PBM (`P4`) header of one scanned page: `P4\n<width> <height>\n`; the page's

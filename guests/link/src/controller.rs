@@ -315,6 +315,7 @@ impl Controller {
                 }
             }
             HostRequest::Box { account, op } => self.queue_box(client, seq, account, op),
+            share => self.queue_share(client, seq, share),
         }
         self.pump(&mut out);
         out
@@ -593,19 +594,15 @@ impl Controller {
     }
 }
 
-fn error(code: u16, message: String) -> HostReply {
-    HostReply::Error { code, message }
-}
-
 #[path = "controller_jobs.rs"]
 mod jobs;
 
 #[path = "controller_box.rs"]
 mod docs;
 
-pub use docs::{BoxRequest, ReplySlot, ScanDone, ScanRequest, MAX_ACTIVE_SCANS};
+pub use docs::{BoxRequest, ReplySlot, ScanDone, ScanRequest, ShareRequest, MAX_ACTIVE_SCANS};
 
-use jobs::job_info;
+use jobs::{error, job_info};
 
 #[cfg(test)]
 #[path = "controller_tests.rs"]

@@ -54,6 +54,16 @@ pub struct BoxRequest {
     pub op: crate::msg::BoxOp,
 }
 
+/// A `ShareOpen` or `ShareAnswer` request waiting for the firmware's share service
+/// (`duplex-docsvc`); answered with [`Controller::box_reply`] like a `Box` request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareRequest {
+    /// Where the answer goes.
+    pub slot: ReplySlot,
+    /// `HostRequest::ShareOpen` or `HostRequest::ShareAnswer`.
+    pub request: crate::msg::HostRequest,
+}
+
 /// What a scan is and where its document goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScanRequest {
@@ -99,6 +109,7 @@ struct Scan {
 #[derive(Debug, Default)]
 pub(super) struct Docs {
     requests: VecDeque<BoxRequest>,
+    shares: VecDeque<ShareRequest>,
     scans: BTreeMap<u64, Scan>,
     next_scan: u64,
     done: Vec<ScanDone>,
@@ -135,6 +146,11 @@ impl Controller {
     /// Takes the `Box` requests received since the last call, in arrival order.
     pub fn take_box_requests(&mut self) -> Vec<BoxRequest> {
         self.docs.requests.drain(..).collect()
+    }
+
+    /// Takes the queued share requests (`ShareOpen`, `ShareAnswer`), in arrival order.
+    pub fn take_share_requests(&mut self) -> Vec<ShareRequest> {
+        self.docs.shares.drain(..).collect()
     }
 
     /// Takes the scans whose pages all arrived.
@@ -207,6 +223,18 @@ impl Controller {
             slot: ReplySlot { client, seq },
             account,
             op,
+        });
+    }
+
+    pub(super) fn queue_share(
+        &mut self,
+        client: ClientId,
+        seq: u64,
+        request: crate::msg::HostRequest,
+    ) {
+        self.docs.shares.push_back(ShareRequest {
+            slot: ReplySlot { client, seq },
+            request,
         });
     }
 

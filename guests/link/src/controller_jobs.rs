@@ -186,3 +186,8 @@ pub(super) fn job_info(id: u64, j: &Job) -> JobInfo {
         error: j.error.clone(),
     }
 }
+
+/// An `Error` reply.
+pub(super) fn error(code: u16, message: String) -> HostReply {
+    HostReply::Error { code, message }
+}

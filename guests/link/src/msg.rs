@@ -125,6 +125,22 @@ pub enum HostRequest {
         /// The operation.
         op: BoxOp,
     },
+    /// Starts a share exchange for `device_id` (the relay, on a tunnel the cloud opened
+    /// with `SyncOpen`; `docs/shared-data.md`, "Transport"): the controller's share
+    /// service begins a new exchange (dropping an unfinished one). Answer: `ShareSend`
+    /// (the first `duplex_docs::DeviceToCloud` to forward), `ShareDone`, or `Error` (503:
+    /// no disk; 403: another device).
+    ShareOpen {
+        /// The device the cloud asked for.
+        device_id: String,
+    },
+    /// The cloud's answer (one postcard `duplex_docs::CloudToDevice`) to the last
+    /// `ShareSend`. Answer: the next `ShareSend`, `ShareDone`, or `Error` (409: no
+    /// exchange open, or it does not wait for an answer; 400: the body does not decode).
+    ShareAnswer {
+        /// The body of the cloud's `Share` frame.
+        bytes: Vec<u8>,
+    },
 }
 
 /// Controller → host, on the job port: exactly one reply per request, in request order.
@@ -164,6 +180,17 @@ pub enum HostReply {
     },
     /// Answer to `Box`.
     Box(BoxReply),
+    /// Answer to `ShareOpen` and `ShareAnswer`: one postcard `duplex_docs::DeviceToCloud`
+    /// for the relay to send as `RelayToCloud::Share`; the cloud's answer comes back as
+    /// `ShareAnswer`. Never `DeviceToCloud::Done`: the end is `ShareDone`.
+    ShareSend {
+        /// The message body.
+        bytes: Vec<u8>,
+    },
+    /// Answer to `ShareOpen` and `ShareAnswer`: the device has nothing more to send; the
+    /// relay sends `Share` with the body of `DeviceToCloud::Done` (`[2]`) and waits for
+    /// the cloud's `Close`.
+    ShareDone,
 }
 
 /// One job as the controller sees it.
@@ -377,6 +404,7 @@ pub enum FromEngine {
 mod boxmsg;
 
 pub use boxmsg::{
-    box_error, pbm_header, AccountEntry, BoxEntry, BoxObject, BoxOp, BoxReply, BoxRole, DocEntry,
-    GrantEntry, MAX_BOX_CHUNK, MAX_BOX_DOCUMENT, MAX_SCAN_PAGES,
+    box_error, pbm_header, AccountEntry, BoxEntry, BoxObject, BoxOp, BoxReply, BoxRole,
+    ConflictEntry, DocEntry, GrantEntry, ShareEntry, MAX_BOX_CHUNK, MAX_BOX_DOCUMENT,
+    MAX_SCAN_PAGES,
 };

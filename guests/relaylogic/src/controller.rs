@@ -58,6 +58,8 @@ pub(crate) enum CtlState {
 pub(crate) enum PendingKind {
     Submit,
     Status,
+    /// A share request (`share.rs`) of the tunnel.
+    Share,
 }
 
 /// A request in flight: for which tunnel's job.
@@ -188,6 +190,7 @@ impl Relay {
             retry_at: now.saturating_add(CONTROLLER_RETRY_MS),
         };
         self.pending.clear();
+        self.shares_lost();
         for t in self.tunnels.iter_mut() {
             if let Some(job) = t.job.as_mut() {
                 match &mut job.phase {
@@ -203,6 +206,10 @@ impl Relay {
             self.on_controller_malformed("a reply to no request", now);
             return;
         };
+        if p.kind == PendingKind::Share {
+            self.share_reply(p.tunnel, reply, now);
+            return;
+        }
         // The tunnel and job may be gone (closed, restored): the reply is then dropped.
         let i = self
             .tunnels

@@ -36,6 +36,7 @@ mod controller;
 pub mod entropy;
 mod relay;
 mod session;
+mod share;
 mod sleep;
 pub mod tls;
 mod tunnel;
@@ -47,10 +48,13 @@ pub use relay::{
     Relay, CONTROLLER_RETRY_MS, DIAL_TIMEOUT_MS, JOB_POLL_FIRST_MS, JOB_POLL_MS, MAX_TUNNELS,
 };
 pub use relay::{MAX_REPORTED_JOBS, TUNNEL_IDLE_MS};
+pub use share::SHARE_DONE_BODY;
 pub use sleep::mac_string;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_share;
 #[cfg(test)]
 mod tests_sleep;
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::action::{Action, ConnId, Peer};
 use crate::config::endpoint_string;
 use crate::controller::JobPhase;
 use crate::relay::{cut, Relay, DIAL_TIMEOUT_MS, MAX_REPORTED_JOBS, MAX_TUNNELS, TUNNEL_IDLE_MS};
+use crate::share::SharePhase;
 
 /// CRC-32/ISO-HDLC, the document checksum, slice-by-16 (a 16 KiB table; about four times
 /// the byte-at-a-time table's rate, which cost the relay a tenth of a large job's time).
@@ -66,8 +67,10 @@ pub(crate) struct Tunnel {
     /// Jobs carried.
     pub job_count: u32,
     /// When the last frame arrived (or the tunnel opened).
-    heard: u64,
+    pub(crate) heard: u64,
     pub job: Option<Job>,
+    /// A share tunnel's exchange (`share.rs`), after `SyncOpen`.
+    pub(crate) share: Option<SharePhase>,
 }
 
 impl Tunnel {
@@ -78,6 +81,7 @@ impl Tunnel {
     /// Whether the relay is waiting for the cloud server (so the idle rule applies).
     fn waiting_for_cloud(&self) -> bool {
         self.is_open()
+            && self.share != Some(SharePhase::Controller)
             && self
                 .job
                 .as_ref()
@@ -93,6 +97,11 @@ impl Tunnel {
                 .waiting_for_cloud()
                 .then(|| self.heard.saturating_add(TUNNEL_IDLE_MS)),
         }
+    }
+
+    /// The device the tunnel's ticket is for.
+    pub(crate) fn ticket_device(&self) -> &str {
+        &self.ticket.body.device_id
     }
 
     /// The `TunnelClosed` report of this tunnel.
@@ -190,6 +199,7 @@ impl Relay {
             job_count: 0,
             heard: now,
             job: None,
+            share: None,
         });
     }
 
@@ -255,6 +265,15 @@ impl Relay {
                     "tunnel {id} refused by the cloud server: {code} {message}"
                 ));
                 self.finish_report(id, failed(id, code, message));
+            }
+            (TunnelState::Open, CloudToRelay::SyncOpen { device_id }) => {
+                return self.sync_open(i, device_id);
+            }
+            (TunnelState::Open, CloudToRelay::Share { bytes }) => {
+                return self.share_from_cloud(i, bytes);
+            }
+            (TunnelState::Open, CloudToRelay::Job { .. }) if t.share.is_some() => {
+                return Err((error_code::MALFORMED, "Job on a share tunnel".to_string()));
             }
             (TunnelState::Open, CloudToRelay::Job { .. }) if t.job.is_some() => {
                 return Err((

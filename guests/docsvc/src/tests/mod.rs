@@ -4,6 +4,7 @@
 mod crash;
 mod documents;
 mod rights;
+mod sharing;
 
 use std::cell::RefCell;
 use std::rc::Rc;
