@@ -49,6 +49,10 @@ pub struct SceneOpts {
     pub relay_devices: String,
     /// The mediator's `pending_ttl_ms`.
     pub pending_ttl_ms: u64,
+    /// The cloud's `users` (SCIM users with tokens; `Null`: none).
+    pub cloud_users: Value,
+    /// A disk of this many MiB for the controller (its documents).
+    pub controller_disk_mib: Option<u64>,
 }
 
 impl Default for SceneOpts {
@@ -57,6 +61,8 @@ impl Default for SceneOpts {
             relay_secret: None,
             relay_devices: DEVICE_ID.into(),
             pending_ttl_ms: 120_000,
+            cloud_users: Value::Null,
+            controller_disk_mib: None,
         }
     }
 }
@@ -311,6 +317,14 @@ impl Scene {
                 "pending_ttl_ms": opts.pending_ttl_ms,
             }),
         );
+        if !opts.cloud_users.is_null() {
+            let path = work.0.join("cloud.json");
+            let mut cloud: Value =
+                serde_json::from_slice(&std::fs::read(&path).expect("cloud.json")).expect("json");
+            cloud["users"] = opts.cloud_users.clone();
+            std::fs::write(&path, serde_json::to_vec_pretty(&cloud).expect("json"))
+                .expect("writing cloud.json");
+        }
         let mut scene = Scene {
             opts,
             device: None,
@@ -401,6 +415,10 @@ impl Scene {
         engine["vsock"] = json!({"cid": 3});
         let mut controller = part("controller", 64, "role=controller engine_cid=3".into());
         controller["vsock"] = json!({"cid": 4, "uds": "controller.vsock"});
+        if let Some(mib) = self.opts.controller_disk_mib {
+            controller["disk"] =
+                json!({"file": self.work.0.join("controller.disk"), "size_mib": mib});
+        }
         let mut relay = part("relay", 32, self.relay_cmdline());
         relay["vsock"] = json!({"cid": 5});
         relay["net"] = json!({"tap": "dxtap0", "mac": "52:54:00:77:01:0a"});
@@ -597,6 +615,18 @@ impl Drop for Scene {
 
 /// A plain HTTP/1.1 GET from the WAN namespace of `net`: status and JSON body.
 pub fn http_get(net: &RelayNet, addr: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+    let (status, body) = http_get_raw(net, addr, path, token);
+    let json = serde_json::from_slice(&body).unwrap_or_else(|e| {
+        panic!(
+            "GET {path}: body is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&body)
+        )
+    });
+    (status, json)
+}
+
+/// A plain HTTP/1.1 GET from the WAN namespace of `net`: status and body bytes.
+pub fn http_get_raw(net: &RelayNet, addr: &str, path: &str, token: Option<&str>) -> (u16, Vec<u8>) {
     let addr: SocketAddr = addr.parse().expect("address");
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -610,18 +640,20 @@ pub fn http_get(net: &RelayNet, addr: &str, path: &str, token: Option<&str>) -> 
         s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-        Ok::<_, String>(String::from_utf8_lossy(&buf).into_owned())
+        Ok::<_, String>(buf)
     })
     .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"));
-    let status = resp
+    let head_end = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("GET {path}: no header end in {resp:?}"));
+    let head = String::from_utf8_lossy(&resp[..head_end]);
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: no status line in {resp:?}"));
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let json = serde_json::from_str(body)
-        .unwrap_or_else(|e| panic!("GET {path}: body is not JSON ({e}): {resp:?}"));
-    (status, json)
+        .unwrap_or_else(|| panic!("GET {path}: no status line in {head:?}"));
+    (status, resp[head_end + 4..].to_vec())
 }
 
 /// A new monitor in the LAN namespace of `net` running `config` (cold, or restored from
