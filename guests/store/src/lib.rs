@@ -44,6 +44,9 @@
 //! Each write call erases at least one page (ekv starts a new file per transaction: batch
 //! small writes with `put_many`), appends its records, commits, and flushes once. A value
 //! of `n` bytes costs about `2n` bytes of writes (erase, then data) plus compaction later.
+//! The adapter sends ekv's appends as one request per 4 KiB chunk plus one per chunk
+//! header: a 64 KiB document costs about 40 device writes, about 240 with compactions
+//! averaged in (about 1 MiB), and about 100 reads (ekv looks the key up in every file).
 //! Opening reads the header of every page (one 4 KiB read each). ekv's futures are polled
 //! to completion at once: the device is synchronous, nothing ever waits.
 

@@ -1,6 +1,7 @@
 //! Host tests: block devices in memory, in a file, and logging every write (for the crash
 //! tests), plus a small deterministic random generator.
 
+mod adapter;
 mod basic;
 mod crash;
 
