@@ -10,28 +10,8 @@ use duplex_tunnel::*;
 
 use crate::tests::{closes, sent, H};
 
-use crate::tests_tunnel::open_tunnel;
+use crate::tests_tunnel::{controller_requests, open_tunnel, ready};
 use crate::*;
-
-fn controller_requests(actions: &[Action]) -> Vec<HostRequest> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::ControllerSend(r) => Some(r.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-/// A relay with a session up, the controller connected and tunnel 5 open for `mfp-1`.
-fn ready() -> (H, ConnId) {
-    let mut h = H::new();
-    h.up();
-    h.relay.on_controller_connected(h.now);
-    h.relay.take_actions();
-    let t = open_tunnel(&mut h, 5, "mfp-1");
-    (h, t)
-}
 
 fn reply(h: &mut H, r: HostReply) -> Vec<Action> {
     h.relay.on_controller_reply(r, h.now);

@@ -91,7 +91,7 @@ pub(crate) fn data(id: &str, bytes: &[u8]) -> CloudToRelay {
     }
 }
 
-fn controller_requests(actions: &[Action]) -> Vec<HostRequest> {
+pub(crate) fn controller_requests(actions: &[Action]) -> Vec<HostRequest> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -101,8 +101,8 @@ fn controller_requests(actions: &[Action]) -> Vec<HostRequest> {
         .collect()
 }
 
-/// A relay with a session up, the controller connected and tunnel 5 open.
-fn ready() -> (H, ConnId) {
+/// A relay with a session up, the controller connected and tunnel 5 open for `mfp-1`.
+pub(crate) fn ready() -> (H, ConnId) {
     let mut h = H::new();
     h.up();
     h.relay.on_controller_connected(h.now);
