@@ -386,6 +386,8 @@ pub fn build(
     };
     let devices = Arc::new(Devices {
         console: Mutex::new(console),
+        // A partition restored from a set taken while it slept goes on sleeping.
+        asleep: std::sync::atomic::AtomicBool::new(sysctl.asleep()),
         sysctl: Mutex::new(sysctl),
         console_log: console_log.clone(),
         vsock: vsock_mmio,

@@ -3,6 +3,7 @@
 //! Wake-on-LAN watch, the one wake path shared by the magic packet and the operator, and
 //! what `status` shows of it.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use serde::Serialize;
@@ -18,8 +19,12 @@ use crate::lock;
 /// reads it in `WAKE_REASON`), ends its card's watch, and lets its vCPUs run. False when it
 /// was not asleep (nothing changes).
 pub fn wake(devices: &Devices, shared: &Shared, reason: WakeReason) -> bool {
-    if !lock(&devices.sysctl).wake(reason, unix_ms()) {
-        return false;
+    {
+        let mut sysctl = lock(&devices.sysctl);
+        if !sysctl.wake(reason, unix_ms()) {
+            return false;
+        }
+        devices.asleep.store(false, Ordering::Release);
     }
     if let Some(net) = &devices.net {
         net.stop_watch();
@@ -28,9 +33,10 @@ pub fn wake(devices: &Devices, shared: &Shared, reason: WakeReason) -> bool {
     true
 }
 
-/// Whether the partition sleeps (checked by its vCPUs before each entry into the guest).
+/// Whether the partition sleeps (checked by its vCPUs before each entry into the guest: an
+/// atomic load, not the control page's lock).
 pub fn asleep(devices: &Devices) -> bool {
-    lock(&devices.sysctl).asleep()
+    devices.asleep.load(Ordering::Acquire)
 }
 
 /// Called by a vCPU thread of a sleeping partition: arms the card's watch for its magic

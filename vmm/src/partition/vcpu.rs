@@ -34,6 +34,10 @@ pub struct Devices {
     /// The disk's virtio-mmio window, when the partition has one (requests run on the
     /// notifying vCPU thread).
     pub disk: Option<Arc<super::disk::Disk>>,
+    /// The partition sleeps (guest ABI `SLEEP`): a copy of the control page's record that
+    /// the vCPU loop reads at every exit without taking the page's lock (set by the `SLEEP`
+    /// write, cleared by [`super::sleep::wake`] under that lock).
+    pub asleep: std::sync::atomic::AtomicBool,
 }
 
 /// Identifies one run of a partition (so a late message about an old run is ignored).
@@ -411,7 +415,16 @@ fn mmio_write(devices: &Devices, addr: u64, data: &[u8]) -> Next {
     let Some(off) = sysctl_offset(addr) else {
         return Next::Continue;
     };
-    let action = lock(&devices.sysctl).write(off, data);
+    let action = {
+        let mut sysctl = lock(&devices.sysctl);
+        let action = sysctl.write(off, data);
+        if action == SysctlAction::Sleep {
+            devices
+                .asleep
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        action
+    };
     match action {
         SysctlAction::None => Next::Continue,
         SysctlAction::PowerOff(status) => Next::End(Outcome::PowerOff { status }),
