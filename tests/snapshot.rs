@@ -169,7 +169,8 @@ fn kvm_engine_denies_while_jammed_and_nothing_is_written() {
 fn kvm_the_controller_itself_can_raise_the_snapshot_and_reboot() {
     require_kvm();
     let dir = TempDir::new("snap-guest");
-    let cfg = printer_config(&dir.0);
+    let mut cfg = printer_config(&dir.0);
+    cfg["snapshot"]["guest_requests"] = json!({"min_interval_ms": 1500});
     let set = dir.0.join("set");
     let mut dev = boot_in(&dir.0, &cfg, None, &[]);
     wait_ready(&dev);
@@ -190,6 +191,25 @@ fn kvm_the_controller_itself_can_raise_the_snapshot_and_reboot() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let gate = |dev: &Device| dev.ok(json!({"cmd": "status"}))["guest_snapshots"].clone();
+    let deadline = Instant::now() + T;
+    while gate(&dev)["partitions"]["controller"]["saved"] != 1 {
+        assert!(Instant::now() < deadline, "not saved: {}", gate(&dev));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Too soon after the last one (min_interval_ms): refused and counted, nothing happens.
+    c.call(&HostRequest::RequestSnapshot { reboot: true })
+        .expect("request");
+    let deadline = Instant::now() + T;
+    while gate(&dev)["partitions"]["controller"]["refused_rate_limited"] != 1 {
+        assert!(Instant::now() < deadline, "not refused: {}", gate(&dev));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let g = gate(&dev);
+    assert_eq!(g["allowed"], json!(["controller"]), "{g}");
+    assert_eq!(g["partitions"]["controller"]["accepted"], 1, "{g}");
+    assert!(dev.ok(json!({"cmd": "status"}))["restored_from"].is_null());
+    std::thread::sleep(Duration::from_millis(1600));
     // Snapshot and reboot from it, raised by the guest.
     c.call(&HostRequest::RequestSnapshot { reboot: true })
         .expect("request");

@@ -27,8 +27,10 @@ use crate::boot::{probe_kernel, BootError};
 
 mod disk;
 mod net;
+mod snapshot;
 pub use disk::DiskConfig;
 pub use net::{parse_mac, NetConfig};
+pub use snapshot::{GuestRequestsConfig, SnapshotConfig};
 
 /// Most vCPUs one partition may have.
 pub const MAX_VCPUS: u8 = 64;
@@ -50,14 +52,6 @@ pub struct DeviceConfig {
     /// Where snapshots go when a guest asks for one (and `reboot` looks by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotConfig>,
-}
-
-/// The device's save destination (see `docs/snapshot-format.md`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotConfig {
-    /// The set's directory (written atomically; relative to the config file's directory).
-    pub dir: PathBuf,
 }
 
 /// One partition: a guest kernel with its memory, vCPUs, command line and console.
@@ -404,6 +398,20 @@ impl DeviceConfig {
                 partition: p.name.clone(),
                 source,
             })?;
+        }
+        if let Some(names) = self
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.guest_requests.from.as_ref())
+        {
+            for name in names {
+                if !self.partitions.iter().any(|p| &p.name == name) {
+                    return Err(invalid(
+                        "snapshot.guest_requests.from".into(),
+                        format!("{name:?} is not a partition of this config"),
+                    ));
+                }
+            }
         }
         Ok(())
     }

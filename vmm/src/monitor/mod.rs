@@ -3,6 +3,7 @@
 //! again on a guest reboot request).
 
 pub mod faults;
+pub mod guest_snapshot;
 pub mod ops;
 pub mod restore;
 pub mod snapshot;
@@ -56,6 +57,8 @@ pub struct Monitor {
     ops: ops::OpSlot,
     /// Faults armed for tests (feature `fault-injection`).
     faults: faults::Faults,
+    /// Who may raise a snapshot from a guest, and what was refused.
+    guest_snapshots: Arc<guest_snapshot::GuestSnapshotGate>,
     /// VMs being made ahead for the next restore, by partition (see `partition::shell`).
     shells: Mutex<std::collections::HashMap<String, ShellMaking>>,
     restored_from: Mutex<Option<Value>>,
@@ -93,6 +96,7 @@ impl Monitor {
             config: config.clone(),
             ops: ops::OpSlot::default(),
             faults: faults::Faults::from_env(),
+            guest_snapshots: Arc::new(guest_snapshot::GuestSnapshotGate::new(config)),
             shells: Mutex::new(std::collections::HashMap::new()),
             restored_from: Mutex::new(None),
             fallback: Mutex::new(None),
@@ -166,6 +170,7 @@ impl Monitor {
             "fallback": lock(&self.fallback).clone(),
             "vsock": self.vsock.as_ref().map(|v| serde_json::to_value(v.stats()).unwrap_or(Value::Null)),
             "event_loop": serde_json::to_value(self.event_loop.stats()).unwrap_or(Value::Null),
+            "guest_snapshots": self.guest_snapshots.status(),
         }))
     }
 
@@ -320,46 +325,6 @@ impl Monitor {
         self.find(name).ok().map(|p| f(&lock(p)))
     }
 
-    /// A guest asked for a coordinated snapshot: taken on a thread of its own (the
-    /// controller must go on running to answer the quiesce), into the config's
-    /// `snapshot.dir`; with `reboot`, the device then reboots from it.
-    fn on_snapshot_request(self: &Arc<Self>, run: &Ended, reboot: bool) {
-        log::info!(
-            "partition {} asks for a snapshot (reboot: {reboot})",
-            run.name
-        );
-        let Some(dir) = self.config.snapshot.as_ref().map(|s| s.dir.clone()) else {
-            log::warn!(
-                "partition {} asked for a snapshot, but the config has no snapshot.dir",
-                run.name
-            );
-            return;
-        };
-        let me = Arc::downgrade(self);
-        let name = run.name.clone();
-        let spawned = std::thread::Builder::new()
-            .name("snapshot".into())
-            .spawn(move || {
-                let Some(m) = me.upgrade() else { return };
-                match m.snapshot(&dir, None) {
-                    Ok(v) => {
-                        log::info!("snapshot requested by {name} saved: {v}");
-                        if reboot {
-                            let lazy = duplex_snapshot::LoadMode::Lazy;
-                            match m.restore_from(&dir, lazy, ops::Operation::Reboot) {
-                                Ok(v) => log::info!("rebooted from {}: {v}", dir.display()),
-                                Err(e) => log::error!("reboot from {}: {e}", dir.display()),
-                            }
-                        }
-                    }
-                    Err(e) => log::error!("snapshot requested by {name} failed: {e}"),
-                }
-            });
-        if let Err(e) = spawned {
-            log::error!("starting the snapshot thread: {e}");
-        }
-    }
-
     fn on_ended(&self, ended: &Ended) {
         let Ok(p) = self.find(&ended.name) else {
             return;
@@ -412,8 +377,8 @@ fn supervise(monitor: std::sync::Weak<Monitor>, rx: Receiver<PartitionEvent>) {
             Ok(event) => match (monitor.upgrade(), event) {
                 (None, _) => return,
                 (Some(m), PartitionEvent::Ended(ended)) => m.on_ended(&ended),
-                (Some(m), PartitionEvent::SnapshotRequest { run, reboot }) => {
-                    m.on_snapshot_request(&run, reboot)
+                (Some(m), PartitionEvent::SnapshotRequest { run, reboot, latch }) => {
+                    m.on_snapshot_request(&run, reboot, &latch)
                 }
             },
             Err(RecvTimeoutError::Timeout) => {

@@ -393,6 +393,7 @@ pub fn build(
         vsock: vsock_mmio,
         net: net.as_ref().map(|n| n.card.clone()),
         disk,
+        snapshot_latch: Default::default(),
     });
     Ok(Built {
         vm,

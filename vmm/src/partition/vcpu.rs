@@ -1,6 +1,7 @@
 //! One vCPU: its boot register state and the thread that runs it, dispatching VM exits
 //! to the partition's devices and turning guest endings into an [`Outcome`].
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,6 +39,8 @@ pub struct Devices {
     /// the vCPU loop reads at every exit without taking the page's lock (set by the `SLEEP`
     /// write, cleared by [`super::sleep::wake`] under that lock).
     pub asleep: std::sync::atomic::AtomicBool,
+    /// Holds the partition's one queued snapshot request (guest ABI `SNAPSHOT_REQUEST`).
+    pub snapshot_latch: Arc<SnapshotLatch>,
 }
 
 /// Identifies one run of a partition (so a late message about an old run is ignored).
@@ -60,8 +63,53 @@ pub enum PartitionEvent {
         run: Ended,
         /// Reboot from the snapshot once it is saved.
         reboot: bool,
+        /// The partition's latch, to release once the request is handled.
+        latch: LatchRef,
     },
 }
+
+/// At most one queued snapshot request per partition: a guest that writes
+/// `SNAPSHOT_REQUEST` in a loop queues one event, and the writes made while it waits are
+/// only counted (the monitor's memory does not grow with them).
+#[derive(Debug, Default)]
+pub struct SnapshotLatch {
+    queued: AtomicBool,
+    coalesced: AtomicU64,
+}
+
+impl SnapshotLatch {
+    /// Whether this request is to be queued (true), or one is queued already (false; it
+    /// is counted as coalesced).
+    pub fn try_queue(&self) -> bool {
+        let first = self
+            .queued
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if !first {
+            self.coalesced.fetch_add(1, Ordering::Relaxed);
+        }
+        first
+    }
+
+    /// Frees the latch once the queued request is handled; returns the requests
+    /// coalesced into it since the last release.
+    pub fn release(&self) -> u64 {
+        self.queued.store(false, Ordering::Release);
+        self.coalesced.swap(0, Ordering::Relaxed)
+    }
+}
+
+/// A partition's [`SnapshotLatch`] in an event (equal when it is the same latch).
+#[derive(Debug, Clone)]
+pub struct LatchRef(pub Arc<SnapshotLatch>);
+
+impl PartialEq for LatchRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for LatchRef {}
 
 const IA32_TSC: u32 = 0x10;
 /// Longest single guest sleep; the guest re-checks and waits again.
@@ -211,10 +259,15 @@ impl VcpuRunner {
                 } => self.crash(reason, vector, rip),
                 Next::SnapshotRequest(reboot) => {
                     // The monitor runs the protocol on its own thread; the guest goes on.
-                    let _ = self.ended.send(PartitionEvent::SnapshotRequest {
-                        run: self.id.clone(),
-                        reboot,
-                    });
+                    // One request at a time is queued; the others are only counted.
+                    let latch = &self.devices.snapshot_latch;
+                    if latch.try_queue() {
+                        let _ = self.ended.send(PartitionEvent::SnapshotRequest {
+                            run: self.id.clone(),
+                            reboot,
+                            latch: LatchRef(latch.clone()),
+                        });
+                    }
                 }
             }
         }
@@ -443,5 +496,22 @@ fn mmio_write(devices: &Devices, addr: u64, data: &[u8]) -> Next {
             vector: None,
             rip: None,
         },
+    }
+}
+
+#[cfg(test)]
+mod latch_tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_requests_queues_one_and_counts_the_rest() {
+        let latch = SnapshotLatch::default();
+        assert!(latch.try_queue());
+        for _ in 0..10_000 {
+            assert!(!latch.try_queue());
+        }
+        assert_eq!(latch.release(), 10_000);
+        assert!(latch.try_queue(), "released: the next request queues");
+        assert_eq!(latch.release(), 0);
     }
 }
