@@ -59,6 +59,14 @@ fn written(dev: &Device) -> u64 {
         .unwrap_or(0)
 }
 
+/// An upper bound of the count at a cut just taken: the guest may have been halfway
+/// through printing `wrote N` at the cut, so the count of the next complete line, not of
+/// the last one seen.
+fn after_cut(dev: &Device) -> u64 {
+    let seen = written(dev);
+    wait_written(dev, seen + 1)
+}
+
 fn wait_written(dev: &Device, n: u64) -> u64 {
     let deadline = std::time::Instant::now() + T;
     loop {
@@ -154,12 +162,12 @@ fn kvm_a_set_restores_memory_and_disk_of_one_moment_and_an_incremental_one_only_
     let full = work.0.join("full");
     let before_full = written(&dev);
     dev.ok(json!({"cmd": "snapshot", "dest": full}));
-    let at_full = written(&dev);
+    let at_full = after_cut(&dev);
     wait_written(&dev, at_full + 30);
     let incr = work.0.join("incr");
     let before_incr = written(&dev);
     dev.ok(json!({"cmd": "snapshot", "dest": incr, "parent": full}));
-    let at_incr = written(&dev);
+    let at_incr = after_cut(&dev);
     wait_written(&dev, at_incr + 30);
     assert!(dev.shutdown().success());
 

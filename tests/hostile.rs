@@ -79,6 +79,27 @@ fn kvm_a_hostile_partition_does_not_stop_a_50_page_job() {
     for p in st["partitions"].as_array().expect("partitions") {
         assert_eq!(p["state"], "running", "{p}");
     }
+    // The broken chains were refused (the spoofed source among them), and the packets for
+    // connections that do not exist were answered with RST instead of reaching the peers:
+    // 5 of every 7 junk packets are data, credit or shutdown for no connection.
+    let v = &st["vsock"]["counters"];
+    let count = |k: &str| v[k].as_u64().unwrap_or(0);
+    assert!(count("malformed_tx") >= 5, "{v}");
+    assert!(count("spoofed") >= 1, "{v}");
+    assert!(count("rst_unknown") >= 20_000 * 5 / 7 - 500, "{v}");
+    assert_eq!(count("panics_recovered"), 0, "{v}");
+    // Its console flood went through the writer, counted.
+    let hostile = dev.status_of("hostile");
+    assert!(
+        hostile["console"]["lines"].as_u64().unwrap_or(0) >= 2_000,
+        "{hostile}"
+    );
+    // The monitor's services all still run.
+    for s in st["services"].as_array().expect("services") {
+        if s["name"] == "supervisor" || s["name"] == "device-loop" || s["name"] == "api-accept" {
+            assert_eq!(s["state"], "running", "{s}");
+        }
+    }
     eprintln!("{st:#}");
     assert!(dev.shutdown().success());
 }

@@ -8,7 +8,9 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::NoEvents;
@@ -17,40 +19,101 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::persist::Persist;
 
+mod writer;
+
+pub use writer::{flush_all, ConsoleFile, FILE_MAX_BYTES, QUEUE_BYTES};
+
 /// How many recent lines a console keeps for `console` requests and crash reports.
 pub const RECENT_LINES: usize = 2000;
 /// A line longer than this is cut (the rest continues on a new line).
 pub const MAX_LINE: usize = 4096;
 
-/// Where a console's lines go besides the ring of recent lines.
+/// Where a console's lines go besides the ring of recent lines. Every sink but `Discard`
+/// is written by a thread of its own, never by the vCPU (see [`writer`]).
 #[derive(Debug)]
 pub enum ConsoleOutput {
     /// The monitor's stdout, each line prefixed with `[prefix] `.
     Stdout { prefix: String },
-    /// A file, lines as the guest wrote them.
+    /// A file, lines as the guest wrote them; lines that would take it past
+    /// [`FILE_MAX_BYTES`] are dropped (counted).
     File(File),
+    /// A file at a path, lines as the guest wrote them, rotated to `<path>.1` at its cap.
+    RotatingFile(ConsoleFile),
     /// Nowhere (only the ring of recent lines).
     Discard,
+}
+
+impl ConsoleOutput {
+    /// A console file at `path` (opened now, created mode 0600 if missing, appended to),
+    /// rotated at [`FILE_MAX_BYTES`].
+    pub fn file(path: &std::path::Path) -> io::Result<ConsoleOutput> {
+        ConsoleFile::open(path, FILE_MAX_BYTES).map(ConsoleOutput::RotatingFile)
+    }
+}
+
+/// A console's counters (`status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ConsoleStats {
+    /// Lines the guest has written since the console was made.
+    pub lines: u64,
+    /// Lines not written to the sink: its queue was full (a slow or stuck reader), or a
+    /// plain file sink reached its cap. They are still in the ring of recent lines.
+    pub dropped_lines: u64,
+    /// Lines the sink refused (write errors).
+    pub output_errors: u64,
+    /// Bytes waiting for the writer now.
+    pub queued_bytes: u64,
+    /// Times a console file was rotated to `<file>.1`.
+    pub rotations: u64,
 }
 
 /// The lines a console has produced.
 #[derive(Debug)]
 pub struct ConsoleLog {
-    output: ConsoleOutput,
+    writer: Option<writer::Writer>,
+    /// The writer could not be started: lines go to the ring only.
+    writer_error: Option<String>,
     pending: Vec<u8>,
     recent: VecDeque<String>,
     total_lines: u64,
-    output_errors: u64,
 }
 
 impl ConsoleLog {
     fn new(output: ConsoleOutput) -> Self {
+        let started = match output {
+            ConsoleOutput::Discard => Ok(None),
+            ConsoleOutput::Stdout { prefix } => {
+                let name = prefix.clone();
+                writer::Writer::start(&name, writer::Sink::Stdout { prefix }).map(Some)
+            }
+            ConsoleOutput::File(file) => {
+                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+                writer::Writer::start("file", writer::Sink::File { file, len }).map(Some)
+            }
+            ConsoleOutput::RotatingFile(f) => {
+                let name = f
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "file".to_owned());
+                writer::Writer::start(&name, writer::Sink::Rotating(f)).map(Some)
+            }
+        };
+        let (writer, writer_error) = match started {
+            Ok(w) => (w, None),
+            Err(e) => {
+                log::error!(
+                    "console: cannot start its writer thread: {e}; lines kept in memory only"
+                );
+                (None, Some(e.to_string()))
+            }
+        };
         ConsoleLog {
-            output,
+            writer,
+            writer_error,
             pending: Vec::new(),
             recent: VecDeque::with_capacity(64),
             total_lines: 0,
-            output_errors: 0,
         }
     }
 
@@ -72,16 +135,8 @@ impl ConsoleLog {
     fn end_line(&mut self) {
         let line = String::from_utf8_lossy(&self.pending).into_owned();
         self.pending.clear();
-        let written = match &mut self.output {
-            ConsoleOutput::Stdout { prefix } => {
-                let mut out = io::stdout().lock();
-                writeln!(out, "[{prefix}] {line}").and_then(|_| out.flush())
-            }
-            ConsoleOutput::File(f) => writeln!(f, "{line}"),
-            ConsoleOutput::Discard => Ok(()),
-        };
-        if written.is_err() {
-            self.output_errors += 1;
+        if let Some(w) = &self.writer {
+            w.push(line.clone());
         }
         if self.recent.len() == RECENT_LINES {
             self.recent.pop_front();
@@ -110,7 +165,32 @@ impl ConsoleLog {
 
     /// How many lines could not be written to the sink.
     pub fn output_errors(&self) -> u64 {
-        self.output_errors
+        self.writer
+            .as_ref()
+            .map_or(0, |w| w.shared.stats.errors.load(Ordering::Relaxed))
+    }
+
+    /// The console's counters.
+    pub fn stats(&self) -> ConsoleStats {
+        let Some(w) = &self.writer else {
+            return ConsoleStats {
+                lines: self.total_lines,
+                ..ConsoleStats::default()
+            };
+        };
+        let s = &w.shared.stats;
+        ConsoleStats {
+            lines: self.total_lines,
+            dropped_lines: s.dropped.load(Ordering::Relaxed),
+            output_errors: s.errors.load(Ordering::Relaxed),
+            queued_bytes: w.shared.queued_bytes() as u64,
+            rotations: s.rotations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Why the sink gets nothing (its writer thread could not be started), if so.
+    pub fn writer_error(&self) -> Option<&str> {
+        self.writer_error.as_deref()
     }
 }
 
@@ -119,7 +199,8 @@ impl ConsoleLog {
 pub struct ConsoleHandle(Arc<Mutex<ConsoleLog>>);
 
 impl ConsoleHandle {
-    /// A console writing to `output`.
+    /// A console writing to `output` (through a writer thread of its own, unless
+    /// `Discard`).
     pub fn new(output: ConsoleOutput) -> Self {
         ConsoleHandle(Arc::new(Mutex::new(ConsoleLog::new(output))))
     }
@@ -127,6 +208,18 @@ impl ConsoleHandle {
     /// Locks the log (a poisoned lock is recovered: the log is plain data).
     pub fn lock(&self) -> MutexGuard<'_, ConsoleLog> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The console's counters (lines, dropped lines, ...).
+    pub fn stats(&self) -> ConsoleStats {
+        self.lock().stats()
+    }
+
+    /// Waits until the lines produced so far are written to the sink, at most `timeout`;
+    /// false if they were not (a stuck reader).
+    pub fn flush_output(&self, timeout: Duration) -> bool {
+        let shared = self.lock().writer.as_ref().map(|w| w.shared.clone());
+        shared.is_none_or(|s| s.flush(timeout))
     }
 }
 
@@ -392,6 +485,7 @@ mod tests {
             ConsoleHandle::new(ConsoleOutput::File(f)),
         );
         send(&mut c, "one\ntwo\n");
+        assert!(c.handle().flush_output(Duration::from_secs(10)));
         let text = std::fs::read_to_string(&path).expect("read");
         let _ = std::fs::remove_file(&path);
         assert_eq!(text, "one\ntwo\n");

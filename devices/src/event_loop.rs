@@ -13,7 +13,10 @@
 //! closed: the event manager keys registrations by fd number.
 //!
 //! A panic inside a subscriber is caught and logged; the loop goes on (the subscriber's
-//! own state is its business, as with a vCPU thread's devices).
+//! own state is its business, as with a vCPU thread's devices). The loop's thread is a
+//! supervised service ([`crate::health`]): a panic elsewhere on it (in a message, or a
+//! subscriber's `Drop`) restarts the loop, up to [`MAX_RESTARTS`] times, and shows in the
+//! service health with its message; an error of the event manager ends it as `failed`.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,6 +27,13 @@ use event_manager::{
     EventManager, EventOps, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId,
 };
 use serde::Serialize;
+
+use crate::health::Restart;
+
+/// How many panics outside a subscriber call (in a message, or a subscriber's `Drop`) the
+/// loop survives: each restarts it (the same event manager, subscribers kept); one more
+/// ends it, `panicked` in the service health (`crate::health`).
+pub const MAX_RESTARTS: u32 = 10;
 
 /// What the loop runs.
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
@@ -108,21 +118,23 @@ impl EventLoop {
         let endpoint = manager.remote_endpoint();
         let control = Arc::new(Control::default());
         let c = control.clone();
-        std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || {
-                // SAFETY: gettid takes no arguments and cannot fail.
-                let tid = unsafe { libc::gettid() };
-                c.tid.store(tid, Ordering::SeqCst);
-                while !c.stop.load(Ordering::SeqCst) {
-                    if let Err(e) = manager.run() {
-                        log::error!("device event loop stops: {e}");
-                        return;
-                    }
-                    c.wakeups.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-            .map_err(EventLoopError::Thread)?;
+        let kicker = manager.remote_endpoint();
+        crate::health::spawn_service(name, Restart::UpTo(MAX_RESTARTS), move || {
+            // SAFETY: gettid takes no arguments and cannot fail.
+            let tid = unsafe { libc::gettid() };
+            c.tid.store(tid, Ordering::SeqCst);
+            // After a restart: messages queued behind the one that panicked are still in the
+            // channel, but their wake-up was consumed; look at them again.
+            let _ = kicker.kick();
+            while !c.stop.load(Ordering::SeqCst) {
+                manager
+                    .run()
+                    .map_err(|e| format!("device event loop stops: {e}"))?;
+                c.wakeups.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+        .map_err(EventLoopError::Thread)?;
         Ok(EventLoop {
             handle: Arc::new(Handle {
                 control,
@@ -259,6 +271,46 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Panics when dropped (on the loop thread, outside any subscriber call).
+    struct PanicOnDrop;
+
+    impl MutEventSubscriber for PanicOnDrop {
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+        fn init(&mut self, _ops: &mut EventOps) {}
+    }
+
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            panic!("dropped in a bad way");
+        }
+    }
+
+    #[test]
+    fn a_panic_outside_a_subscriber_call_does_not_end_the_loop_silently() {
+        let el = EventLoop::start("panicky-loop").unwrap();
+        let key = el.add(Box::new(PanicOnDrop)).unwrap();
+        wait_for(|| el.stats().subscribers == 1);
+        el.remove(key);
+        let seen = Arc::new(AtomicU64::new(0));
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let writer = fd.try_clone().unwrap();
+        el.add(Box::new(Counter {
+            fd,
+            seen: seen.clone(),
+        }))
+        .unwrap();
+        writer.write(1).unwrap();
+        wait_for(|| seen.load(Ordering::SeqCst) == 1);
+        let health = crate::health::HealthRegistry::global()
+            .snapshot()
+            .into_iter()
+            .find(|s| s.name == "panicky-loop")
+            .unwrap();
+        assert_eq!(health.state, crate::health::ServiceState::Running);
+        assert_eq!(health.restarts, 1);
+        assert_eq!(health.message.as_deref(), Some("dropped in a bad way"));
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //!   control socket and crash reports read.
 //! - [`sysctl`]: the system control page of the guest ABI (`docs/guest-abi.md`): power off,
 //!   reboot, wait, power-saving sleep, fault and panic reports, TSC frequency.
+//! - [`health`]: supervised service threads (restarted or marked dead on a panic) and the
+//!   process's fd and thread counts, for `status`.
+//! - [`umask`]: Unix sockets bound with their mode from the start (a private umask on a
+//!   thread of its own; the process's umask never changes).
 //! - [`event_loop`]: the device event loop (rust-vmm `event-manager` on a thread of its own)
 //!   that devices wait on for their host-side fds: TAP devices, the vsock host bridge.
 //! - [`net`]: virtio-net for partitions, backed by a host TAP device (`docs/net.md`).
@@ -18,9 +22,11 @@
 pub mod blk;
 pub mod console;
 pub mod event_loop;
+pub mod health;
 pub mod net;
 pub mod persist;
 pub mod sysctl;
+pub mod umask;
 pub mod virtio;
 pub mod vsock;
 

@@ -143,6 +143,13 @@ pub(crate) fn checksum(file: &File, len: u64) -> io::Result<(u32, u64)> {
                 .collect()
         })
     };
+    if map.truncated() {
+        // Pages past the new end were read as zeros (see `guard`), not as the file's.
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the file was truncated while it was read",
+        ));
+    }
     let mut parts: Vec<Option<(crc32fast::Hasher, u64)>> = vec![None; chunks.len()];
     for r in results {
         for (i, h, n) in r? {

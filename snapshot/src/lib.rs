@@ -30,6 +30,7 @@
 mod crc;
 mod disk;
 mod error;
+pub mod guard;
 mod load;
 pub mod manifest;
 mod memfile;
@@ -41,6 +42,7 @@ mod writer;
 
 pub use disk::DiskRestoreStats;
 pub use error::SnapshotError;
+pub use guard::MemoryGuard;
 pub use load::LoadMode;
 pub use manifest::{
     DiskEntry, FileEntry, Manifest, ParentRef, PartitionEntry, RamRegion, FORMAT_VERSION,

@@ -176,7 +176,28 @@ impl SnapshotSet {
                 mem
             }
         };
+        // The overlay writes into the file mapping: guarded against the file being cut
+        // short meanwhile (the caller guards the memory from here on, see `guard`).
+        let guard = match mode {
+            LoadMode::Eager => None,
+            _ => Some(
+                crate::guard::MemoryGuard::for_memory(&mem, None)
+                    .map_err(|e| self.mem_err(name, e.to_string()))?,
+            ),
+        };
         self.overlay(name, &mem, &layout, &chain, &entries, base_for_overlay)?;
+        if guard
+            .as_ref()
+            .is_some_and(crate::guard::MemoryGuard::truncated)
+        {
+            return Err(self.mem_err(
+                name,
+                format!(
+                    "{} was truncated while it was loaded",
+                    base_entry.memory_file
+                ),
+            ));
+        }
         Ok(mem)
     }
 

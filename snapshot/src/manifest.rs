@@ -39,6 +39,22 @@ pub const MAX_DISK: u64 = 1 << 40;
 /// The deepest parent chain `open` follows (a guard against cycles and runaway chains).
 pub const MAX_CHAIN: usize = 64;
 
+/// The largest `manifest.json` a reader reads (4 MiB): the file is refused, unread, if it
+/// is longer. A manifest holds the device config and a few lines per partition and file.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// The largest partition state file (`<name>.state`, 16 MiB): vCPU, VM and device states.
+pub const MAX_STATE_BYTES: u64 = 16 << 20;
+
+/// The largest device state file (`<component>.devstate`, 256 MiB): the vsock switch's
+/// state holds every partition's backlog (up to 16 MiB each, as hex).
+pub const MAX_DEVICE_STATE_BYTES: u64 = 256 << 20;
+
+/// The largest pages file: the one of a memory file or disk of [`MAX_RAM`] bytes
+/// (16 + 2^28 / 8 bytes, 32 MiB and 16 bytes). Pages files are bounded by the RAM layout
+/// and disk length they must match, which are bounded themselves.
+pub const MAX_PAGES_BYTES: u64 = 16 + (MAX_RAM / PAGE as u64) / 8;
+
 /// The contents of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -121,7 +137,8 @@ pub struct RamRegion {
 pub struct ParentRef {
     /// The parent's `set_id`; `open` refuses a parent with another id.
     pub set_id: String,
-    /// Where the parent is: relative to this set's directory, or absolute.
+    /// Where the parent is: `../<name>`, a sibling of this set's directory (see
+    /// [`parent_dir_name`]).
     pub path: String,
 }
 
@@ -197,6 +214,23 @@ fn is_set_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// The parent's directory name, from a parent path: `path` must be `../<name>`, where
+/// `<name>` is one plain path component (not empty, not `.` or `..`, no `/`, no NUL):
+/// parents are siblings of the sets taken on top of them, which is what the writer
+/// records. An absolute path or any other `..` is refused, so that a set never names a
+/// directory outside its own directory's parent.
+pub fn parent_dir_name(path: &str) -> Result<&str, String> {
+    let name = path.strip_prefix("../").ok_or_else(|| {
+        format!("parent.path {path:?} is not \"../<name>\" (a sibling of the set's directory)")
+    })?;
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(format!(
+            "parent.path {path:?}: {name:?} is not one plain directory name"
+        ));
+    }
+    Ok(name)
+}
+
 /// Serializes and seals a manifest: pretty JSON whose last member, `manifest_crc32`, holds
 /// the CRC-32 of every byte of the file before that member's line, as 8 lowercase hex digits.
 pub fn seal(m: &Manifest) -> Result<Vec<u8>, serde_json::Error> {
@@ -223,6 +257,18 @@ fn trailer(bytes: &[u8]) -> Option<(u32, usize)> {
         return None;
     }
     u32::from_str_radix(hex, 16).ok().map(|crc| (crc, n))
+}
+
+/// True if `bytes` are a Duplex manifest of some version: they end with a well-formed seal
+/// whose CRC matches, and are JSON with a numeric `format_version`. (What a writer may
+/// replace or clean up; reading a set needs [`unseal`].)
+pub fn is_sealed(bytes: &[u8]) -> bool {
+    let Some((stored, n)) = trailer(bytes) else {
+        return false;
+    };
+    crc32fast::hash(&bytes[..n]) == stored
+        && serde_json::from_slice::<Value>(bytes)
+            .is_ok_and(|v| v.get("format_version").is_some_and(Value::is_u64))
 }
 
 /// Reads a manifest from the bytes of `dir/manifest.json`: checks its seal, its version,
@@ -292,9 +338,7 @@ pub fn validate(dir: &Path, m: &Manifest) -> Result<(), SnapshotError> {
                 p.set_id
             )));
         }
-        if p.path.is_empty() {
-            return Err(bad("field parent.path is empty".into()));
-        }
+        parent_dir_name(&p.path).map_err(|e| bad(format!("field {e}")))?;
     }
     let mut names = BTreeSet::new();
     let mut listed = BTreeSet::new();
@@ -421,6 +465,13 @@ pub fn validate(dir: &Path, m: &Manifest) -> Result<(), SnapshotError> {
                         None
                     }
                 });
+            if f == p.state_file && e.len > MAX_STATE_BYTES {
+                return Err(at(format!(
+                    "files[{f:?}].len is {}, over the cap of {MAX_STATE_BYTES} bytes for a \
+                     state file",
+                    e.len
+                )));
+            }
             if let Some((want, what)) = want.filter(|(w, _)| *w != e.len) {
                 return Err(at(format!(
                     "files[{f:?}].len is {}, must be {want} for this {what}",
@@ -438,8 +489,16 @@ pub fn validate(dir: &Path, m: &Manifest) -> Result<(), SnapshotError> {
                 "device_states[{component:?}] is {file:?}, must be {want:?}"
             )));
         }
-        if !m.files.contains_key(file) {
-            return Err(bad(format!("file {file} is not listed in field files")));
+        match m.files.get(file) {
+            None => return Err(bad(format!("file {file} is not listed in field files"))),
+            Some(e) if e.len > MAX_DEVICE_STATE_BYTES => {
+                return Err(bad(format!(
+                    "files[{file:?}].len is {}, over the cap of {MAX_DEVICE_STATE_BYTES} bytes \
+                     for a device state file",
+                    e.len
+                )))
+            }
+            Some(_) => {}
         }
         listed.insert(file);
     }
@@ -449,137 +508,4 @@ pub fn validate(dir: &Path, m: &Manifest) -> Result<(), SnapshotError> {
         )));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample() -> Manifest {
-        let mut files = BTreeMap::new();
-        files.insert(
-            "a.mem".into(),
-            FileEntry {
-                len: 8192,
-                crc32: 1,
-            },
-        );
-        files.insert("a.state".into(), FileEntry { len: 3, crc32: 2 });
-        Manifest {
-            format_version: FORMAT_VERSION,
-            set_id: "00ff".into(),
-            created_unix_ms: 5,
-            device_config: serde_json::json!({"k": [1, 2.5, "x"]}),
-            partitions: vec![PartitionEntry {
-                name: "a".into(),
-                memory_file: "a.mem".into(),
-                state_file: "a.state".into(),
-                pages_file: None,
-                ram: vec![RamRegion { gpa: 0, len: 8192 }],
-                memory_bytes_written: 4096,
-                incremental: false,
-                disk: None,
-            }],
-            parent: None,
-            files,
-            device_states: BTreeMap::new(),
-            extra: Value::Null,
-        }
-    }
-
-    #[test]
-    fn seal_round_trips_and_is_json() {
-        let m = sample();
-        let bytes = seal(&m).expect("seal");
-        let v: Value = serde_json::from_slice(&bytes).expect("still JSON");
-        assert!(v["manifest_crc32"].as_str().is_some_and(|s| s.len() == 8));
-        assert_eq!(unseal(Path::new("d"), &bytes).expect("unseal"), m);
-    }
-
-    #[test]
-    fn any_flipped_byte_is_refused() {
-        let bytes = seal(&sample()).expect("seal");
-        for i in 0..bytes.len() {
-            let mut b = bytes.clone();
-            b[i] ^= 0x01;
-            assert!(
-                unseal(Path::new("d"), &b).is_err(),
-                "flipping byte {i} ({:?}) went unnoticed",
-                bytes[i] as char
-            );
-        }
-    }
-
-    /// `sample` with a disk image: format version 3.
-    fn sample_with_disk() -> Manifest {
-        let mut m = sample();
-        m.format_version = FORMAT_VERSION;
-        m.partitions[0].disk = Some(DiskEntry {
-            file: "a.disk".into(),
-            pages_file: None,
-            len: 3 * 4096,
-            bytes_written: 4096,
-            incremental: false,
-        });
-        m.files.insert(
-            "a.disk".into(),
-            FileEntry {
-                len: 3 * 4096,
-                crc32: 7,
-            },
-        );
-        m
-    }
-
-    #[test]
-    fn a_disk_entry_round_trips_and_any_flipped_byte_is_refused() {
-        let m = sample_with_disk();
-        let bytes = seal(&m).expect("seal");
-        assert_eq!(unseal(Path::new("d"), &bytes).expect("unseal"), m);
-        for i in 0..bytes.len() {
-            let mut b = bytes.clone();
-            b[i] ^= 0x01;
-            assert!(
-                unseal(Path::new("d"), &b).is_err(),
-                "flipping byte {i} ({:?}) went unnoticed",
-                bytes[i] as char
-            );
-        }
-        // Without a disk, the `disk` member is not written (version 2 readers see no change).
-        let plain = seal(&sample()).expect("seal");
-        assert!(!String::from_utf8_lossy(&plain).contains("disk"));
-    }
-
-    #[test]
-    fn disk_file_length_must_match_the_disk() {
-        let mut m = sample_with_disk();
-        if let Some(d) = m.partitions[0].disk.as_mut() {
-            d.len = 2 * 4096;
-        }
-        let e = validate(Path::new("d"), &m).expect_err("len");
-        assert!(
-            e.to_string()
-                .contains("files[\"a.disk\"].len is 12288, must be 8192 for this disk length"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn path_traversal_in_file_names_is_refused() {
-        let mut m = sample();
-        m.partitions[0].memory_file = "../../etc/passwd".into();
-        let e = validate(Path::new("d"), &m).expect_err("traversal");
-        assert!(e.to_string().contains("memory_file"), "{e}");
-        let mut m = sample();
-        m.partitions[0].name = "../x".into();
-        assert!(validate(Path::new("d"), &m).is_err());
-    }
-
-    #[test]
-    fn memory_file_length_must_match_ram() {
-        let mut m = sample();
-        m.partitions[0].ram[0].len = 4096;
-        let e = validate(Path::new("d"), &m).expect_err("len");
-        assert!(e.to_string().contains("files[\"a.mem\"].len"), "{e}");
-    }
 }

@@ -276,6 +276,14 @@ pub(crate) fn write<B: Bitmap, D: AsRef<[u64]>>(
             }
         }
     }
+    // A region restored lazily from an earlier set maps that set's memory file: if the file
+    // was cut short, its pages past the end are gone (and touching them would raise SIGBUS,
+    // which the guard turns into zero pages for as long as the write runs).
+    if let Some(why) = crate::guard::truncated_file(mem) {
+        return Err(usage(format!("guest memory cannot be read: {why}")));
+    }
+    let guard = crate::guard::MemoryGuard::for_memory(mem, None)
+        .map_err(|e| usage(format!("guest memory: {e}")))?;
     let len: u64 = ram.iter().map(|r| r.len).sum();
     file.set_len(len)
         .map_err(|e| SnapshotError::io(path, "setting the length of", e))?;
@@ -386,6 +394,14 @@ pub(crate) fn write<B: Bitmap, D: AsRef<[u64]>>(
         file_base += region.len();
     }
     batch.flush()?;
+    if guard.truncated() {
+        return Err(usage(
+            "the memory file behind guest memory was truncated while it was read (pages past \
+             its end read as zeros)"
+                .into(),
+        ));
+    }
+    drop(guard);
     sys::start_writeback(file);
     stats.bytes_written = stats.pages_written * PAGE as u64;
     stats.pages_present = present.as_ref().map_or(total_pages, PageBits::count);

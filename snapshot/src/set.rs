@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::crc;
-use crate::manifest::{self, Manifest, PartitionEntry, MANIFEST_FILE, MAX_CHAIN};
+use crate::manifest::{
+    self, Manifest, PartitionEntry, MANIFEST_FILE, MAX_CHAIN, MAX_MANIFEST_BYTES,
+};
 use crate::memfile::PageBits;
 use crate::sys::PAGE;
 use crate::SnapshotError;
+use crate::{crc, sys};
 
 /// A committed, opened snapshot set (and, for an incremental set, its parent chain).
 #[derive(Debug, Clone)]
@@ -39,30 +41,41 @@ pub struct VerifyStats {
     pub elapsed: Duration,
 }
 
+/// Opens `dir/file` once, without following a symbolic link (`O_NOFOLLOW`) or blocking on
+/// a FIFO, and checks with `fstat` on that descriptor that it is a regular file: whatever
+/// is then read is read from this descriptor, never from the path again.
 fn open_file(dir: &Path, file: &str) -> Result<File, SnapshotError> {
     let path = dir.join(file);
-    File::open(&path).map_err(|e| match e.kind() {
+    let corrupt = |message: &str| SnapshotError::Corrupt {
+        dir: dir.to_path_buf(),
+        file: file.to_string(),
+        message: message.into(),
+    };
+    let f = sys::open_nofollow(&path).map_err(|e| match e.kind() {
         ErrorKind::NotFound => SnapshotError::Missing {
             dir: dir.to_path_buf(),
             file: file.to_string(),
         },
+        _ if e.raw_os_error() == Some(libc::ELOOP) => {
+            corrupt("is a symbolic link (a set's files are regular files)")
+        }
         _ => SnapshotError::io(&path, "opening", e),
-    })
+    })?;
+    let md = f
+        .metadata()
+        .map_err(|e| SnapshotError::io(&path, "stat", e))?;
+    if !md.is_file() {
+        return Err(corrupt("is not a regular file"));
+    }
+    Ok(f)
 }
 
-/// Opens `dir/file` and checks its length against the manifest.
+/// Opens `dir/file` (see `open_file`) and checks its length against the manifest.
 pub(crate) fn open_checked(dir: &Path, file: &str, expected: u64) -> Result<File, SnapshotError> {
     let f = open_file(dir, file)?;
     let md = f
         .metadata()
         .map_err(|e| SnapshotError::io(&dir.join(file), "stat", e))?;
-    if !md.is_file() {
-        return Err(SnapshotError::Corrupt {
-            dir: dir.to_path_buf(),
-            file: file.to_string(),
-            message: "is not a regular file".into(),
-        });
-    }
     if md.len() != expected {
         return Err(SnapshotError::Truncated {
             dir: dir.to_path_buf(),
@@ -74,17 +87,28 @@ pub(crate) fn open_checked(dir: &Path, file: &str, expected: u64) -> Result<File
     Ok(f)
 }
 
-/// Reads and unseals `dir/manifest.json`.
-fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
-    let path = dir.join(MANIFEST_FILE);
-    let bytes = fs::read(&path).map_err(|e| match e.kind() {
-        ErrorKind::NotFound => SnapshotError::Missing {
+/// Reads `dir/file`, opened once (see `open_file`), whole: at most `cap` bytes.
+fn read_file_capped(dir: &Path, file: &str, cap: u64) -> Result<Vec<u8>, SnapshotError> {
+    let f = open_file(dir, file)?;
+    sys::read_capped(&f, cap).map_err(|e| match e {
+        sys::ReadCapped::TooLong(len) => SnapshotError::Corrupt {
             dir: dir.to_path_buf(),
-            file: MANIFEST_FILE.to_string(),
+            file: file.to_string(),
+            message: format!("is {len} bytes long, over the cap of {cap} bytes"),
         },
-        _ => SnapshotError::io(&path, "reading", e),
-    })?;
-    manifest::unseal(dir, &bytes)
+        sys::ReadCapped::Io(e) => SnapshotError::io(&dir.join(file), "reading", e),
+    })
+}
+
+/// The bytes of `dir/manifest.json`: a regular file (no symbolic link) of at most
+/// [`MAX_MANIFEST_BYTES`], read from the descriptor that was checked.
+pub(crate) fn manifest_bytes(dir: &Path) -> Result<Vec<u8>, SnapshotError> {
+    read_file_capped(dir, MANIFEST_FILE, MAX_MANIFEST_BYTES)
+}
+
+/// Reads and unseals `dir/manifest.json`.
+pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
+    manifest::unseal(dir, &manifest_bytes(dir)?)
 }
 
 /// If `dir` is missing but a fallback commit left the previous set at `<dir>.old-<id>`
@@ -114,6 +138,8 @@ fn recover(dir: &Path) {
                 .is_some_and(|f| f.starts_with(&prefix))
         })
         .map(|e| e.path())
+        // A directory, not a symbolic link to one.
+        .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()))
         .filter(|p| read_manifest(p).is_ok())
         .collect();
     if olds.len() == 1 {
@@ -156,7 +182,7 @@ impl SnapshotSet {
                         format!("the parent chain is longer than {MAX_CHAIN} sets"),
                     ));
                 }
-                let pdir = dir.join(&pref.path);
+                let pdir = parent_dir(dir, &pref.path)?;
                 let p = Self::open_depth(&pdir, depth + 1).map_err(|e| {
                     SnapshotError::parent(dir, format!("{} cannot be used: {e}", pdir.display()))
                 })?;
@@ -297,17 +323,21 @@ impl SnapshotSet {
     }
 
     /// Reads a small file of the set whole, checking its length and CRC-32.
+    /// The file is read from the descriptor whose length was checked, and never beyond
+    /// that length (which the manifest's caps bound).
     pub(crate) fn read_small(&self, file: &str) -> Result<Vec<u8>, SnapshotError> {
         let entry = self.manifest.files.get(file).copied().ok_or_else(|| {
             SnapshotError::manifest(&self.dir, format!("file {file} is not in field files"))
         })?;
-        let path = self.dir.join(file);
-        let bytes = fs::read(&path).map_err(|e| match e.kind() {
-            ErrorKind::NotFound => SnapshotError::Missing {
+        let f = open_checked(&self.dir, file, entry.len)?;
+        let bytes = sys::read_capped(&f, entry.len).map_err(|e| match e {
+            sys::ReadCapped::TooLong(found) => SnapshotError::Truncated {
                 dir: self.dir.clone(),
                 file: file.to_string(),
+                expected: entry.len,
+                found,
             },
-            _ => SnapshotError::io(&path, "reading", e),
+            sys::ReadCapped::Io(e) => SnapshotError::io(&self.dir.join(file), "reading", e),
         })?;
         if bytes.len() as u64 != entry.len {
             return Err(SnapshotError::Truncated {
@@ -355,6 +385,25 @@ impl SnapshotSet {
                 message,
             })
     }
+}
+
+/// The directory of the parent set named by `path` (`../<name>`, checked by the manifest's
+/// rules): `<name>` next to `dir` itself, resolved without `..` (so a set reached through
+/// a symbolic link still finds its parent beside the link), and refused if it is a
+/// symbolic link (the parent must be a directory of the set's own directory's parent).
+fn parent_dir(dir: &Path, path: &str) -> Result<PathBuf, SnapshotError> {
+    let name = manifest::parent_dir_name(path).map_err(|e| SnapshotError::manifest(dir, e))?;
+    let pdir = crate::place::parent_dir_of(dir).join(name);
+    if fs::symlink_metadata(&pdir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(SnapshotError::parent(
+            dir,
+            format!(
+                "{} is a symbolic link: a parent set must be a directory beside the set",
+                pdir.display()
+            ),
+        ));
+    }
+    Ok(pdir)
 }
 
 /// A partition's disk in an incremental set at `dir` needs one of the same length in the

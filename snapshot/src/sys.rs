@@ -226,10 +226,52 @@ pub fn host_page_size() -> usize {
     }
 }
 
-/// A read-only shared mapping of a whole file (for checksumming without copying).
+/// Opens `path` for reading without following a symbolic link at its last component
+/// (`O_NOFOLLOW`: a link is refused with `ELOOP`) and without blocking on a FIFO or device
+/// (`O_NONBLOCK`, which changes nothing for a regular file); the caller checks what it
+/// opened with `fstat` ([`File::metadata`]) and reads from this descriptor only.
+pub fn open_nofollow(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Reads the whole of an opened regular file of at most `cap` bytes (checked with `fstat`
+/// before anything is allocated, and again while reading: a file that grows past `cap`
+/// meanwhile is refused too). `Err(Some(len))`: the file is longer than `cap`.
+pub fn read_capped(file: &File, cap: u64) -> Result<Vec<u8>, ReadCapped> {
+    let len = file.metadata().map_err(ReadCapped::Io)?.len();
+    if len > cap {
+        return Err(ReadCapped::TooLong(len));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    let r: &File = file;
+    r.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadCapped::Io)?;
+    if bytes.len() as u64 > cap {
+        return Err(ReadCapped::TooLong(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// Why [`read_capped`] failed.
+#[derive(Debug)]
+pub enum ReadCapped {
+    /// The file is this long, over the cap.
+    TooLong(u64),
+    /// Reading failed.
+    Io(io::Error),
+}
+
+/// A read-only shared mapping of a whole file (for checksumming without copying), guarded
+/// against the file being truncated while it is read (see `guard`).
 pub struct FileMap {
     ptr: *mut libc::c_void,
     len: usize,
+    guard: Option<crate::guard::MemoryGuard>,
 }
 
 // SAFETY: the mapping is read-only and owned by this value; reading it from several threads
@@ -245,6 +287,7 @@ impl FileMap {
             return Ok(FileMap {
                 ptr: std::ptr::null_mut(),
                 len: 0,
+                guard: None,
             });
         }
         // SAFETY: a new read-only mapping chosen by the kernel; it aliases no Rust object.
@@ -261,7 +304,25 @@ impl FileMap {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(FileMap { ptr, len })
+        // Dropped (and so unmapped) if it cannot be guarded.
+        let mut map = FileMap {
+            ptr,
+            len,
+            guard: None,
+        };
+        map.guard = Some(
+            crate::guard::MemoryGuard::new(&[(ptr as usize, len)], None)
+                .map_err(io::Error::other)?,
+        );
+        Ok(map)
+    }
+
+    /// True if the file was truncated under the mapping while it was read: pages past the
+    /// new end read as zeros instead of raising `SIGBUS`.
+    pub fn truncated(&self) -> bool {
+        self.guard
+            .as_ref()
+            .is_some_and(crate::guard::MemoryGuard::truncated)
     }
 
     /// Bytes `[start, end)` of the file (clamped to its mapped length).
@@ -279,6 +340,8 @@ impl FileMap {
 
 impl Drop for FileMap {
     fn drop(&mut self) {
+        // Unguarded before it is unmapped: the range may be reused at once.
+        drop(self.guard.take());
         if self.len > 0 {
             // SAFETY: unmaps exactly the mapping `new` made; no slice of it outlives `self`.
             unsafe {

@@ -21,7 +21,9 @@ use crate::manifest::{
     MANIFEST_FILE, MIN_FORMAT_VERSION,
 };
 use crate::memfile::MemoryWriteStats;
-use crate::place::{file_name_of, parent_dir_of, remove_in_background, remove_stale, replaceable};
+use crate::place::{
+    file_name_of, parent_dir_of, remove_in_background, remove_stale, replaceable, WRITER_MARK,
+};
 use crate::{sys, SnapshotError, SnapshotSet};
 use image::ImageKind;
 
@@ -130,6 +132,17 @@ impl SetWriter {
                 return Err(SnapshotError::io(&tmp, "locking", e));
             }
         };
+        // The mark that makes the directory a writer's leftover should this writer die.
+        let mark = tmp.join(WRITER_MARK);
+        if let Err(e) = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&mark)
+        {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(SnapshotError::io(&mark, "creating", e));
+        }
         Ok(SetWriter {
             dest: dest.to_path_buf(),
             tmp,
@@ -168,15 +181,21 @@ impl SetWriter {
                 s = set.parent.as_deref();
             }
         }
-        // A sibling parent is recorded relatively, so that sets can be moved together.
+        // The parent is recorded as a sibling, `../<name>` (so that sets move together);
+        // readers accept nothing else (see `manifest::parent_dir_name`).
         let same_dir = pcanon.parent().map(Path::to_path_buf) == Some(canon(pdir)?);
         let path = match (same_dir, pcanon.file_name().and_then(|n| n.to_str())) {
             (true, Some(n)) => format!("../{n}"),
-            _ => pcanon
-                .to_str()
-                .ok_or_else(|| usage("the parent set's path is not UTF-8".into()))?
-                .to_string(),
+            _ => {
+                return Err(usage(format!(
+                    "the parent set {} is not in the destination's directory {}: an incremental \
+                     set's parent must be a sibling of it",
+                    p.dir.display(),
+                    pdir.display()
+                )))
+            }
         };
+        manifest::parent_dir_name(&path).map_err(usage)?;
         Ok(ParentInfo {
             set_id: p.manifest.set_id.clone(),
             path,
@@ -407,6 +426,9 @@ impl SetWriter {
             .map_err(|e| SnapshotError::io(&mpath, "writing", e))?;
         self.bytes_written += sealed.len() as u64;
         self.open.push((mpath, mfile));
+        // Sealed: the directory is a set now, which is what tells it from foreign ones.
+        let mark = self.tmp.join(WRITER_MARK);
+        fs::remove_file(&mark).map_err(|e| SnapshotError::io(&mark, "removing", e))?;
 
         let t = Instant::now();
         for (path, f) in &self.open {

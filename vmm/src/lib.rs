@@ -7,6 +7,7 @@
 //! - [`partition`]: one guest system: VM, memory, vCPU threads, devices.
 //! - [`monitor`]: all partitions of the device, and the control commands.
 //! - [`api`]: the control socket protocol, server and client.
+//! - [`rundir`]: the private runtime directory of the monitor's sockets.
 //! - [`job`]: `duplex job`, a host client of the controller's job port.
 //! - [`boxcli`]: `duplex box`, the host client of the controller's document service.
 
@@ -18,6 +19,7 @@ pub mod job;
 pub mod layout;
 pub mod monitor;
 pub mod partition;
+pub mod rundir;
 
 /// Locks a mutex whose data stays usable after a panic elsewhere (plain state, counters,
 /// handles): a poisoned lock is recovered rather than spreading the panic to the monitor.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-use duplex_vmm::api::client::{run_ctl, CtlArgs, DEFAULT_API_SOCK};
+use duplex_vmm::api::client::{run_ctl, CtlArgs};
 use duplex_vmm::api::server::ApiServer;
 use duplex_vmm::config::DeviceConfig;
 use duplex_vmm::monitor::Monitor;
@@ -94,9 +94,10 @@ struct RunArgs {
     /// The device config file (JSON; see docs/config.md).
     #[arg(long)]
     config: PathBuf,
-    /// The control socket's path.
-    #[arg(long, default_value = DEFAULT_API_SOCK)]
-    api_sock: PathBuf,
+    /// The control socket's path (default: `duplex.sock` in the private runtime directory,
+    /// `$XDG_RUNTIME_DIR/duplex`, or `/run/duplex` for root, made mode 0700 if missing).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// Shut down by itself after this many seconds (default: run until told to stop).
     #[arg(long)]
     seconds: Option<f64>,
@@ -118,9 +119,57 @@ extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c
     SIGNALLED.store(true, Ordering::SeqCst);
 }
 
+/// How long the monitor waits, when it exits, for console lines still queued to be
+/// written (a reader that does not read cannot hold the exit longer).
+const CONSOLE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Raises the soft open-file limit to the hard one (each control client, bridge
+/// connection, TAP and set file is an fd) and logs it.
+fn raise_fd_limit() {
+    match duplex_devices::health::raise_fd_limit() {
+        Ok((old, new)) if old != new => log::info!("open file limit raised from {old} to {new}"),
+        Ok((_, new)) => log::info!("open file limit {new}"),
+        Err(e) => log::warn!("cannot raise the open file limit: {e}"),
+    }
+}
+
+/// Makes the private runtime directory (mode 0700) when a partition's vsock bridge socket
+/// is to be in it (the examples put them there: `/run/duplex/<name>.vsock` as root), so
+/// the guest-initiated `<uds>_<port>` sockets a host program listens on are private too.
+fn ensure_runtime_dir_for_bridges(config: &DeviceConfig) -> Result<(), String> {
+    use duplex_vmm::rundir;
+    // This process's runtime directory, and root's (`/run/duplex`) when running as root
+    // with an `XDG_RUNTIME_DIR` that points elsewhere.
+    let mut dirs: Vec<PathBuf> = rundir::runtime_dir_path().into_iter().collect();
+    if let Ok(root) = rundir::runtime_dir_for(None, 0) {
+        // SAFETY: geteuid takes no arguments and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            dirs.push(root);
+        }
+    }
+    for p in &config.partitions {
+        let parent = p
+            .vsock
+            .as_ref()
+            .and_then(|v| v.uds.as_deref())
+            .and_then(|u| u.parent());
+        if let Some(dir) = parent.filter(|d| dirs.iter().any(|r| r == d)) {
+            rundir::ensure_private_dir(dir).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
 fn run(args: &RunArgs) -> Result<(), String> {
     let t0 = Instant::now();
+    raise_fd_limit();
     let config = DeviceConfig::load(&args.config).map_err(|e| e.to_string())?;
+    // Before booting anything: a socket that cannot be placed fails the start at once.
+    let api_sock = match &args.api_sock {
+        Some(path) => path.clone(),
+        None => duplex_vmm::rundir::default_api_sock().map_err(|e| e.to_string())?,
+    };
+    ensure_runtime_dir_for_bridges(&config)?;
     let monitor = Monitor::new(&config).map_err(|e| e.to_string())?;
     for sig in [libc::SIGINT, libc::SIGTERM] {
         vmm_sys_util::signal::register_signal_handler(sig, on_signal)
@@ -155,13 +204,13 @@ fn run(args: &RunArgs) -> Result<(), String> {
         }
     }
     let handler: Arc<dyn duplex_vmm::api::server::ControlHandler> = monitor.clone();
-    let server = ApiServer::bind(&args.api_sock, handler).map_err(|e| e.to_string())?;
+    let server = ApiServer::bind(&api_sock, handler).map_err(|e| e.to_string())?;
     log::info!(
         "device {} up: {} partition(s) started in {:.1} ms; control socket {}",
         config.device.as_deref().unwrap_or("(unnamed)"),
         config.partitions.len(),
         t0.elapsed().as_secs_f64() * 1000.0,
-        args.api_sock.display()
+        api_sock.display()
     );
     let deadline = args
         .seconds
@@ -183,6 +232,9 @@ fn run(args: &RunArgs) -> Result<(), String> {
     monitor.request_shutdown();
     monitor.stop_all();
     server.shutdown();
+    if !duplex_devices::console::flush_all(CONSOLE_FLUSH_TIMEOUT) {
+        log::warn!("console output not all written within {CONSOLE_FLUSH_TIMEOUT:?}");
+    }
     Ok(())
 }
 

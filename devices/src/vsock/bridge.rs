@@ -1,38 +1,41 @@
-//! The host bridge's sockets and their place on the device event loop: the partitions'
-//! `uds` listeners and the host sockets ([`Bridge`], inside the switch's lock), and the
-//! `event-manager` subscriber ([`BridgeSubscriber`]) that waits on them.
+//! The host bridge's sockets: the partitions' `uds` listeners and the host sockets, which
+//! it owns (nobody else reads, writes or closes them), and what the device event loop has
+//! registered of them. The protocol spoken on them is `hostlink.rs` / `hostevents.rs`.
 //!
-//! Which events a socket waits for follows its connection (readable only while the guest
-//! has credit and its backlog is short, writable only while bytes wait for the host), and
-//! the connection changes on any thread: a vCPU thread's packet, the loop's own events. So
-//! the bridge records what each socket *wants* and the loop puts that into effect
-//! ([`Bridge::sync`]) after each of its events, under the switch's lock; a change made on
-//! another thread writes the bridge's eventfd so that the loop looks. Sockets and listeners
-//! closed while the loop has them registered are shut down at once (the host reads EOF)
-//! and closed by the loop once it has taken them out: an fd leaves the loop before it is
-//! closed. While the switch is frozen (a snapshot's cut, a restore's exchange) the loop
-//! handles no socket: an event then takes its socket out of the loop until the thaw.
+//! Which events a socket waits for follows its connection, and the connection changes on
+//! any thread; so the bridge records what each socket *wants* and the loop puts that into
+//! effect ([`Bridge::sync`]) after each of its events; a change made on another thread
+//! writes the bridge's eventfd so that the loop looks. Sockets and listeners closed while
+//! the loop has them registered are shut down at once (the host reads EOF) and closed by
+//! the loop once it has taken them out. While the switch is frozen the loop handles no
+//! socket: an event then takes its socket out of the loop until the thaw.
+//!
+//! Limits: at most [`MAX_HOST_SOCKS_PER_CID`] host sockets per partition and
+//! [`MAX_HOST_SOCKS`] in all (more get `ERR busy`); a listener whose `accept` fails for lack
+//! of file descriptors is taken out of the loop for a while (`listeners.rs`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, EventSet, Events};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
+use super::limits::{VsockError, MAX_CONNECT_LINE, MAX_HOST_SOCKS, MAX_HOST_SOCKS_PER_CID};
+use super::listeners::{AcceptOne, Listeners};
 use super::state::ConnKey;
-use super::{Shared, VsockError};
+use super::uds::{check_trusted, connect_nonblocking, parse_connect, peer_uid, Trust};
 
 pub(crate) const IN: u32 = EventSet::IN.bits();
 pub(crate) const OUT: u32 = EventSet::OUT.bits();
+/// Most host connections of one partition still sending their `CONNECT` line.
+const MAX_PENDING_LINES: usize = 64;
+pub(crate) const ERR_BUSY: &str = "ERR busy\n";
 
 /// What a host socket is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,37 +46,75 @@ pub(crate) enum Phase {
     Linked(ConnKey),
 }
 
-/// A host socket.
-pub(crate) struct HostSock {
-    pub cid: u64,
-    pub stream: UnixStream,
-    pub phase: Phase,
+/// What reading a `CONNECT` line gave.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum LineRead {
+    /// Not complete yet.
+    Waiting,
+    /// The host closed or failed (the socket is closed).
+    Closed,
+    /// Not a `CONNECT <port>` line, or too long.
+    Malformed,
+    /// The port, and the bytes that came after the line.
+    Connect(u32, Vec<u8>),
+}
+
+/// Why a guest's connection to the host was not made.
+#[derive(Debug)]
+pub(crate) enum GuestConnectError {
+    /// Too many host sockets.
+    Busy,
+    /// The socket is not to be trusted (why).
+    Untrusted(String),
+    /// Absent, refused, or another error.
+    Failed(String),
+}
+
+/// What `accept` on a listener gave.
+#[derive(Debug, Default)]
+pub(crate) struct Accepted {
+    /// New host sockets (phase [`Phase::Line`]), by token.
+    pub tokens: Vec<u64>,
+    /// Connections closed at once with `ERR busy` (or for other local reasons).
+    pub refused: u64,
+    /// Times the listener ran out of file descriptors (it waits for a while).
+    pub backoffs: u64,
+}
+
+struct HostSock {
+    cid: u64,
+    stream: UnixStream,
+    phase: Phase,
     /// The `CONNECT` line read so far (and any bytes after it).
-    pub line: Vec<u8>,
+    line: Vec<u8>,
     /// A protocol line (`OK <port>\n`) waiting to be written.
-    pub line_out: Vec<u8>,
+    line_out: Vec<u8>,
     /// The events its connection waits for now (`IN`, `OUT`).
     want: u32,
     /// The interest the loop has it registered with, if registered.
     registered: Option<u32>,
     /// The peer hung up (epoll reports it whatever the interest, so the socket is taken
     /// out of the loop while there is nothing to do on it).
-    pub hup: bool,
-    pub deadline: Option<Instant>,
+    hup: bool,
+    deadline: Option<Instant>,
 }
 
-/// A partition's `uds` listener (its socket file is removed when it is closed).
-pub(crate) struct Listener {
-    pub cid: u64,
-    pub sock: UnixListener,
-    pub path: PathBuf,
-    registered: bool,
+impl HostSock {
+    /// The registration the socket should have: none once it hung up with nothing to do.
+    fn target(&self) -> Option<u32> {
+        if self.hup && self.want == 0 {
+            None
+        } else {
+            Some(self.want)
+        }
+    }
 }
 
 /// The host sockets and listeners, and what the loop has registered of them.
 pub(crate) struct Bridge {
-    pub listeners: HashMap<u64, Listener>,
-    pub socks: HashMap<u64, HostSock>,
+    listeners: Listeners,
+    socks: HashMap<u64, HostSock>,
+    by_cid: HashMap<u64, BTreeSet<u64>>,
     /// Tokens whose registration may differ from what they want.
     dirty: HashSet<u64>,
     /// Registered fds closed meanwhile: the loop takes them out, then closes them.
@@ -85,28 +126,39 @@ pub(crate) struct Bridge {
     kicked: bool,
     /// The loop's thread, once it has run the subscriber.
     loop_thread: Option<ThreadId>,
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        for l in self.listeners.values() {
-            let _ = std::fs::remove_file(&l.path);
-        }
-    }
+    /// Partitions whose untrusted `<uds>_<port>` was logged (once each).
+    warned: HashSet<u64>,
 }
 
 impl Bridge {
     pub fn new() -> io::Result<Self> {
         Ok(Bridge {
-            listeners: HashMap::new(),
+            listeners: Listeners::default(),
             socks: HashMap::new(),
+            by_cid: HashMap::new(),
             dirty: HashSet::new(),
             retired: Vec::new(),
             by_fd: HashMap::new(),
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
             kicked: false,
             loop_thread: None,
+            warned: HashSet::new(),
         })
+    }
+
+    pub fn kick_fd(&self) -> RawFd {
+        self.kick.as_raw_fd()
+    }
+
+    /// The loop read the eventfd.
+    pub fn kicked(&mut self) {
+        let _ = self.kick.read();
+        self.kicked = false;
+    }
+
+    /// The loop runs on the calling thread.
+    pub fn set_loop_thread(&mut self) {
+        self.loop_thread = Some(std::thread::current().id());
     }
 
     /// `token` wants another registration: tells the loop (unless the loop is the caller,
@@ -117,7 +169,15 @@ impl Bridge {
     }
 
     fn kick_loop(&mut self) {
-        if self.kicked || self.loop_thread == Some(std::thread::current().id()) {
+        if self.loop_thread == Some(std::thread::current().id()) {
+            return;
+        }
+        self.kick_now();
+    }
+
+    /// Makes the loop run again (also from the loop's own thread: work is left).
+    pub fn kick_now(&mut self) {
+        if self.kicked {
             return;
         }
         self.kicked = true;
@@ -128,45 +188,97 @@ impl Bridge {
 
     /// Every listener and socket is looked at again (after a thaw).
     pub fn touch_all(&mut self) {
-        let tokens: Vec<u64> = self
-            .listeners
-            .keys()
-            .chain(self.socks.keys())
-            .copied()
-            .collect();
+        let mut tokens = self.listeners.tokens();
+        tokens.extend(self.socks.keys());
         self.dirty.extend(tokens);
         self.kick_loop();
     }
 
-    /// Listens on `path` for host connections to partition `cid`.
-    pub fn bind(&mut self, cid: u64, path: &Path) -> Result<(), VsockError> {
-        let uds_err = |source| VsockError::Uds {
-            path: path.to_path_buf(),
-            source,
-        };
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(uds_err)?,
-            Ok(_) => return Err(VsockError::UdsNotSocket(path.to_path_buf())),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(uds_err(e)),
-        }
-        let sock = UnixListener::bind(path).map_err(uds_err)?;
-        if let Err(e) = sock.set_nonblocking(true) {
-            let _ = std::fs::remove_file(path);
-            return Err(uds_err(e));
-        }
-        let token = super::host::fresh_token();
-        self.listeners.insert(
-            token,
-            Listener {
-                cid,
-                sock,
-                path: path.to_path_buf(),
-                registered: false,
-            },
-        );
+    /// Listens on `path` for host connections to partition `cid` (see
+    /// [`bind_listener`]: private umask, `mode`, a live socket is never unlinked).
+    pub fn bind(&mut self, cid: u64, path: &Path, mode: u32) -> Result<(), VsockError> {
+        let token = self.listeners.bind(cid, path, mode)?;
         self.touch(token);
         Ok(())
+    }
+
+    pub fn is_listener(&self, token: u64) -> bool {
+        self.listeners.contains(token)
+    }
+
+    /// Accepts what waits on listener `token`, within the caps.
+    pub fn accept(&mut self, token: u64, timeout: Duration) -> Accepted {
+        let mut out = Accepted::default();
+        // Bounded: one loop turn takes at most a cap's worth.
+        for _ in 0..MAX_HOST_SOCKS_PER_CID {
+            let (cid, stream) = match self.listeners.accept_one(token) {
+                AcceptOne::Stream(cid, stream) => (cid, stream),
+                AcceptOne::Done => break,
+                AcceptOne::Starved => {
+                    out.backoffs += 1;
+                    self.touch(token);
+                    break;
+                }
+            };
+            let n = self.by_cid.get(&cid).map_or(0, BTreeSet::len);
+            let lines = self.by_cid.get(&cid).map_or(0, |set| {
+                set.iter()
+                    .filter(|t| self.phase(**t) == Some(Phase::Line))
+                    .take(MAX_PENDING_LINES)
+                    .count()
+            });
+            let busy = n >= MAX_HOST_SOCKS_PER_CID
+                || self.socks.len() >= MAX_HOST_SOCKS
+                || lines >= MAX_PENDING_LINES;
+            if busy || stream.set_nonblocking(true).is_err() {
+                let _ = stream.set_nonblocking(true);
+                refuse(&stream, ERR_BUSY);
+                out.refused += 1;
+                continue;
+            }
+            out.tokens
+                .push(self.add(cid, stream, Phase::Line, Some(timeout)));
+        }
+        out
+    }
+
+    /// Connects to `path` for partition `cid`'s guest, if the socket there is to be
+    /// trusted (see [`check_trusted`]; the listening process must also be ours or
+    /// root's) and the caps allow.
+    pub fn connect_for_guest(
+        &mut self,
+        cid: u64,
+        path: &Path,
+        key: ConnKey,
+    ) -> Result<u64, GuestConnectError> {
+        let n = self.by_cid.get(&cid).map_or(0, BTreeSet::len);
+        if n >= MAX_HOST_SOCKS_PER_CID || self.socks.len() >= MAX_HOST_SOCKS {
+            return Err(GuestConnectError::Busy);
+        }
+        let untrusted = |bridge: &mut Bridge, why: String| {
+            if bridge.warned.insert(cid) {
+                log::warn!(
+                    "vsock: CID {cid}: not connecting to {}: {why} (logged once)",
+                    path.display()
+                );
+            }
+            GuestConnectError::Untrusted(why)
+        };
+        let failed = |e: io::Error| GuestConnectError::Failed(e.to_string());
+        match check_trusted(path) {
+            Ok(()) => {}
+            Err(Trust::Io(e)) => return Err(failed(e)),
+            Err(Trust::Untrusted(why)) => return Err(untrusted(self, why)),
+        }
+        let stream = connect_nonblocking(path).map_err(failed)?;
+        // SAFETY: geteuid has no arguments and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        match peer_uid(&stream) {
+            Ok(uid) if uid == me || uid == 0 => {}
+            Ok(uid) => return Err(untrusted(self, format!("listener runs as uid {uid}"))),
+            Err(e) => return Err(failed(e)),
+        }
+        Ok(self.add(cid, stream, Phase::Linked(key), None))
     }
 
     /// Closes `cid`'s listener (removing its socket file) and its remaining host sockets.
@@ -177,21 +289,21 @@ impl Bridge {
         }
     }
 
-    /// The host sockets of `cid` (all of them with `None`).
-    pub fn tokens_of(&self, cid: impl Into<Option<u64>>) -> Vec<u64> {
-        let cid = cid.into();
-        self.socks
-            .iter()
-            .filter(|(_, s)| cid.is_none_or(|c| s.cid == c))
-            .map(|(t, _)| *t)
-            .collect()
+    /// The host sockets of `cid`.
+    pub fn tokens_of(&self, cid: u64) -> Vec<u64> {
+        self.by_cid
+            .get(&cid)
+            .map_or_else(Vec::new, |s| s.iter().copied().collect())
+    }
+
+    /// Every host socket.
+    pub fn all_tokens(&self) -> Vec<u64> {
+        self.socks.keys().copied().collect()
     }
 
     /// Whether `cid` has a listener on `path`.
     pub fn listens(&self, cid: u64, path: &Path) -> bool {
-        self.listeners
-            .values()
-            .any(|l| l.cid == cid && l.path == path)
+        self.listeners.listens(cid, path)
     }
 
     /// Closes `cid`'s listener on `path`.
@@ -201,21 +313,11 @@ impl Bridge {
 
     /// Closes every listener for which `keep(cid, path)` is false; their socket files are
     /// removed at once.
-    pub fn retain_listeners(&mut self, mut keep: impl FnMut(u64, &Path) -> bool) {
-        let gone: Vec<u64> = self
-            .listeners
-            .iter()
-            .filter(|(_, l)| !keep(l.cid, &l.path))
-            .map(|(t, _)| *t)
-            .collect();
-        for token in gone {
-            if let Some(l) = self.listeners.remove(&token) {
-                let _ = std::fs::remove_file(&l.path);
-                if l.registered {
-                    self.retired.push(OwnedFd::from(l.sock));
-                    self.kick_loop();
-                }
-            }
+    pub fn retain_listeners(&mut self, keep: impl FnMut(u64, &Path) -> bool) {
+        let retired = self.listeners.retain(keep);
+        if !retired.is_empty() {
+            self.retired.extend(retired);
+            self.kick_loop();
         }
     }
 
@@ -225,14 +327,14 @@ impl Bridge {
     }
 
     /// Adds a host socket (it waits for nothing until its connection says).
-    pub fn add(
+    fn add(
         &mut self,
         cid: u64,
         stream: UnixStream,
         phase: Phase,
         timeout: Option<Duration>,
     ) -> u64 {
-        let token = super::host::fresh_token();
+        let token = super::tokens::fresh_token();
         let sock = HostSock {
             cid,
             stream,
@@ -245,6 +347,7 @@ impl Bridge {
             deadline: timeout.map(|t| Instant::now() + t),
         };
         self.socks.insert(token, sock);
+        self.by_cid.entry(cid).or_default().insert(token);
         if timeout.is_some() {
             // The loop re-arms its timer.
             self.kick_loop();
@@ -258,16 +361,15 @@ impl Bridge {
         let Some(sock) = self.socks.remove(&token) else {
             return;
         };
+        if let Some(set) = self.by_cid.get_mut(&sock.cid) {
+            set.remove(&token);
+            if set.is_empty() {
+                self.by_cid.remove(&sock.cid);
+            }
+        }
         self.dirty.remove(&token);
         if let Some(line) = line {
-            // Unread input would turn the host's EOF into a reset: discard some first.
-            let mut buf = [0u8; 4096];
-            for _ in 0..16 {
-                if !matches!((&sock.stream).read(&mut buf), Ok(n) if n > 0) {
-                    break;
-                }
-            }
-            let _ = (&sock.stream).write(line.as_bytes());
+            refuse(&sock.stream, line);
         }
         if sock.registered.is_some() {
             let _ = sock.stream.shutdown(Shutdown::Both);
@@ -288,12 +390,98 @@ impl Bridge {
         self.socks.get(&token).map(|s| s.phase)
     }
 
-    pub fn sock(&self, token: u64) -> Option<&HostSock> {
-        self.socks.get(&token)
+    pub fn cid_of(&self, token: u64) -> Option<u64> {
+        self.socks.get(&token).map(|s| s.cid)
     }
 
-    pub fn sock_mut(&mut self, token: u64) -> Option<&mut HostSock> {
-        self.socks.get_mut(&token)
+    /// The socket is now part of connection `key`.
+    pub fn link(&mut self, token: u64, key: ConnKey) {
+        if let Some(sock) = self.socks.get_mut(&token) {
+            sock.phase = Phase::Linked(key);
+            sock.line = Vec::new();
+        }
+    }
+
+    pub fn has_line_out(&self, token: u64) -> bool {
+        self.socks
+            .get(&token)
+            .is_some_and(|s| !s.line_out.is_empty())
+    }
+
+    /// The host hung up.
+    pub fn set_hup(&mut self, token: u64) {
+        if let Some(sock) = self.socks.get_mut(&token) {
+            sock.hup = true;
+        }
+    }
+
+    /// Reads what the host sent.
+    pub fn read(&mut self, token: u64, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        self.socks.get(&token).map(|s| (&s.stream).read(buf))
+    }
+
+    /// Writes to the host.
+    pub fn write(&mut self, token: u64, buf: &[u8]) -> Option<io::Result<usize>> {
+        self.socks.get(&token).map(|s| (&s.stream).write(buf))
+    }
+
+    /// Shuts the socket's write side (the host reads EOF).
+    pub fn shutdown_write(&mut self, token: u64) {
+        if let Some(s) = self.socks.get(&token) {
+            let _ = s.stream.shutdown(Shutdown::Write);
+        }
+    }
+
+    /// Writes the pending protocol line: `Ok(true)` when it is all written.
+    pub fn flush_line_out(&mut self, token: u64) -> io::Result<bool> {
+        let Some(sock) = self.socks.get_mut(&token) else {
+            return Ok(true);
+        };
+        while !sock.line_out.is_empty() {
+            match (&sock.stream).write(&sock.line_out) {
+                Ok(n) => {
+                    sock.line_out.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads the `CONNECT <port>\n` line of a host socket.
+    pub fn read_line(&mut self, token: u64) -> LineRead {
+        let Some(sock) = self.socks.get_mut(&token) else {
+            return LineRead::Closed;
+        };
+        let mut buf = [0u8; MAX_CONNECT_LINE];
+        let room = MAX_CONNECT_LINE.saturating_sub(sock.line.len());
+        match (&sock.stream).read(&mut buf[..room]) {
+            Ok(0) => {
+                self.close(token, None);
+                return LineRead::Closed;
+            }
+            Ok(n) => sock.line.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                return LineRead::Waiting
+            }
+            Err(_) => {
+                self.close(token, None);
+                return LineRead::Closed;
+            }
+        }
+        let Some(end) = sock.line.iter().position(|&b| b == b'\n') else {
+            if sock.line.len() >= MAX_CONNECT_LINE {
+                return LineRead::Malformed;
+            }
+            return LineRead::Waiting;
+        };
+        let rest = sock.line.split_off(end + 1);
+        match parse_connect(&sock.line[..end]) {
+            Some(port) => LineRead::Connect(port, rest),
+            None => LineRead::Malformed,
+        }
     }
 
     pub fn set_deadline(&mut self, token: u64, timeout: Option<Duration>) {
@@ -302,6 +490,24 @@ impl Bridge {
             // The loop re-arms its timer.
             self.kick_loop();
         }
+    }
+
+    /// Host sockets whose deadline passed.
+    pub fn expired(&self, now: Instant) -> Vec<u64> {
+        self.socks
+            .iter()
+            .filter(|(_, s)| s.deadline.is_some_and(|d| d <= now))
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    /// Ends the listeners' back-offs that are over (they go back into the loop); returns
+    /// the next deadline of a socket or a listener.
+    pub fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
+        let over = self.listeners.end_backoffs(now);
+        self.dirty.extend(over);
+        let socks = self.socks.values().filter_map(|s| s.deadline);
+        socks.chain(self.listeners.next_backoff()).min()
     }
 
     /// The socket now waits for `want` (`IN`, `OUT`; 0 for nothing).
@@ -316,20 +522,22 @@ impl Bridge {
     }
 
     /// The token of a registered fd.
-    fn token_of(&self, fd: RawFd) -> Option<u64> {
+    pub fn token_of(&self, fd: RawFd) -> Option<u64> {
         self.by_fd.get(&fd).copied()
     }
 
     /// On the loop, while the switch is frozen: takes `token`'s fd out of the loop until the
     /// thaw (its events wait in the kernel).
-    fn suspend(&mut self, token: u64, ops: &mut EventOps) {
-        let fd = if let Some(l) = self.listeners.get_mut(&token) {
-            std::mem::take(&mut l.registered).then(|| l.sock.as_raw_fd())
-        } else if let Some(s) = self.socks.get_mut(&token) {
-            s.registered.take().map(|_| s.stream.as_raw_fd())
-        } else {
-            None
-        };
+    pub fn suspend(&mut self, token: u64, ops: &mut EventOps) {
+        if let Some(fd) = self.listeners.suspend(token, ops) {
+            self.by_fd.remove(&fd);
+            self.dirty.insert(token);
+            return;
+        }
+        let fd = self
+            .socks
+            .get_mut(&token)
+            .and_then(|s| s.registered.take().map(|_| s.stream.as_raw_fd()));
         if let Some(fd) = fd {
             let _ = ops.remove(Events::empty_raw(fd));
             self.by_fd.remove(&fd);
@@ -339,7 +547,7 @@ impl Bridge {
 
     /// On the loop: closes the retired fds (after taking them out) and, unless the switch
     /// is `frozen`, registers every changed listener and socket as it wants.
-    fn sync(&mut self, ops: &mut EventOps, frozen: bool) {
+    pub fn sync(&mut self, ops: &mut EventOps, frozen: bool) {
         for fd in std::mem::take(&mut self.retired) {
             let raw = fd.as_raw_fd();
             let _ = ops.remove(Events::empty_raw(raw));
@@ -349,18 +557,11 @@ impl Bridge {
             return;
         }
         for token in std::mem::take(&mut self.dirty) {
-            if let Some(l) = self.listeners.get_mut(&token) {
-                if !l.registered {
-                    let fd = l.sock.as_raw_fd();
-                    match ops.add(Events::new_raw(fd, EventSet::IN)) {
-                        Ok(()) => {
-                            l.registered = true;
-                            self.by_fd.insert(fd, token);
-                        }
-                        Err(e) => {
-                            log::warn!("vsock: listener {} in the loop: {e}", l.path.display())
-                        }
-                    }
+            if let Some((fd, registered)) = self.listeners.sync(token, ops) {
+                if registered {
+                    self.by_fd.insert(fd, token);
+                } else {
+                    self.by_fd.remove(&fd);
                 }
             } else if let Some(s) = self.socks.get_mut(&token) {
                 let fd = s.stream.as_raw_fd();
@@ -388,88 +589,14 @@ impl Bridge {
     }
 }
 
-impl HostSock {
-    /// The registration the socket should have: none once it hung up with nothing to do.
-    fn target(&self) -> Option<u32> {
-        if self.hup && self.want == 0 {
-            None
-        } else {
-            Some(self.want)
+/// Writes `line` to a host socket about to be closed (best effort), after discarding some
+/// unread input (which would turn the host's EOF into a reset).
+fn refuse(stream: &UnixStream, line: &str) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        if !matches!((&*stream).read(&mut buf), Ok(n) if n > 0) {
+            break;
         }
     }
-}
-
-/// The host bridge on the device event loop: the bridge's eventfd, a timer for the
-/// sockets' deadlines, and every listener and host socket as they want.
-pub(crate) struct BridgeSubscriber {
-    shared: Arc<Shared>,
-    timer: TimerFd,
-}
-
-impl BridgeSubscriber {
-    pub fn new(shared: Arc<Shared>) -> io::Result<Self> {
-        let timer = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-        // SAFETY: F_SETFL on an fd this process owns; no pointers. The timer is read only
-        // after the loop saw it readable, nonblocking is a safeguard.
-        let rc = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(BridgeSubscriber { shared, timer })
-    }
-
-    /// After an event: puts registrations into effect and re-arms the deadline timer.
-    fn settle(&mut self, inner: &mut super::switch::Inner, ops: &mut EventOps) {
-        let frozen = inner.frozen > 0;
-        inner.bridge.sync(ops, frozen);
-        if frozen {
-            return;
-        }
-        let next = inner.check_timeouts();
-        let armed = match next {
-            Some(d) => self.timer.reset(d.max(Duration::from_millis(1)), None),
-            None => self.timer.clear(),
-        };
-        if let Err(e) = armed {
-            log::warn!("vsock: host bridge timer: {e}");
-        }
-    }
-}
-
-impl MutEventSubscriber for BridgeSubscriber {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        let timer_fd = self.timer.as_raw_fd();
-        let shared = self.shared.clone();
-        shared.with(|inner| {
-            if fd == inner.bridge.kick.as_raw_fd() {
-                let _ = inner.bridge.kick.read();
-                inner.bridge.kicked = false;
-            } else if fd == timer_fd {
-                let _ = self.timer.wait();
-            } else if let Some(token) = inner.bridge.token_of(fd) {
-                if inner.frozen > 0 {
-                    inner.bridge.suspend(token, ops);
-                } else {
-                    inner.on_event(token, events.event_set().bits());
-                }
-            }
-            self.settle(inner, ops);
-        });
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let timer_fd = self.timer.as_raw_fd();
-        let shared = self.shared.clone();
-        shared.with(|inner| {
-            inner.bridge.loop_thread = Some(std::thread::current().id());
-            for fd in [inner.bridge.kick.as_raw_fd(), timer_fd] {
-                if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                    log::error!("vsock: the host bridge cannot wait on the loop: {e}");
-                }
-            }
-            inner.bridge.touch_all();
-            self.settle(inner, ops);
-        });
-    }
+    let _ = (&*stream).write(line.as_bytes());
 }

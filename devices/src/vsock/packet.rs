@@ -140,7 +140,7 @@ pub enum PacketError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pending {
     pub hdr: Hdr,
-    #[serde(with = "super::state::hex_bytes")]
+    #[serde(with = "super::hex")]
     pub data: Vec<u8>,
     pub sent: usize,
 }

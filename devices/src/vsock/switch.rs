@@ -1,94 +1,88 @@
-//! The switch proper: attached partitions, guest TX processing, routing by CID, delivery
-//! into RX queues with per-destination backlogs, and the resets that keep peers from hanging
-//! when a partition goes away. Host connections are handled in `hostlink` and `host`.
+//! The switch proper ([`Inner`], everything behind the switch's lock): it owns the
+//! connection table, the router and the host bridge, routes each packet a partition sends
+//! by what the table says (forward within the backlog caps, or RST), and does what spans
+//! them: attach and detach, device resets, the resets that keep peers from hanging, restores
+//! and the freeze.
 
 use crate::GuestMemoryMmap;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use virtio_vsock::packet::VsockPacket;
+use virtio_queue::Queue;
 
 use super::bridge::Bridge;
-use super::packet::{op, Endpoint, Hdr, Pending, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
-use super::restore::PreparedPort;
-use super::state::{
-    Backlog, ConnKey, ConnState, ConnStats, Connection, PortStats, SwitchState, VsockStats,
+use super::hostevents::HostEvents;
+use super::hostlink::HostEndpoint;
+use super::limits::{
+    UdsConfig, VsockError, BACKLOG_CAP, CONNECT_TIMEOUT, CONN_BACKLOG_CAP, RX_QUEUE,
+    SOURCE_BACKLOG_CAP, TX_QUEUE,
 };
-use super::{
-    VsockError, BACKLOG_CAP, CONNECT_TIMEOUT, CONN_BACKLOG_CAP, MAX_CONNS_PER_CID, MIN_GUEST_CID,
-    RX_QUEUE, TX_QUEUE,
-};
+use super::packet::{op, Endpoint, Hdr, Pending, HOST_CID, TYPE_STREAM};
+use super::router::{PreparedPort, Router};
+use super::state::{ConnStats, SwitchState, VsockCounters, VsockStats};
+use super::table::{ConnTable, Refusal, Verdict};
+use super::validate::{guest_cid, validate};
+use crate::virtio::mmio::QueueSnapshot;
 use crate::virtio::{ActivateError, Interrupt};
-
-/// How far packets the switch makes itself may exceed a backlog's cap.
-pub(crate) const CONTROL_SLACK: usize = 64 * 1024;
-
-/// The first port handed out to host connections made with `CONNECT`.
-pub(crate) const FIRST_HOST_PORT: u32 = 1 << 30;
-
-/// An attached partition.
-pub(crate) struct Port {
-    pub name: String,
-    /// Tells this attachment from an earlier one with the same CID.
-    pub attach_id: u64,
-    pub mem: GuestMemoryMmap,
-    pub irq: Arc<Interrupt>,
-    /// The device's queues once the driver started it.
-    pub queues: Option<Vec<Queue>>,
-    pub uds: Option<PathBuf>,
-}
-
-impl Port {
-    /// The port's memory, its queue `index` once the driver has made it ready, and its
-    /// interrupt.
-    fn ready_queue(
-        &mut self,
-        index: u16,
-    ) -> Option<(&GuestMemoryMmap, &mut Queue, &Arc<Interrupt>)> {
-        let Port {
-            mem, queues, irq, ..
-        } = self;
-        let queue = queues.as_mut()?.get_mut(usize::from(index))?;
-        queue.ready().then_some((&*mem, queue, &*irq))
-    }
-}
 
 /// Everything behind the switch's mutex.
 pub(crate) struct Inner {
-    /// Plain data: connections, backlogs, counters.
-    pub state: SwitchState,
-    pub ports: BTreeMap<u64, Port>,
-    pub bridge: Bridge,
-    /// Interrupts to raise once the lock is released.
-    pub to_notify: Vec<Arc<Interrupt>>,
-    pub connect_timeout: Duration,
-    next_attach_id: u64,
-    /// Restored devices' sides, prepared but not yet put in (see `VsockSwitch::replace`),
-    /// by attachment id.
-    pub(crate) pending: BTreeMap<u64, super::restore::PreparedPort>,
-    /// While positive, nothing is written into guest memory and the host bridge waits
-    /// (see [`super::SwitchFreeze`]); notifications are handled when it drops to 0.
-    pub frozen: u32,
+    table: ConnTable,
+    router: Router,
+    bridge: Bridge,
+    counters: VsockCounters,
+    connect_timeout: Duration,
 }
 
 impl Inner {
     pub fn new(bridge: Bridge) -> Self {
         Inner {
-            state: SwitchState {
-                next_host_port: FIRST_HOST_PORT,
-                ..Default::default()
-            },
-            ports: BTreeMap::new(),
+            table: ConnTable::new(),
+            router: Router::default(),
             bridge,
-            to_notify: Vec::new(),
+            counters: VsockCounters::default(),
             connect_timeout: CONNECT_TIMEOUT,
-            next_attach_id: 1,
-            pending: BTreeMap::new(),
-            frozen: 0,
         }
+    }
+
+    fn host(&mut self) -> HostEndpoint<'_> {
+        HostEndpoint::new(
+            &mut self.table,
+            &mut self.router,
+            &mut self.bridge,
+            &mut self.counters,
+            self.connect_timeout,
+        )
+    }
+
+    fn events(&mut self) -> HostEvents<'_> {
+        HostEvents::new(self.host())
+    }
+
+    /// The bridge, for the device event loop's subscriber.
+    pub fn bridge_mut(&mut self) -> &mut Bridge {
+        &mut self.bridge
+    }
+
+    pub fn frozen(&self) -> bool {
+        self.router.frozen()
+    }
+
+    /// Interrupts to raise once the lock is released.
+    pub fn take_notify(&mut self) -> Vec<Arc<Interrupt>> {
+        self.router.take_notify()
+    }
+
+    #[cfg(test)]
+    pub fn set_connect_timeout(&mut self, timeout: Duration) {
+        self.connect_timeout = timeout;
+    }
+
+    #[cfg(test)]
+    pub fn pending_len(&self) -> usize {
+        self.router.pending_len()
     }
 
     /// Attaches a partition that boots cold: connections an earlier run of `cid` left in the
@@ -99,109 +93,84 @@ impl Inner {
         name: &str,
         mem: GuestMemoryMmap,
         irq: Arc<Interrupt>,
-        uds: Option<PathBuf>,
+        uds: UdsConfig,
     ) -> Result<u64, VsockError> {
         self.check_attachable(cid)?;
+        let attach_id = self.router.reserve_attach_id();
+        let port = PreparedPort::new((cid, attach_id), name, mem, irq, uds, None);
+        self.bind_for(&port)?;
         self.drop_conns_of(cid);
-        self.state.backlogs.insert(cid, Backlog::default());
-        let attach_id = self.reserve_attach_id();
-        self.insert_port(PreparedPort {
-            cid,
-            attach_id,
-            name: name.to_owned(),
-            mem,
-            irq,
-            uds,
-            queues: None,
-        })?;
+        self.router.remove_port(cid);
+        self.router.add_port(port);
         Ok(attach_id)
     }
 
     /// Whether `cid` may be attached now.
-    pub(crate) fn check_attachable(&self, cid: u64) -> Result<(), VsockError> {
-        if !(MIN_GUEST_CID..u64::from(u32::MAX)).contains(&cid) {
+    pub fn check_attachable(&self, cid: u64) -> Result<(), VsockError> {
+        if !guest_cid(cid) {
             return Err(VsockError::ReservedCid(cid));
         }
-        if self.ports.contains_key(&cid) {
+        if self.router.is_attached(cid) {
             return Err(VsockError::DuplicateCid(cid));
         }
         Ok(())
     }
 
-    /// Binds the port's listener (if it has a `uds`) and adds the port. Its backlog must
-    /// exist.
-    pub(crate) fn insert_port(&mut self, port: PreparedPort) -> Result<(), VsockError> {
-        if let Some(path) = &port.uds {
-            self.bridge.bind(port.cid, path)?;
+    /// Binds the port's listener, if it has a `uds`.
+    fn bind_for(&mut self, port: &PreparedPort) -> Result<(), VsockError> {
+        match &port.uds().path {
+            Some(path) => self.bridge.bind(port.cid(), path, port.uds().mode()),
+            None => Ok(()),
         }
-        self.insert_bound_port(port);
+    }
+
+    /// A new attachment id (an attachment not in the table yet).
+    pub fn reserve_attach_id(&mut self) -> u64 {
+        self.router.reserve_attach_id()
+    }
+
+    /// A restored device's side, until [`Inner::replace`] or [`Inner::attach_prepared`].
+    pub fn add_pending(&mut self, port: PreparedPort) {
+        self.router.add_pending(port);
+    }
+
+    /// Puts a prepared side in alone (no other partition attached may change): its
+    /// listener is bound, its backlog (from a restored state) kept and delivered.
+    pub fn attach_prepared(&mut self, attach_id: u64) -> Result<(), VsockError> {
+        let Some(port) = self.router.take_pending(attach_id) else {
+            return Err(VsockError::InvalidState(
+                "the device was not prepared".into(),
+            ));
+        };
+        let cid = port.cid();
+        self.check_attachable(cid)?;
+        self.bind_for(&port)?;
+        self.router.add_port(port);
+        // Packets queued at the cut (and RSTs of dropped host links) go in as RX buffers
+        // allow; host connections may read again.
+        self.host().drain(cid);
+        self.host().refresh_host_interest(cid);
         Ok(())
-    }
-
-    /// A new attachment id (an attachment not in the table yet, see `PreparedPort`).
-    pub(crate) fn reserve_attach_id(&mut self) -> u64 {
-        let attach_id = self.next_attach_id;
-        self.next_attach_id += 1;
-        attach_id
-    }
-
-    /// Adds a port whose listener (if any) is bound.
-    pub(crate) fn insert_bound_port(&mut self, port: PreparedPort) {
-        let PreparedPort {
-            cid,
-            attach_id,
-            name,
-            mem,
-            irq,
-            uds,
-            queues,
-        } = port;
-        log::info!("vsock: {name} attached as CID {cid}");
-        self.ports.insert(
-            cid,
-            Port {
-                name,
-                attach_id,
-                mem,
-                irq,
-                queues,
-                uds,
-            },
-        );
     }
 
     /// Detaches `cid`: its peers get RSTs, its host sockets and listener are closed, its
     /// backlog is dropped. Also ends what [`Inner::detach_quiet`] left of `cid`.
     pub fn detach(&mut self, cid: u64) {
-        let port = self.ports.remove(&cid);
+        let name = self.router.remove_port(cid);
         self.drop_conns_of(cid);
-        self.state.backlogs.remove(&cid);
         self.bridge.unbind(cid);
-        if let Some(port) = port {
-            log::info!("vsock: {} (CID {cid}) detached", port.name);
+        if let Some(name) = name {
+            log::info!("vsock: {name} (CID {cid}) detached");
         }
     }
 
     /// Detaches `cid` only if it is still attachment `attach_id` (a run that ends after a
-    /// restore replaced it leaves the new attachment alone).
+    /// restore replaced it leaves the new attachment alone); drops a prepared side.
     pub fn detach_attachment(&mut self, cid: u64, attach_id: u64) {
-        // A device prepared for a restore that did not commit: drop its side (it holds the
-        // partition's memory and interrupt).
-        self.pending.remove(&attach_id);
-        if self
-            .ports
-            .get(&cid)
-            .is_some_and(|p| p.attach_id == attach_id)
-        {
+        self.router.take_pending(attach_id);
+        if self.router.is_attachment(cid, attach_id) {
             self.detach(cid);
         }
-    }
-
-    /// The port of `cid` if it is the attachment `attach_id`.
-    pub(crate) fn port_mut(&mut self, cid: u64, attach_id: u64) -> Option<&mut Port> {
-        self.ports
-            .get_mut(&cid)
-            .filter(|p| p.attach_id == attach_id)
     }
 
     pub fn activate(
@@ -212,95 +181,51 @@ impl Inner {
         queues: Vec<Queue>,
         irq: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let Some(port) = self.port_mut(cid, attach_id) else {
+        if !self.router.activate(cid, attach_id, mem, queues, irq) {
             return Err(ActivateError::Device(format!("CID {cid} is detached")));
-        };
-        port.mem = mem;
-        port.irq = irq;
-        port.queues = Some(queues);
-        self.drain_rx(cid);
+        }
+        self.host().drain(cid);
         Ok(())
     }
 
     /// The guest reset its device: its connections end (peers get an RST), queued packets
     /// for it are dropped.
     pub fn reset_device(&mut self, cid: u64, attach_id: u64) {
-        let Some(port) = self.port_mut(cid, attach_id) else {
-            return;
-        };
-        if port.queues.take().is_none() {
-            return;
-        }
-        self.drop_conns_of(cid);
-        if let Some(b) = self.state.backlogs.get_mut(&cid) {
-            b.clear();
+        if self.router.reset(cid, attach_id) {
+            self.drop_conns_of(cid);
         }
     }
 
     pub fn notify(&mut self, cid: u64, attach_id: u64, queue: u16) {
         // While frozen, the queues are handled at the thaw.
-        if self.frozen > 0 || self.port_mut(cid, attach_id).is_none() {
+        if self.router.frozen() || !self.router.is_attachment(cid, attach_id) {
             return;
         }
         match queue {
-            RX_QUEUE => self.drain_rx(cid),
+            RX_QUEUE => self.host().drain(cid),
             TX_QUEUE => self.process_tx(cid),
             _ => {}
         }
     }
 
-    /// Takes every packet from `cid`'s TX queue and routes it.
-    pub(crate) fn process_tx(&mut self, cid: u64) {
-        if self.frozen > 0 {
+    /// One pass over `cid`'s TX queue (within its budget); what is left is taken by the
+    /// device event loop ([`Inner::run_tx_left`]).
+    fn process_tx(&mut self, cid: u64) {
+        for p in self.router.take_tx(cid, &mut self.counters) {
+            self.route(cid, p);
+        }
+        if self.router.has_tx_left() {
+            self.bridge.kick_now();
+        }
+    }
+
+    /// On the loop: one pass over each TX queue a pass left chains in.
+    pub fn run_tx_left(&mut self) {
+        if self.router.frozen() {
             return;
         }
-        let mut packets = Vec::new();
-        {
-            let Some(port) = self.ports.get_mut(&cid) else {
-                return;
-            };
-            let counters = &mut self.state.counters;
-            let Some((mem, tx, irq)) = port.ready_queue(TX_QUEUE) else {
-                return;
-            };
-            let mut used = false;
-            // Bounded: another vCPU of the guest may keep adding chains.
-            for _ in 0..usize::from(tx.size()) * 2 {
-                let chain = match tx.iter(mem) {
-                    Ok(mut it) => it.next(),
-                    Err(e) => {
-                        log::debug!("vsock: CID {cid} TX queue: {e}");
-                        counters.malformed_tx += 1;
-                        None
-                    }
-                };
-                let Some(mut chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA)
-                    .map_err(|e| e.to_string())
-                    .and_then(|p| Pending::from_tx(&p).map_err(|e| e.to_string()))
-                {
-                    Ok(p) => packets.push(p),
-                    Err(e) => {
-                        log::debug!("vsock: CID {cid}: malformed TX chain: {e}");
-                        counters.malformed_tx += 1;
-                    }
-                }
-                if tx.add_used(mem, head, 0).is_err() {
-                    counters.malformed_tx += 1;
-                } else {
-                    used = true;
-                }
-            }
-            counters.tx_packets += packets.len() as u64;
-            if used {
-                self.to_notify.push(irq.clone());
-            }
-        }
-        for p in packets {
-            self.route(cid, p);
+        for cid in self.router.take_tx_left() {
+            self.process_tx(cid);
         }
     }
 
@@ -308,246 +233,85 @@ impl Inner {
     fn route(&mut self, from: u64, p: Pending) {
         let h = p.hdr;
         if h.src_cid != from {
-            self.state.counters.spoofed += 1;
+            self.counters.spoofed += 1;
             return;
         }
         if h.type_ != TYPE_STREAM || !(op::REQUEST..=op::CREDIT_REQUEST).contains(&h.op) {
-            self.state.counters.unsupported += 1;
+            self.counters.unsupported += 1;
             if h.op == op::REQUEST {
-                self.rst_reply(&h);
+                self.host().rst_reply(&h);
             }
             return;
         }
         if h.dst_cid == HOST_CID {
-            self.guest_to_host(p);
+            self.host().guest_to_host(p);
             return;
         }
-        if !self.ports.contains_key(&h.dst_cid) {
-            self.state.counters.unknown_cid += 1;
+        if !self.router.is_attached(h.dst_cid) {
+            self.counters.unknown_cid += 1;
             if h.op == op::REQUEST {
-                self.rst_reply(&h);
+                self.host().rst_reply(&h);
             }
             return;
         }
-        if !self.track(&h) {
-            self.rst_reply(&h);
-            return;
+        match self.table.on_packet(&h) {
+            Verdict::Forward => self.forward(p),
+            Verdict::Drop => self.counters.rst_unknown += 1,
+            Verdict::Refuse(why) => {
+                match why {
+                    Refusal::UnknownConnection => self.counters.rst_unknown += 1,
+                    Refusal::TooMany => self.counters.conn_limit += 1,
+                }
+                self.host().rst_reply(&h);
+            }
         }
-        self.forward(p);
-    }
-
-    /// Updates the connection table for a partition-to-partition packet; false when a
-    /// REQUEST is refused (too many connections).
-    fn track(&mut self, h: &Hdr) -> bool {
-        let (src, dst) = (h.src(), h.dst());
-        match h.op {
-            op::REQUEST => {
-                if let Some(stale) = self.state.find(src, dst) {
-                    self.state.conns.remove(&stale);
-                }
-                if self.state.conns_of(src.cid) >= MAX_CONNS_PER_CID
-                    || self.state.conns_of(dst.cid) >= MAX_CONNS_PER_CID
-                {
-                    return false;
-                }
-                self.state
-                    .conns
-                    .insert((src, dst), Connection::new(src, dst, None));
-            }
-            op::RESPONSE => {
-                if let Some(c) = self.state.conns.get_mut(&(dst, src)) {
-                    if c.state == ConnState::Connecting {
-                        c.state = ConnState::Established;
-                    }
-                }
-            }
-            op::RST => {
-                if let Some(key) = self.state.find(src, dst) {
-                    self.state.conns.remove(&key);
-                }
-            }
-            op::SHUTDOWN => {
-                if let Some(key) = self.state.find(src, dst) {
-                    if let Some(c) = self.state.conns.get_mut(&key) {
-                        c.state = ConnState::Closing;
-                    }
-                }
-            }
-            op::RW => {
-                if let Some(key) = self.state.find(src, dst) {
-                    if let Some(c) = self.state.conns.get_mut(&key) {
-                        let n = u64::from(h.len);
-                        if key.0 == src {
-                            c.bytes_to_server += n;
-                        } else {
-                            c.bytes_to_client += n;
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-        true
     }
 
     /// Queues a partition-to-partition packet for its destination, within the backlog
-    /// caps (per connection and per destination).
+    /// caps (per connection, per source partition, per destination), all kept as counts.
     fn forward(&mut self, p: Pending) {
         let dst = p.hdr.dst_cid;
-        let (src_ep, dst_ep) = (p.hdr.src(), p.hdr.dst());
-        let (queued, conn_queued) = self.state.backlogs.get(&dst).map_or((0, 0), |b| {
-            let conn = b
-                .packets
-                .iter()
-                .filter(|q| q.hdr.src() == src_ep && q.hdr.dst() == dst_ep)
-                .map(Pending::cost)
-                .sum::<usize>();
-            (b.bytes, conn)
-        });
-        if conn_queued + p.cost() > CONN_BACKLOG_CAP || queued + p.cost() > BACKLOG_CAP {
+        let flow = (p.hdr.src(), p.hdr.dst());
+        let cost = p.cost();
+        let over = self.router.flow_bytes(dst, &flow) + cost > CONN_BACKLOG_CAP
+            || self.router.source_bytes(dst, p.hdr.src_cid) + cost > SOURCE_BACKLOG_CAP
+            || self.router.backlog_bytes(dst).unwrap_or(0) + cost > BACKLOG_CAP;
+        if over {
             self.overflow(&p.hdr);
             return;
         }
-        self.deliver(dst, p);
+        if self.router.enqueue(dst, p, usize::MAX) {
+            self.host().drain(dst);
+        }
     }
 
     /// The destination's backlog is full: the connection is reset on both sides and its
-    /// queued packets are dropped.
+    /// queued packets (that flow only) are dropped.
     fn overflow(&mut self, h: &Hdr) {
         let (src, dst) = (h.src(), h.dst());
         log::warn!(
             "vsock: backlog of CID {} is full: resetting {src} -> {dst}",
             dst.cid
         );
-        self.state.counters.backlog_overflows += 1;
-        if let Some(key) = self.state.find(src, dst) {
-            self.state.conns.remove(&key);
+        self.counters.backlog_overflows += 1;
+        if let Some(key) = self.table.find(src, dst) {
+            self.table.remove(&key);
         }
-        if let Some(b) = self.state.backlogs.get_mut(&dst.cid) {
-            b.purge(|p| p.hdr.src() == src && p.hdr.dst() == dst);
-        }
+        self.router.purge_flow(dst.cid, &(src, dst));
         self.send_rst(src, dst);
         self.send_rst(dst, src);
     }
 
     /// Sends an RST from `from` to `to` (if `to` is an attached partition).
-    pub(crate) fn send_rst(&mut self, from: Endpoint, to: Endpoint) {
-        if !self.ports.contains_key(&to.cid) {
-            return;
-        }
-        self.state.counters.rst_sent += 1;
-        self.deliver(
-            to.cid,
-            Pending::new(Hdr::new(from, to, op::RST), Vec::new()),
-        );
-    }
-
-    /// Answers a packet with an RST to its sender.
-    pub(crate) fn rst_reply(&mut self, h: &Hdr) {
-        self.send_rst(h.dst(), h.src());
-    }
-
-    /// Appends a packet to `dst`'s backlog and delivers what fits into its RX queue. Guest
-    /// data is held to [`BACKLOG_CAP`] by `forward` and host data by the bridge; packets the
-    /// switch makes itself (RSTs, credit updates) may exceed it by [`CONTROL_SLACK`], beyond
-    /// which they are dropped and counted (the guest is not draining its RX queue).
-    pub(crate) fn deliver(&mut self, dst: u64, p: Pending) {
-        let Some(b) = self.state.backlogs.get_mut(&dst) else {
-            return;
-        };
-        if b.bytes + p.cost() > BACKLOG_CAP + CONTROL_SLACK {
-            self.state.counters.backlog_drops += 1;
-            return;
-        }
-        b.push(p);
-        self.drain_rx(dst);
-    }
-
-    /// Moves `cid`'s backlog into its RX queue as far as buffers allow. While packets wait,
-    /// the guest is asked to notify when it adds RX buffers; otherwise it is asked not to.
-    pub(crate) fn drain_rx(&mut self, cid: u64) {
-        if self.frozen > 0 {
-            return;
-        }
-        let (Some(port), Some(backlog)) =
-            (self.ports.get_mut(&cid), self.state.backlogs.get_mut(&cid))
-        else {
-            return;
-        };
-        let counters = &mut self.state.counters;
-        let Some((mem, rx, irq)) = port.ready_queue(RX_QUEUE) else {
-            return;
-        };
-        let mut used = false;
-        // Re-enabling notifications finds late buffers; bounded in case the ring misbehaves.
-        for _ in 0..4 {
-            while !backlog.packets.is_empty() {
-                let chain = match rx.iter(mem) {
-                    Ok(mut it) => it.next(),
-                    Err(e) => {
-                        log::debug!("vsock: CID {cid} RX queue: {e}");
-                        counters.malformed_rx += 1;
-                        break;
-                    }
-                };
-                let Some(mut chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                let mut used_len = 0;
-                match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                    Ok(mut pkt) => match backlog.packets.front().map(|p| p.write_into(&mut pkt)) {
-                        Some(Ok((len, payload))) => {
-                            used_len = len;
-                            backlog.advance_front(payload);
-                            counters.rx_packets += 1;
-                        }
-                        Some(Err(e)) => {
-                            log::debug!("vsock: CID {cid}: RX buffer: {e}");
-                            counters.malformed_rx += 1;
-                        }
-                        None => {}
-                    },
-                    Err(e) => {
-                        log::debug!("vsock: CID {cid}: malformed RX chain: {e}");
-                        counters.malformed_rx += 1;
-                    }
-                }
-                if rx.add_used(mem, head, used_len).is_err() {
-                    counters.malformed_rx += 1;
-                } else {
-                    used = true;
-                }
-            }
-            if backlog.packets.is_empty() {
-                let _ = rx.disable_notification(mem);
-                break;
-            }
-            // Buffers may have been added between the last look and re-enabling.
-            match rx.enable_notification(mem) {
-                Ok(true) if rx.iter(mem).is_ok() => continue,
-                _ => break,
-            }
-        }
-        if used {
-            self.to_notify.push(irq.clone());
-            // Room in the backlog may let host connections read again.
-            self.refresh_host_interest(cid);
-        }
+    fn send_rst(&mut self, from: Endpoint, to: Endpoint) {
+        self.host().rst_reply(&Hdr::new(to, from, op::RST));
     }
 
     /// Ends every connection `cid` takes part in: partition peers get an RST from `cid`'s
     /// endpoint, host sockets are closed.
-    pub(crate) fn drop_conns_of(&mut self, cid: u64) {
-        let keys: Vec<ConnKey> = self
-            .state
-            .conns
-            .iter()
-            .filter(|(_, c)| c.involves(cid))
-            .map(|(k, _)| *k)
-            .collect();
-        for key in keys {
-            let Some(conn) = self.state.conns.remove(&key) else {
+    fn drop_conns_of(&mut self, cid: u64) {
+        for key in self.table.keys_of(cid) {
+            let Some(conn) = self.table.remove(&key) else {
                 continue;
             };
             if let Some(link) = &conn.host {
@@ -564,14 +328,11 @@ impl Inner {
 
     /// After a panic under the lock: every connection ends (partition peers get an RST,
     /// host sockets are closed), every backlog is emptied; ports and queues stay.
-    pub(crate) fn reset_after_panic(&mut self) {
+    pub fn reset_after_panic(&mut self) {
         log::error!("vsock: an update of the switch panicked; resetting every connection");
-        self.to_notify.clear();
-        for b in self.state.backlogs.values_mut() {
-            b.clear();
-        }
-        let conns = std::mem::take(&mut self.state.conns);
-        for conn in conns.values() {
+        self.router.take_notify();
+        self.router.clear_backlogs();
+        for conn in self.table.take_all().values() {
             if let Some(link) = &conn.host {
                 self.bridge.close(link.token, None);
             }
@@ -581,31 +342,16 @@ impl Inner {
                 }
             }
         }
-        for token in self.bridge.tokens_of(None) {
+        for token in self.bridge.all_tokens() {
             self.bridge.close(token, None);
         }
-        self.state.counters.panics_recovered += 1;
+        self.counters.panics_recovered += 1;
     }
 
     pub fn stats(&self) -> VsockStats {
-        let partitions: Vec<PortStats> = self
-            .ports
-            .iter()
-            .map(|(&cid, p)| {
-                let b = self.state.backlogs.get(&cid);
-                PortStats {
-                    cid,
-                    name: p.name.clone(),
-                    active: p.queues.is_some(),
-                    uds: p.uds.clone(),
-                    backlog_bytes: b.map_or(0, |b| b.bytes),
-                    backlog_packets: b.map_or(0, |b| b.packets.len()),
-                }
-            })
-            .collect();
+        let partitions = self.router.port_stats();
         let connection_list: Vec<ConnStats> = self
-            .state
-            .conns
+            .table
             .values()
             .map(|c| ConnStats {
                 client: c.client,
@@ -622,7 +368,167 @@ impl Inner {
             connections: connection_list.len(),
             partitions,
             connection_list,
-            counters: self.state.counters.clone(),
+            counters: self.counters.clone(),
         }
+    }
+
+    /// An event of the loop for a listener or host socket (`token`).
+    pub fn on_event(&mut self, token: u64, events: u32) {
+        self.events().on_event(token, events);
+    }
+
+    /// Deadlines of host sockets and listeners (see [`HostEvents::check_timeouts`]).
+    pub fn check_timeouts(&mut self) -> Option<Duration> {
+        self.events().check_timeouts()
+    }
+
+    /// The switch's state as saved.
+    pub fn save_state(&self) -> SwitchState {
+        SwitchState {
+            conns: self.table.saved(),
+            backlogs: self.router.saved_backlogs(),
+            counters: self.counters.clone(),
+            next_host_port: self.table.next_host_port(),
+        }
+    }
+
+    /// Removes `cid` for a restore: no RST is sent (its peers are being replaced too).
+    /// Its partition connections and backlog are dropped, its listener closed; its host
+    /// connections stay, with their sockets, for [`Inner::restore_state`] to keep or reset
+    /// (a later [`Inner::detach`] or cold [`Inner::attach`] of `cid` ends them).
+    pub fn detach_quiet(&mut self, cid: u64) {
+        self.bridge.unbind_listener(cid);
+        self.remove_for_restore(cid);
+    }
+
+    /// [`Inner::detach_quiet`] but for the listener, which the caller handles.
+    fn remove_for_restore(&mut self, cid: u64) {
+        let name = self.router.remove_port(cid);
+        for key in self.table.keys_of(cid) {
+            if self.table.get(&key).is_some_and(|c| c.host.is_none()) {
+                self.table.remove(&key);
+            }
+        }
+        self.events().close_lines_of(cid);
+        if let Some(name) = name {
+            log::info!("vsock: {name} (CID {cid}) detached for a restore");
+        }
+    }
+
+    /// Puts a saved state back (see `VsockSwitch::restore_state`).
+    pub fn restore_state(
+        &mut self,
+        set: &SwitchState,
+        keep_host_sockets: bool,
+    ) -> Result<(), VsockError> {
+        validate(set).map_err(VsockError::InvalidState)?;
+        if let Some(&cid) = self.router.attached().first() {
+            return Err(VsockError::Attached(cid));
+        }
+        self.apply_state(set, keep_host_sockets);
+        Ok(())
+    }
+
+    /// Replaces every attached partition and the whole table in one step (see
+    /// `VsockSwitch::replace`): everything that can fail is checked or done first, so that on
+    /// an error nothing has changed.
+    pub fn replace(
+        &mut self,
+        set: &SwitchState,
+        attach_ids: &[u64],
+        keep_host_sockets: bool,
+    ) -> Result<(), VsockError> {
+        validate(set).map_err(VsockError::InvalidState)?;
+        let mut wanted: BTreeMap<u64, UdsConfig> = BTreeMap::new();
+        for id in attach_ids {
+            let Some(p) = self.router.pending(*id) else {
+                return Err(VsockError::InvalidState(format!(
+                    "device attachment {id} was not prepared (or was dropped)"
+                )));
+            };
+            if !guest_cid(p.cid()) {
+                return Err(VsockError::ReservedCid(p.cid()));
+            }
+            if wanted.insert(p.cid(), p.uds().clone()).is_some() {
+                return Err(VsockError::DuplicateCid(p.cid()));
+            }
+        }
+        if let Some(cid) = set.backlogs.keys().find(|c| !wanted.contains_key(c)) {
+            return Err(VsockError::InvalidState(format!(
+                "the state has a backlog for CID {cid}, which no restored partition has"
+            )));
+        }
+        // Listeners: one already open for the same CID and path is kept (an in-place reboot
+        // never closes its host sockets' listener); the others are bound now.
+        let mut bound: Vec<(u64, PathBuf)> = Vec::new();
+        for (&cid, uds) in &wanted {
+            let Some(path) = &uds.path else { continue };
+            if self.bridge.listens(cid, path) {
+                continue;
+            }
+            if let Err(e) = self.bridge.bind(cid, path, uds.mode()) {
+                for (cid, path) in bound {
+                    self.bridge.close_listener(cid, &path);
+                }
+                return Err(e);
+            }
+            bound.push((cid, path.clone()));
+        }
+        // Nothing below fails.
+        self.bridge.retain_listeners(|cid, path| {
+            wanted
+                .get(&cid)
+                .is_some_and(|u| u.path.as_deref() == Some(path))
+        });
+        for cid in self.router.attached() {
+            self.remove_for_restore(cid);
+        }
+        self.apply_state(set, keep_host_sockets);
+        for id in attach_ids {
+            if let Some(port) = self.router.take_pending(*id) {
+                self.router.add_port(port);
+            }
+        }
+        let cids: BTreeSet<u64> = wanted.into_keys().collect();
+        for cid in cids {
+            self.host().drain(cid);
+            self.host().refresh_host_interest(cid);
+        }
+        Ok(())
+    }
+
+    /// The state part of a restore, once it is validated and no partition is attached.
+    fn apply_state(&mut self, set: &SwitchState, keep_host_sockets: bool) {
+        let live = self.table.saved();
+        self.table = ConnTable::from_saved(&set.conns, set.next_host_port);
+        self.router.set_backlogs(&set.backlogs);
+        self.counters = set.counters.clone();
+        self.events().restore_links(&live, keep_host_sockets);
+    }
+
+    /// The live queues of `cid`'s device (attachment `attach_id`), if it is started.
+    pub fn queue_snapshots(&self, cid: u64, attach_id: u64) -> Option<Vec<QueueSnapshot>> {
+        self.router.queue_snapshots(cid, attach_id)
+    }
+
+    pub fn freeze(&mut self) {
+        self.router.freeze();
+    }
+
+    /// One freeze fewer; at the last, does what waited: TX chains and RX deliveries of
+    /// every partition, and host sockets' events.
+    pub fn thaw(&mut self) {
+        if !self.router.thaw() {
+            return;
+        }
+        for cid in self.router.attached() {
+            self.process_tx(cid);
+            self.host().drain(cid);
+        }
+        for token in self.bridge.all_tokens() {
+            self.host().update_interest(token);
+        }
+        // Sockets and listeners the loop took out while frozen go back in.
+        self.bridge.touch_all();
     }
 }

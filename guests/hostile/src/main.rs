@@ -12,6 +12,7 @@
 //! | `hostile.junk=` | `20000` | vsock packets sent in the `junk` phase |
 //! | `hostile.snaps=` | `10000` | `SNAPSHOT_REQUEST` writes in the `snap` phase |
 //! | `hostile.lines=` | `20000` | console lines in the `console` phase |
+//! | `hostile.loop=1` | off | run the phases again and again (`hostile: round N done`), never `done` |
 //!
 //! Phases:
 //! - `desc`: drives its vsock device's registers by hand (not through a driver) and hands
@@ -45,6 +46,26 @@ fn count(boot: &BootInfo, key: &str, default: u64) -> u64 {
 fn main(boot: &BootInfo) -> ! {
     println!("duplex hostile: cmdline=\"{}\"", boot.cmdline);
     let phases = boot.arg("hostile").unwrap_or("desc,junk,snap,console");
+    let forever = boot.arg("hostile.loop") == Some("1");
+    let mut round = 0u64;
+    loop {
+        run_phases(boot, phases);
+        round += 1;
+        if !forever {
+            break;
+        }
+        println!("hostile: round {round} done");
+    }
+    println!("hostile: done");
+    let mut beat = 0u64;
+    loop {
+        time::sleep_ms(500);
+        beat += 1;
+        println!("hostile: alive {beat}");
+    }
+}
+
+fn run_phases(boot: &BootInfo, phases: &str) {
     for phase in phases.split(',') {
         match phase {
             "desc" => desc::run(boot),
@@ -68,12 +89,5 @@ fn main(boot: &BootInfo) -> ! {
             "" => {}
             other => println!("hostile: unknown phase {other}"),
         }
-    }
-    println!("hostile: done");
-    let mut beat = 0u64;
-    loop {
-        time::sleep_ms(500);
-        beat += 1;
-        println!("hostile: alive {beat}");
     }
 }

@@ -6,8 +6,10 @@ mod atomic;
 mod corruption;
 mod disk;
 mod disk_corruption;
+mod hostile;
 mod incremental;
 mod live;
+mod manifest_rules;
 mod roundtrip;
 
 use std::path::{Path, PathBuf};

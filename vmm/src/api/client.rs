@@ -9,9 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::protocol::{Command, DEFAULT_CONSOLE_LINES};
-
-/// Where `duplex run` listens and `duplex ctl` connects unless told otherwise.
-pub const DEFAULT_API_SOCK: &str = "/tmp/duplex.sock";
+use crate::rundir::{self, RunDirError};
 /// Largest response line the client accepts (console output can be long).
 pub const MAX_RESPONSE: u64 = 64 << 20;
 /// How long `duplex ctl` waits for the monitor's answer.
@@ -20,9 +18,10 @@ pub const CTL_TIMEOUT: Duration = Duration::from_secs(60);
 /// `duplex ctl`: send one command to a running monitor and print its result.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CtlArgs {
-    /// The monitor's control socket.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_API_SOCK)]
-    pub api_sock: PathBuf,
+    /// The monitor's control socket (default: `duplex.sock` in the runtime directory,
+    /// `$XDG_RUNTIME_DIR/duplex`, or `/run/duplex` for root).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
     /// The command to send.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -164,6 +163,9 @@ pub enum CtlError {
     /// A raw request must be a single line.
     #[error("a raw request must be a single line (it contains a newline)")]
     RawNewline,
+    /// No `--api-sock` and no usable runtime directory to find the default socket in.
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
 }
 
 /// One connection to the control socket.
@@ -290,7 +292,11 @@ fn absolute(path: &str) -> String {
 /// the result (an `ok:false` answer becomes [`CtlError::Api`] with its code).
 pub fn run_ctl(args: &CtlArgs) -> Result<Value, CtlError> {
     let line = args.command.request_line()?;
-    let mut client = ApiClient::connect(&args.api_sock)?;
+    let sock = match &args.api_sock {
+        Some(path) => path.clone(),
+        None => rundir::client_api_sock()?,
+    };
+    let mut client = ApiClient::connect(&sock)?;
     client.set_timeout(Some(CTL_TIMEOUT))?;
     let response = client.request_line(&line)?;
     client.result_of(response)
@@ -329,7 +335,7 @@ mod tests {
     #[test]
     fn command_line_parses_to_requests() {
         let args = parse(&["status"]).expect("status");
-        assert_eq!(args.api_sock, PathBuf::from(DEFAULT_API_SOCK));
+        assert_eq!(args.api_sock, None, "the default is found at run time");
         assert_eq!(
             args.command.request_line().expect("line"),
             r#"{"cmd":"status"}"#
@@ -343,7 +349,7 @@ mod tests {
             "7",
         ])
         .expect("console");
-        assert_eq!(args.api_sock, PathBuf::from("/run/x.sock"));
+        assert_eq!(args.api_sock, Some(PathBuf::from("/run/x.sock")));
         let request: Value =
             serde_json::from_str(&args.command.request_line().expect("line")).expect("json");
         assert_eq!(

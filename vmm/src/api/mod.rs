@@ -2,16 +2,22 @@
 //! `docs/control-api.md`), its server, and the `duplex ctl` client.
 //!
 //! [`protocol`] defines requests, commands and responses; [`server`] serves them to a
-//! [`ControlHandler`] (the monitor); [`client`] is `duplex ctl` and a small
-//! [`ApiClient`] for programs and tests.
+//! [`ControlHandler`] (the monitor), at most [`MAX_CLIENTS`] clients at once, each served
+//! by `conn` (bounded lines, an idle timeout); [`client`] is `duplex ctl` and a small
+//! [`ApiClient`] for programs and tests. The default socket is in the private runtime
+//! directory ([`crate::rundir`]).
 
 pub mod client;
+mod conn;
 pub mod protocol;
 pub mod server;
 
-pub use client::{run_ctl, ApiClient, CtlArgs, CtlCommand, CtlError, DEFAULT_API_SOCK};
+pub use client::{run_ctl, ApiClient, CtlArgs, CtlCommand, CtlError};
 pub use protocol::{parse_request, ApiError, Command, ErrorCode, Response};
-pub use server::{ApiServer, ApiServerError, ControlHandler};
+pub use server::{
+    ApiServer, ApiServerError, ApiServerOptions, ApiServerStats, ControlHandler, IDLE_TIMEOUT,
+    MAX_CLIENTS,
+};
 
 /// A stand-in monitor for the API tests: partitions "engine" and "controller".
 #[cfg(test)]

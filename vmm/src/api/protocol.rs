@@ -147,6 +147,8 @@ pub enum ErrorCode {
     /// The set is valid, but building the new partitions or switching to them failed;
     /// `details.step` names the step. The old device runs on as it was.
     RestoreFailed,
+    /// The control socket serves its cap of clients already; the connection is closed.
+    TooManyClients,
 }
 
 impl ErrorCode {
@@ -167,6 +169,7 @@ impl ErrorCode {
         ErrorCode::InvalidSnapshot,
         ErrorCode::Busy,
         ErrorCode::RestoreFailed,
+        ErrorCode::TooManyClients,
     ];
 
     /// The code as it appears on the wire.
@@ -186,6 +189,7 @@ impl ErrorCode {
             ErrorCode::InvalidSnapshot => "invalid_snapshot",
             ErrorCode::Busy => "busy",
             ErrorCode::RestoreFailed => "restore_failed",
+            ErrorCode::TooManyClients => "too_many_clients",
         }
     }
 }
@@ -543,6 +547,7 @@ mod tests {
             ErrorCode::InvalidSnapshot => 11,
             ErrorCode::Busy => 12,
             ErrorCode::RestoreFailed => 13,
+            ErrorCode::TooManyClients => 14,
         }
     }
 

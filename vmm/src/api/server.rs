@@ -1,29 +1,36 @@
-//! The control socket server: a Unix socket speaking newline-delimited JSON, one thread
-//! per client, every request handed to a [`ControlHandler`].
+//! The control socket server: a Unix socket speaking newline-delimited JSON, a thread per
+//! client up to a cap, every request handed to a [`ControlHandler`].
 //!
-//! Lines are read with a bound ([`MAX_LINE`]); a longer line is discarded up to its
-//! newline and answered with `line_too_long`. Every line, well-formed or not, gets
-//! exactly one response line and the connection stays usable.
+//! The socket is bound private (its file created with its mode, see
+//! `duplex_devices::umask`). At most [`ApiServerOptions::max_clients`] clients are served
+//! at once: one more is answered one `too_many_clients` error line and closed, by the
+//! accept thread, with no thread of its own. A client that completes no line within
+//! [`ApiServerOptions::idle_timeout`] is closed. Lines are read and answered in
+//! [`super::conn`]. The accept loop is a supervised service (`api-accept` in the service
+//! health): a panic in it restarts it.
 
 use crate::lock;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use duplex_devices::health::{self, Restart};
+use duplex_devices::umask;
+use serde::Serialize;
 use serde_json::Value;
 
-use super::protocol::{parse_request, ApiError, Command, ErrorCode, Response, MAX_LINE};
+use super::conn::{serve_client, Ended, IN_HANDLER};
+use super::protocol::{ApiError, Command, ErrorCode, Response};
 
 /// How often the accept thread checks whether it should stop.
 const POLL_INTERVAL_MS: i32 = 50;
@@ -31,6 +38,14 @@ const POLL_INTERVAL_MS: i32 = 50;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`ApiServer::shutdown`] waits for responses being written to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// The most clients served at once by default (each has a thread and one fd).
+pub const MAX_CLIENTS: usize = 64;
+/// How long a client may take to complete a line, by default, before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The control socket file's mode by default.
+pub const SOCKET_MODE: u32 = 0o600;
+/// How many panics of the accept loop are survived (each restarts it).
+pub const ACCEPT_RESTARTS: u32 = 10;
 
 /// Carries out control commands; implemented by the monitor.
 pub trait ControlHandler: Send + Sync + 'static {
@@ -60,6 +75,40 @@ pub enum ApiServerError {
     Thread { path: PathBuf, source: io::Error },
 }
 
+/// How the control socket serves its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiServerOptions {
+    /// The most clients served at once; more are refused with `too_many_clients`.
+    pub max_clients: usize,
+    /// A client that completes no line for this long is closed.
+    pub idle_timeout: Duration,
+    /// The socket file's mode (set before the socket listens).
+    pub mode: u32,
+}
+
+impl Default for ApiServerOptions {
+    fn default() -> Self {
+        ApiServerOptions {
+            max_clients: MAX_CLIENTS,
+            idle_timeout: IDLE_TIMEOUT,
+            mode: SOCKET_MODE,
+        }
+    }
+}
+
+/// The control socket's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ApiServerStats {
+    /// Clients connected now.
+    pub clients: usize,
+    /// The cap on clients.
+    pub max_clients: usize,
+    /// Clients refused with `too_many_clients` since the start.
+    pub refused_clients: u64,
+    /// Clients closed for completing no line within the idle timeout.
+    pub idle_closed: u64,
+}
+
 /// The running control socket. Dropping it (or [`ApiServer::shutdown`]) stops
 /// accepting, removes the socket file and ends the client connections.
 pub struct ApiServer {
@@ -71,27 +120,46 @@ pub struct ApiServer {
     accept_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-struct Shared {
-    handler: Arc<dyn ControlHandler>,
-    stopping: AtomicBool,
-    /// Clones of the connected clients' streams, to end their reads on shutdown.
-    clients: Mutex<HashMap<u64, UnixStream>>,
+/// What the accept thread, the client threads and the server share.
+pub(super) struct Shared {
+    pub(super) handler: Arc<dyn ControlHandler>,
+    pub(super) stopping: AtomicBool,
+    /// The connected clients' streams, to end their reads on shutdown.
+    clients: Mutex<HashMap<u64, Arc<UnixStream>>>,
     /// Requests being handled or answered right now.
-    busy: AtomicUsize,
+    pub(super) busy: AtomicUsize,
+    options: ApiServerOptions,
+    refused: AtomicU64,
+    idle_closed: AtomicU64,
+    /// Tests: how many times the accept loop panics before it accepts.
+    #[cfg(test)]
+    panic_accepts: AtomicUsize,
 }
 
+#[cfg(test)]
 thread_local! {
-    /// Set while this thread runs a handler, so `shutdown` called from inside a
-    /// handler does not wait for itself.
-    static IN_HANDLER: Cell<bool> = const { Cell::new(false) };
+    /// Tests: called right after the socket is bound.
+    static AFTER_BIND: Cell<Option<fn(&Path)>> = const { Cell::new(None) };
+    /// Tests: the next server's accept loop panics this many times first.
+    static PANIC_ACCEPTS: Cell<usize> = const { Cell::new(0) };
 }
 
 impl ApiServer {
-    /// Binds the control socket at `path` (replacing a stale socket file nobody
-    /// listens on), makes it mode 0600, and starts accepting clients.
+    /// Binds the control socket at `path` with the default options.
     pub fn bind(
         path: &Path,
         handler: Arc<dyn ControlHandler>,
+    ) -> Result<ApiServer, ApiServerError> {
+        ApiServer::bind_with(path, handler, ApiServerOptions::default())
+    }
+
+    /// Binds the control socket at `path` (replacing a stale socket file nobody
+    /// listens on; never a live one or anything else), private from the moment it exists
+    /// and with `options.mode`, and starts accepting clients.
+    pub fn bind_with(
+        path: &Path,
+        handler: Arc<dyn ControlHandler>,
+        options: ApiServerOptions,
     ) -> Result<ApiServer, ApiServerError> {
         let io_err = |what| {
             move |source| ApiServerError::Io {
@@ -101,10 +169,19 @@ impl ApiServer {
             }
         };
         remove_stale_socket(path)?;
-        let listener = UnixListener::bind(path).map_err(io_err("bind"))?;
+        let listener = umask::bind_unix_listener(path, options.mode).map_err(|e| {
+            if e.source.raw_os_error() == Some(libc::EADDRINUSE) {
+                // Someone bound the path since we looked: theirs, not ours to remove.
+                ApiServerError::InUse {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                io_err(e.what)(e.source)
+            }
+        })?;
+        #[cfg(test)]
+        AFTER_BIND.with(|hook| hook.get().map(|f| f(path)));
         let setup = || -> Result<(u64, u64), ApiServerError> {
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-                .map_err(io_err("chmod 0600"))?;
             listener
                 .set_nonblocking(true)
                 .map_err(io_err("set nonblocking"))?;
@@ -123,11 +200,19 @@ impl ApiServer {
             stopping: AtomicBool::new(false),
             clients: Mutex::new(HashMap::new()),
             busy: AtomicUsize::new(0),
+            options,
+            refused: AtomicU64::new(0),
+            idle_closed: AtomicU64::new(0),
+            #[cfg(test)]
+            panic_accepts: AtomicUsize::new(PANIC_ACCEPTS.with(Cell::get)),
         });
         let thread_shared = Arc::clone(&shared);
-        let accept_thread = thread::Builder::new()
-            .name("api-accept".into())
-            .spawn(move || accept_loop(listener, thread_shared));
+        let mut next_id = 0;
+        let accept_thread =
+            health::spawn_service("api-accept", Restart::UpTo(ACCEPT_RESTARTS), move || {
+                accept_loop(&listener, &thread_shared, &mut next_id);
+                Ok(())
+            });
         let accept_thread = match accept_thread {
             Ok(handle) => handle,
             Err(source) => {
@@ -138,7 +223,12 @@ impl ApiServer {
                 });
             }
         };
-        log::info!("control socket listening on {}", path.display());
+        log::info!(
+            "control socket listening on {} (at most {} clients, idle timeout {:?})",
+            path.display(),
+            options.max_clients,
+            options.idle_timeout
+        );
         Ok(ApiServer {
             path: path.to_path_buf(),
             file_id,
@@ -150,6 +240,16 @@ impl ApiServer {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The socket's counters.
+    pub fn stats(&self) -> ApiServerStats {
+        ApiServerStats {
+            clients: lock(&self.shared.clients).len(),
+            max_clients: self.shared.options.max_clients,
+            refused_clients: self.shared.refused.load(Ordering::Relaxed),
+            idle_closed: self.shared.idle_closed.load(Ordering::Relaxed),
+        }
     }
 
     /// Stops accepting, removes the socket file and ends the clients' connections.
@@ -238,10 +338,14 @@ fn wait_readable(listener: &UnixListener, timeout_ms: i32) -> bool {
     n > 0
 }
 
-fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
-    let mut next_id: u64 = 0;
+fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>, next_id: &mut u64) {
     while !shared.stopping.load(Ordering::SeqCst) {
-        if !wait_readable(&listener, POLL_INTERVAL_MS) {
+        #[cfg(test)]
+        if shared.panic_accepts.load(Ordering::SeqCst) > 0 {
+            shared.panic_accepts.fetch_sub(1, Ordering::SeqCst);
+            panic!("injected accept loop panic");
+        }
+        if !wait_readable(listener, POLL_INTERVAL_MS) {
             continue;
         }
         let stream = match listener.accept() {
@@ -255,25 +359,75 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        next_id += 1;
-        if let Err(e) = start_client(stream, next_id, &shared) {
+        if lock(&shared.clients).len() >= shared.options.max_clients {
+            refuse(stream, shared);
+            continue;
+        }
+        *next_id += 1;
+        if let Err(e) = start_client(stream, *next_id, shared) {
             log::warn!("control socket: cannot serve client {next_id}: {e}");
         }
+    }
+}
+
+/// Answers a client over the cap with one `too_many_clients` line (if its socket takes
+/// it at once) and closes it.
+fn refuse(stream: UnixStream, shared: &Shared) {
+    let n = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        log::warn!(
+            "control socket: {n} client(s) refused so far: {} are connected, the cap",
+            shared.options.max_clients
+        );
+    }
+    let response = Response::error(
+        None,
+        ApiError::new(
+            ErrorCode::TooManyClients,
+            format!(
+                "the control socket serves at most {} clients at once; try again later",
+                shared.options.max_clients
+            ),
+        ),
+    );
+    let mut line = response.to_line();
+    line.push('\n');
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = (&stream).write_all(line.as_bytes());
+    }
+}
+
+/// Removes a client from the table when its thread ends, however it ends.
+struct ClientSlot<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.clients).remove(&self.id);
     }
 }
 
 fn start_client(stream: UnixStream, id: u64, shared: &Arc<Shared>) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    lock(&shared.clients).insert(id, stream.try_clone()?);
+    let stream = Arc::new(stream);
+    lock(&shared.clients).insert(id, Arc::clone(&stream));
     let thread_shared = Arc::clone(shared);
     let spawned = thread::Builder::new()
         .name(format!("api-client-{id}"))
         .spawn(move || {
-            if let Err(e) = serve_client(stream, &thread_shared) {
-                log::debug!("control client {id}: {e}");
+            let shared = &*thread_shared;
+            let _slot = ClientSlot { shared, id };
+            match serve_client(&stream, shared, shared.options.idle_timeout) {
+                Ok(Ended::Closed) => {}
+                Ok(Ended::Idle) => {
+                    shared.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("control client {id}: closed after the idle timeout");
+                }
+                Err(e) => log::debug!("control client {id}: {e}"),
             }
-            lock(&thread_shared.clients).remove(&id);
         });
     if let Err(e) = spawned {
         lock(&shared.clients).remove(&id);
@@ -282,119 +436,82 @@ fn start_client(stream: UnixStream, id: u64, shared: &Arc<Shared>) -> io::Result
     Ok(())
 }
 
-/// What one call to [`read_line`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LineRead {
-    /// A line (its newline removed, or the last bytes before end of stream).
-    Line,
-    /// A line longer than [`MAX_LINE`], now discarded up to its newline.
-    TooLong,
-    /// End of stream, no bytes pending.
-    Eof,
-}
-
-/// Reads one line into `line` (cleared first), keeping at most [`MAX_LINE`] bytes.
-fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<LineRead> {
-    line.clear();
-    let mut too_long = false;
-    loop {
-        let buf = match reader.fill_buf() {
-            Ok(buf) => buf,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if buf.is_empty() {
-            return Ok(match (too_long, line.is_empty()) {
-                (true, _) => LineRead::TooLong,
-                (false, true) => LineRead::Eof,
-                (false, false) => LineRead::Line,
-            });
-        }
-        let newline = buf.iter().position(|&b| b == b'\n');
-        let chunk = &buf[..newline.unwrap_or(buf.len())];
-        if !too_long {
-            if line.len() + chunk.len() > MAX_LINE {
-                too_long = true;
-                line.clear();
-            } else {
-                line.extend_from_slice(chunk);
-            }
-        }
-        let used = chunk.len() + usize::from(newline.is_some());
-        reader.consume(used);
-        if newline.is_some() {
-            return Ok(if too_long {
-                LineRead::TooLong
-            } else {
-                LineRead::Line
-            });
-        }
-    }
-}
-
-fn serve_client(stream: UnixStream, shared: &Shared) -> io::Result<()> {
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::with_capacity(16 * 1024, stream);
-    let mut line = Vec::with_capacity(1024);
-    loop {
-        let response = match read_line(&mut reader, &mut line)? {
-            LineRead::Eof => return Ok(()),
-            LineRead::TooLong => Response::error(
-                None,
-                ApiError::new(
-                    ErrorCode::LineTooLong,
-                    format!("request line longer than {MAX_LINE} bytes; discarded"),
-                ),
-            ),
-            LineRead::Line => {
-                shared.busy.fetch_add(1, Ordering::SeqCst);
-                let response = answer(&line, shared);
-                let written = write_response(&mut writer, &response);
-                shared.busy.fetch_sub(1, Ordering::SeqCst);
-                written?;
-                continue;
-            }
-        };
-        write_response(&mut writer, &response)?;
-    }
-}
-
-fn write_response(writer: &mut UnixStream, response: &Response) -> io::Result<()> {
-    let mut text = response.to_line();
-    text.push('\n');
-    writer.write_all(text.as_bytes())
-}
-
-/// The response to one request line.
-fn answer(line: &[u8], shared: &Shared) -> Response {
-    let (id, parsed) = parse_request(line);
-    let outcome = parsed.and_then(|cmd| {
-        if shared.stopping.load(Ordering::SeqCst) {
-            return Err(ApiError::new(
-                ErrorCode::ShuttingDown,
-                "the control socket is shutting down",
-            ));
-        }
-        let name = cmd.name();
-        IN_HANDLER.with(|f| f.set(true));
-        let result = catch_unwind(AssertUnwindSafe(|| shared.handler.handle(cmd)));
-        IN_HANDLER.with(|f| f.set(false));
-        result.unwrap_or_else(|_| {
-            log::error!("control command {name}: handler panicked");
-            Err(ApiError::internal(format!(
-                "command {name} failed: the monitor panicked"
-            )))
-        })
-    });
-    Response::from_result(id, outcome)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::fake::FakeHandler;
-    use std::io::Cursor;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
     use vmm_sys_util::tempdir::TempDir;
+
+    #[test]
+    fn the_socket_is_private_from_the_moment_it_is_bound() {
+        fn check(path: &Path) {
+            let mode = fs::symlink_metadata(path)
+                .expect("stat")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "mode {:o} right after bind", mode & 0o777);
+        }
+        AFTER_BIND.with(|h| h.set(Some(check)));
+        let (_dir, path, _server) = start_server();
+        AFTER_BIND.with(|h| h.set(None));
+        let mode = fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn clients_beyond_the_cap_are_refused() {
+        let (_dir, path, _server) = start_server();
+        let mut held = Vec::new();
+        let (mut ok, mut refused) = (0, 0);
+        for _ in 0..100 {
+            let client = UnixStream::connect(&path).expect("connect");
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let _ = (&client).write_all(b"{\"cmd\":\"status\"}\n");
+            let mut line = String::new();
+            let _ = BufReader::new(&client).read_line(&mut line);
+            if line.starts_with("{\"ok\":true") {
+                ok += 1;
+            } else if line.contains("\"too_many_clients\"") {
+                refused += 1;
+            }
+            held.push(client);
+        }
+        assert_eq!((ok, refused), (MAX_CLIENTS, 100 - MAX_CLIENTS));
+    }
+
+    #[test]
+    fn a_panicking_accept_loop_is_restarted() {
+        PANIC_ACCEPTS.with(|p| p.set(1));
+        let (_dir, path, _server) = start_server();
+        PANIC_ACCEPTS.with(|p| p.set(0));
+        let client = UnixStream::connect(&path).expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        (&client)
+            .write_all(b"{\"cmd\":\"status\"}\n")
+            .expect("write");
+        let mut line = String::new();
+        let read = BufReader::new(&client).read_line(&mut line);
+        assert!(
+            matches!(read, Ok(n) if n > 0),
+            "no answer after the accept loop panicked: {read:?}"
+        );
+        assert!(line.starts_with("{\"ok\":true"), "{line}");
+        let restarted = health::HealthRegistry::global()
+            .snapshot()
+            .into_iter()
+            .any(|s| {
+                s.name == "api-accept"
+                    && s.restarts >= 1
+                    && s.message.as_deref() == Some("injected accept loop panic")
+            });
+        assert!(restarted, "the restart shows in the service health");
+    }
 
     fn start_server() -> (TempDir, PathBuf, ApiServer) {
         let dir = TempDir::new().expect("temp dir");
@@ -416,6 +533,10 @@ mod tests {
         assert!(
             path.exists(),
             "a refused bind must not remove the live socket"
+        );
+        assert!(
+            UnixStream::connect(&path).is_ok(),
+            "the live socket still accepts"
         );
         drop(server);
         let plain = dir.as_path().join("notes");
@@ -453,32 +574,5 @@ mod tests {
         let (_dir2, path2, server2) = start_server();
         drop(server2);
         assert!(!path2.exists());
-    }
-
-    #[test]
-    fn read_line_bounds_lines() {
-        let mut input = b"ab\n".to_vec();
-        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 1));
-        input.extend_from_slice(b"\ncd\n");
-        input.extend(std::iter::repeat_n(b'y', MAX_LINE + 5));
-        let mut reader = BufReader::with_capacity(1000, Cursor::new(input));
-        let mut line = Vec::new();
-        let mut got = Vec::new();
-        loop {
-            let r = read_line(&mut reader, &mut line).expect("read");
-            got.push((r, String::from_utf8_lossy(&line).into_owned()));
-            if got.last().is_some_and(|(r, _)| *r == LineRead::Eof) {
-                break;
-            }
-        }
-        let expect = [
-            (LineRead::Line, "ab"),
-            (LineRead::TooLong, ""),
-            (LineRead::Line, "cd"),
-            (LineRead::TooLong, ""),
-            (LineRead::Eof, ""),
-        ];
-        let got: Vec<(LineRead, &str)> = got.iter().map(|(r, l)| (*r, l.as_str())).collect();
-        assert_eq!(got, expect);
     }
 }

@@ -98,6 +98,19 @@ pub struct VsockConfig {
     /// `<uds>_<P>`). Relative to the config file's directory. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uds: Option<PathBuf>,
+    /// The `uds` socket file's mode, as octal digits (`"0600"`, the default, to `"0777"`):
+    /// who may connect to the partition through the bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uds_mode: Option<String>,
+}
+
+impl VsockConfig {
+    /// The `uds_mode` as a number (None when absent or not octal: `check` refuses that).
+    pub fn uds_mode(&self) -> Option<u32> {
+        self.uds_mode
+            .as_deref()
+            .and_then(|m| u32::from_str_radix(m, 8).ok())
+    }
 }
 
 /// Longest Unix socket path (sun_path is 108 bytes with its NUL; `_<port>` is added
@@ -253,6 +266,9 @@ impl DeviceConfig {
             if s.dir.is_relative() {
                 s.dir = base.join(&s.dir);
             }
+            if let Some(root) = s.root.as_mut().filter(|r| r.is_relative()) {
+                *root = base.join(&*root);
+            }
         }
         for partition in &mut self.partitions {
             if partition.kernel.is_relative() {
@@ -365,6 +381,21 @@ impl DeviceConfig {
                         return Err(invalid(
                             at("vsock.uds"),
                             format!("path must be 1..={MAX_UDS_LEN} bytes long"),
+                        ));
+                    }
+                }
+                if let Some(m) = &v.uds_mode {
+                    let ok = (1..=4).contains(&m.len()) && v.uds_mode().is_some_and(|n| n <= 0o777);
+                    if !ok {
+                        return Err(invalid(
+                            at("vsock.uds_mode"),
+                            format!("{m:?} is not an octal mode from \"0000\" to \"0777\""),
+                        ));
+                    }
+                    if v.uds.is_none() {
+                        return Err(invalid(
+                            at("vsock.uds_mode"),
+                            "is set but the partition has no vsock.uds".into(),
                         ));
                     }
                 }

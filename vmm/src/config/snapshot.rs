@@ -17,6 +17,11 @@ pub struct SnapshotConfig {
     /// Which guests may raise a snapshot, and how often.
     #[serde(default)]
     pub guest_requests: GuestRequestsConfig,
+    /// Confines sets (optional): the `dest` of `snapshot`, the `from` of `reboot` and
+    /// `duplex run --restore` must lie inside this directory once resolved (relative to the
+    /// config file's directory; see `docs/snapshot-format.md`, "Untrusted sets").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
 }
 
 /// Who may write `SNAPSHOT_REQUEST`, and how often one is honoured. Any other request is

@@ -24,6 +24,7 @@ use crate::partition::shell::VmShell;
 use crate::partition::vcpu::{Ended, PartitionEvent};
 use crate::partition::{self, Partition, PartitionError, State};
 use duplex_devices::event_loop::{EventLoop, EventLoopError};
+use duplex_devices::health::{process_limits, HealthRegistry, Restart};
 use duplex_devices::vsock::{VsockError, VsockSwitch};
 
 /// A VM shell being made on a thread of its own.
@@ -110,15 +111,18 @@ impl Monitor {
             started: Instant::now(),
         });
         let weak = Arc::downgrade(&monitor);
-        std::thread::Builder::new()
-            .name("supervisor".into())
-            .spawn(move || supervise(weak, rx))
-            .map_err(|e| {
-                MonitorError::Partition(PartitionError::Thread {
-                    name: "supervisor".into(),
-                    source: e,
-                })
-            })?;
+        // Supervised: a panic while handling one event restarts the loop (the event is
+        // lost, the others are not), and shows in `status` (`services`).
+        duplex_devices::health::spawn_service("supervisor", Restart::UpTo(10), move || {
+            supervise(&weak, &rx);
+            Ok(())
+        })
+        .map_err(|e| {
+            MonitorError::Partition(PartitionError::Thread {
+                name: "supervisor".into(),
+                source: e,
+            })
+        })?;
         Ok(monitor)
     }
 
@@ -171,6 +175,8 @@ impl Monitor {
             "vsock": self.vsock.as_ref().map(|v| serde_json::to_value(v.stats()).unwrap_or(Value::Null)),
             "event_loop": serde_json::to_value(self.event_loop.stats()).unwrap_or(Value::Null),
             "guest_snapshots": self.guest_snapshots.status(),
+            "services": HealthRegistry::global().snapshot(),
+            "process": process_limits(),
         }))
     }
 
@@ -371,7 +377,7 @@ impl Monitor {
     }
 }
 
-fn supervise(monitor: std::sync::Weak<Monitor>, rx: Receiver<PartitionEvent>) {
+fn supervise(monitor: &std::sync::Weak<Monitor>, rx: &Receiver<PartitionEvent>) {
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(event) => match (monitor.upgrade(), event) {

@@ -17,105 +17,11 @@ use super::snapshot::{ms, SnapshotFailure, VSOCK_STATE};
 use super::{lock, Monitor};
 use crate::config::DeviceConfig;
 use crate::partition::snapshot::{PartitionState, STATE_VERSION};
-use crate::partition::{self, PreparedRun};
-use duplex_devices::vsock::SwitchState;
 
-/// Compares what a set was taken from with the device config it is restored into.
-pub fn check_config(
-    dir: &Path,
-    saved: &Value,
-    config: &DeviceConfig,
-) -> Result<(), SnapshotFailure> {
-    let invalid = |reason: String| SnapshotFailure::Invalid {
-        dir: dir.to_owned(),
-        reason,
-    };
-    let saved: DeviceConfig = serde_json::from_value(saved.clone())
-        .map_err(|e| invalid(format!("its device config cannot be read: {e}")))?;
-    for p in &config.partitions {
-        let Some(s) = saved.partitions.iter().find(|s| s.name == p.name) else {
-            return Err(invalid(format!(
-                "partition {} is missing from the set",
-                p.name
-            )));
-        };
-        if s.memory_mib != p.memory_mib {
-            return Err(invalid(format!(
-                "partition {}: memory_mib is {} in the config but {} in the set",
-                p.name, p.memory_mib, s.memory_mib
-            )));
-        }
-        if s.vcpus != p.vcpus {
-            return Err(invalid(format!(
-                "partition {}: vcpus is {} in the config but {} in the set",
-                p.name, p.vcpus, s.vcpus
-            )));
-        }
-        if s.vsock.as_ref().map(|v| v.cid) != p.vsock.as_ref().map(|v| v.cid) {
-            return Err(invalid(format!(
-                "partition {}: its vsock cid differs between the config and the set",
-                p.name
-            )));
-        }
-        match (&s.net, &p.net) {
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(invalid(format!(
-                    "partition {}: the set has a network card, the config none",
-                    p.name
-                )))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(format!(
-                    "partition {}: the config has a network card, the set none",
-                    p.name
-                )))
-            }
-            // The guest knows its MAC; the TAP may be another one.
-            (Some(a), Some(b)) if a.mac_bytes() != b.mac_bytes() => {
-                return Err(invalid(format!(
-                    "partition {}: net.mac is {} in the config but {} in the set",
-                    p.name, b.mac, a.mac
-                )))
-            }
-            (Some(_), Some(_)) => {}
-        }
-        match (&s.disk, &p.disk) {
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(invalid(format!(
-                    "partition {}: the set has a disk, the config none",
-                    p.name
-                )))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(format!(
-                    "partition {}: the config has a disk, the set none",
-                    p.name
-                )))
-            }
-            // The guest knows its disk's size; the backing file may be another one.
-            (Some(a), Some(b)) if a.size_mib != b.size_mib => {
-                return Err(invalid(format!(
-                    "partition {}: disk.size_mib is {} in the config but {} in the set",
-                    p.name, b.size_mib, a.size_mib
-                )))
-            }
-            (Some(_), Some(_)) => {}
-        }
-    }
-    if let Some(extra) = saved
-        .partitions
-        .iter()
-        .find(|s| config.partitions.iter().all(|p| p.name != s.name))
-    {
-        return Err(invalid(format!(
-            "the set has partition {} that the config does not",
-            extra.name
-        )));
-    }
-    Ok(())
-}
+mod checks;
+use crate::partition::{self, PreparedRun};
+pub use checks::{check_cids, check_config, check_layout, confine};
+use duplex_devices::vsock::SwitchState;
 
 impl Monitor {
     /// Starts every partition from the set at `dir` (see the module docs): `kind` is
@@ -127,6 +33,12 @@ impl Monitor {
         mode: LoadMode,
         kind: Operation,
     ) -> Result<Value, SnapshotFailure> {
+        let root = self
+            .config
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.root.as_deref());
+        confine(dir, root)?;
         let op = self.ops.begin(kind).map_err(SnapshotFailure::Busy)?;
         let restored = self.restore_in(&op, dir, mode, kind == Operation::Reboot);
         // Whether it worked or not, the next restore finds VMs made for it.
@@ -149,6 +61,7 @@ impl Monitor {
         op.phase(Phase::Opening);
         let set = SnapshotSet::open(dir).map_err(|e| invalid(e.to_string()))?;
         check_config(dir, &set.manifest.device_config, &self.config)?;
+        check_layout(dir, &set.manifest, &self.config)?;
         let mut states = Vec::new();
         for p in &self.config.partitions {
             let bytes = set
@@ -171,10 +84,10 @@ impl Monitor {
                     .read_device_state(VSOCK_STATE)
                     .map_err(|e| invalid(e.to_string()))?
                     .ok_or_else(|| invalid("the set has no vsock switch state".into()))?;
-                Some(
-                    serde_json::from_slice(&bytes)
-                        .map_err(|e| invalid(format!("vsock switch state: {e}")))?,
-                )
+                let state: SwitchState = serde_json::from_slice(&bytes)
+                    .map_err(|e| invalid(format!("vsock switch state: {e}")))?;
+                check_cids(dir, &state, &self.config)?;
+                Some(state)
             }
         };
         let t_open = t0.elapsed();
@@ -292,61 +205,71 @@ impl Monitor {
         };
         let made_ahead = &made_ahead;
         let results: Vec<Result<PreparedRun, SnapshotFailure>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .partitions
-                .iter()
-                .zip(states)
-                .map(|(p, state)| {
-                    scope.spawn(move || {
-                        let (name, builder) = {
-                            let p = lock(p);
-                            (p.name().to_owned(), p.builder())
-                        };
-                        let shell = self.take_shell(&name);
-                        if shell.is_some() {
-                            made_ahead.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        let invalid =
-                            |e: duplex_snapshot::SnapshotError| SnapshotFailure::Invalid {
-                                dir: set.dir.clone(),
-                                reason: e.to_string(),
+            let handles: Vec<_> =
+                self.partitions
+                    .iter()
+                    .zip(states)
+                    .map(|(p, state)| {
+                        scope.spawn(move || {
+                            let (name, builder) = {
+                                let p = lock(p);
+                                (p.name().to_owned(), p.builder())
                             };
-                        let mem = match &shell {
-                            // SAFETY: the reservation is the shell's alone; the shell goes
-                            // into the run with the memory, and the run drops the
-                            // reservation last. On an error both are dropped here together.
-                            Some(sh) => unsafe {
-                                set.load_memory_into::<vm_memory::bitmap::AtomicBitmap>(
-                                    &name,
-                                    mode,
-                                    &sh.reservation.addresses(),
-                                )
-                            },
-                            None => set.load_memory_with_bitmap::<vm_memory::bitmap::AtomicBitmap>(
-                                &name, mode,
-                            ),
-                        }
-                        .map_err(invalid)?;
-                        let disk = match &builder_config_disk(&self.config, &name) {
-                            Some(d) => {
-                                Some(partition::disk::RestoredDisk::write(&name, d, set).map_err(
-                                    |e| SnapshotFailure::RestoreFailed {
-                                        step: "build",
-                                        reason: e.to_string(),
-                                    },
-                                )?)
+                            let shell = self.take_shell(&name);
+                            if shell.is_some() {
+                                made_ahead.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             }
-                            None => None,
-                        };
-                        builder
-                            .prepare_restore(with, mem, state, shell, disk)
-                            .map_err(|e| SnapshotFailure::RestoreFailed {
-                                step: "build",
-                                reason: e.to_string(),
-                            })
+                            let invalid =
+                                |e: duplex_snapshot::SnapshotError| SnapshotFailure::Invalid {
+                                    dir: set.dir.clone(),
+                                    reason: e.to_string(),
+                                };
+                            let mem = match &shell {
+                                // SAFETY: the reservation is the shell's alone; the shell goes
+                                // into the run with the memory, and the run drops the
+                                // reservation last. On an error both are dropped here together.
+                                Some(sh) => unsafe {
+                                    set.load_memory_into::<vm_memory::bitmap::AtomicBitmap>(
+                                        &name,
+                                        mode,
+                                        &sh.reservation.addresses(),
+                                    )
+                                },
+                                None => set
+                                    .load_memory_with_bitmap::<vm_memory::bitmap::AtomicBitmap>(
+                                        &name, mode,
+                                    ),
+                            }
+                            .map_err(invalid)?;
+                            // Guarded until the run guards it itself (`Run::restore`): a memory
+                            // file truncated meanwhile reads as zeros instead of raising SIGBUS.
+                            let guard = duplex_snapshot::MemoryGuard::for_memory(&mem, None)
+                                .map_err(|e| SnapshotFailure::RestoreFailed {
+                                    step: "build",
+                                    reason: e.to_string(),
+                                })?;
+                            let disk = match &builder_config_disk(&self.config, &name) {
+                                Some(d) => Some(
+                                    partition::disk::RestoredDisk::write(&name, d, set).map_err(
+                                        |e| SnapshotFailure::RestoreFailed {
+                                            step: "build",
+                                            reason: e.to_string(),
+                                        },
+                                    )?,
+                                ),
+                                None => None,
+                            };
+                            let prepared = builder
+                                .prepare_restore(with, mem, state, shell, disk)
+                                .map_err(|e| SnapshotFailure::RestoreFailed {
+                                    step: "build",
+                                    reason: e.to_string(),
+                                });
+                            drop(guard);
+                            prepared
+                        })
                     })
-                })
-                .collect();
+                    .collect();
             handles
                 .into_iter()
                 .map(|h| {
@@ -367,74 +290,4 @@ impl Monitor {
 /// The disk of partition `name` in `config`, if it has one.
 fn builder_config_disk(config: &DeviceConfig, name: &str) -> Option<crate::config::DiskConfig> {
     config.partition(name).and_then(|p| p.disk.clone())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(net: &str) -> DeviceConfig {
-        let text = format!(
-            r#"{{"partitions": [{{"name": "relay", "role": "relay", "kernel": "k",
-                "memory_mib": 16{net}}}]}}"#
-        );
-        DeviceConfig::parse(&text, Path::new("device.json")).expect("config")
-    }
-
-    #[test]
-    fn a_set_and_a_config_must_agree_on_the_network_card() {
-        let card = r#", "net": {"tap": "dplx0", "mac": "52:54:00:12:34:56"}"#;
-        let other_tap = r#", "net": {"tap": "dplx9", "mac": "52:54:00:12:34:56"}"#;
-        let other_mac = r#", "net": {"tap": "dplx0", "mac": "52:54:00:12:34:57"}"#;
-        let dir = Path::new("/set");
-        let saved = |net: &str| serde_json::to_value(config(net)).expect("json");
-        assert!(check_config(dir, &saved(card), &config(card)).is_ok());
-        assert!(check_config(dir, &saved(card), &config(other_tap)).is_ok());
-        assert!(check_config(dir, &saved(""), &config("")).is_ok());
-        for (set, cfg, words) in [
-            (card, "", "the set has a network card, the config none"),
-            ("", card, "the config has a network card, the set none"),
-            (
-                card,
-                other_mac,
-                "net.mac is 52:54:00:12:34:57 in the config",
-            ),
-        ] {
-            let err = check_config(dir, &saved(set), &config(cfg)).expect_err(words);
-            assert!(matches!(err, SnapshotFailure::Invalid { .. }));
-            let msg = err.to_string();
-            assert!(
-                msg.contains("partition relay") && msg.contains(words),
-                "{msg}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_set_and_a_config_must_agree_on_the_disk_and_its_size() {
-        let disk = r#", "disk": {"file": "c.disk", "size_mib": 8}"#;
-        let elsewhere = r#", "disk": {"file": "/elsewhere/c.disk", "size_mib": 8}"#;
-        let bigger = r#", "disk": {"file": "c.disk", "size_mib": 16}"#;
-        let dir = Path::new("/set");
-        let saved = |d: &str| serde_json::to_value(config(d)).expect("json");
-        assert!(check_config(dir, &saved(disk), &config(disk)).is_ok());
-        assert!(check_config(dir, &saved(disk), &config(elsewhere)).is_ok());
-        for (set, cfg, words) in [
-            (disk, "", "the set has a disk, the config none"),
-            ("", disk, "the config has a disk, the set none"),
-            (
-                disk,
-                bigger,
-                "disk.size_mib is 16 in the config but 8 in the set",
-            ),
-        ] {
-            let msg = check_config(dir, &saved(set), &config(cfg))
-                .expect_err(words)
-                .to_string();
-            assert!(
-                msg.contains("partition relay") && msg.contains(words),
-                "{msg}"
-            );
-        }
-    }
 }

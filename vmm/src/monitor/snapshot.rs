@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use duplex_link::{HostReply, HostRequest};
+use duplex_link::{HostReply, HostRequest, JOB_PORT};
 use duplex_snapshot::{SetWriter, SnapshotSet};
 
 use super::ops::{Busy, OpGuard, Operation, Phase};
@@ -78,11 +78,11 @@ impl Monitor {
                 _ => None,
             });
         let Some(uds) = uds else { return Ok(None) };
-        let mut c =
-            JobClient::connect(&uds).map_err(|e| SnapshotFailure::Quiesce(e.to_string()))?;
-        // The engine gets a bounded time to reach its safe point: the snapshot holds the
-        // device's operation slot meanwhile.
-        c.set_timeout(QUIESCE_TIMEOUT)
+        // One overall deadline for the whole exchange (connect, request, reply), however
+        // the controller dribbles its bytes: the snapshot holds the device's operation
+        // slot meanwhile.
+        let deadline = Some(Instant::now() + QUIESCE_TIMEOUT);
+        let mut c = JobClient::connect_port_by(&uds, JOB_PORT, deadline)
             .map_err(|e| SnapshotFailure::Quiesce(e.to_string()))?;
         match c.call(&HostRequest::PrepareSnapshot) {
             Ok(HostReply::SnapshotReady {
@@ -107,6 +107,15 @@ impl Monitor {
     /// parent (which must be the last set this device took or was restored from) are
     /// written.
     pub fn snapshot(&self, dest: &Path, parent: Option<&Path>) -> Result<Value, SnapshotFailure> {
+        let root = self
+            .config
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.root.as_deref());
+        super::restore::confine(dest, root)?;
+        if let Some(p) = parent {
+            super::restore::confine(p, root)?;
+        }
         let op = self
             .ops
             .begin(Operation::Snapshot)
@@ -257,6 +266,9 @@ impl Monitor {
         for p in &self.partitions {
             let (name, mem, only, disk) = {
                 let mut p = lock(p);
+                // A memory file cut short under a lazily restored guest: that partition is
+                // crashed (its memory is not what it was) and no set is taken of it.
+                p.check_memory_file().map_err(|e| fail(&e))?;
                 p.harvest_dirty().map_err(|e| fail(&e))?;
                 let mem = p
                     .memory()

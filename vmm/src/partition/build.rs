@@ -353,9 +353,15 @@ pub fn build(
                 source,
             };
             let mmio: VsockMmio = match &source {
-                Source::Cold => switch
-                    .attach(v.cid, &name, mem.clone(), irq, v.uds.clone())
-                    .map_err(vsock_err)?,
+                Source::Cold => {
+                    let uds = duplex_devices::vsock::UdsConfig {
+                        path: v.uds.clone(),
+                        mode: v.uds_mode(),
+                    };
+                    switch
+                        .attach_with(v.cid, &name, mem.clone(), irq, uds)
+                        .map_err(vsock_err)?
+                }
                 // Prepared: it waits in the switch until the restore commits.
                 Source::Restore { state, .. } => match &state.devices.vsock {
                     Some(saved) => {
@@ -366,6 +372,7 @@ pub fn build(
                             mem: mem.clone(),
                             irq,
                             uds: v.uds.clone(),
+                            uds_mode: v.uds_mode(),
                         };
                         VsockMmio::restore(args, saved).map_err(vsock_err)?
                     }

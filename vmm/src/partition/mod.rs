@@ -165,6 +165,9 @@ pub struct PartitionStatus {
     pub crash: Option<CrashInfo>,
     pub exits: ExitCounts,
     pub console_lines: u64,
+    /// The console's writer: lines dropped because its sink was too slow, rotations of
+    /// its file (see `docs/config.md`, `console`).
+    pub console: duplex_devices::console::ConsoleStats,
     /// Guest register accesses the devices ignored (misaligned, wrong size, unknown
     /// register), per device, in the current run (see `docs/guest-abi.md`).
     pub bad_accesses: BadAccesses,
@@ -233,17 +236,13 @@ impl Partition {
             ConsoleSink::Stdout => ConsoleOutput::Stdout {
                 prefix: config.name.clone(),
             },
+            // Appended to, rotated to `<file>.1` at its cap (console::FILE_MAX_BYTES).
             ConsoleSink::File(path) => {
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| PartitionError::ConsoleFile {
-                        name: config.name.clone(),
-                        path: path.clone(),
-                        source,
-                    })?;
-                ConsoleOutput::File(f)
+                ConsoleOutput::file(path).map_err(|source| PartitionError::ConsoleFile {
+                    name: config.name.clone(),
+                    path: path.clone(),
+                    source,
+                })?
             }
         };
         Ok(Partition {
@@ -480,11 +479,17 @@ impl Partition {
 
     /// What `status` reports.
     pub fn status(&self) -> PartitionStatus {
+        // The state before the outcome: an outcome, once set, stays, so a state that says
+        // the run ended always comes with its outcome (the other order could show
+        // `crashed` without the crash, if the run ended between the two reads).
+        let state = self.state();
         let outcome = self.outcome();
+        // Read before the literal below: a lock taken inside it would be held to its end.
+        let console = self.console.stats();
         PartitionStatus {
             name: self.config.name.clone(),
             role: self.config.role,
-            state: self.state(),
+            state,
             vcpus: self.config.vcpus,
             memory_mib: self.config.memory_mib,
             uptime_ms: self
@@ -505,7 +510,8 @@ impl Partition {
                 .run
                 .as_ref()
                 .map_or(self.last_exits, |r| r.shared.exits.read()),
-            console_lines: self.console.lock().total_lines(),
+            console_lines: console.lines,
+            console,
             bad_accesses: self
                 .run
                 .as_ref()

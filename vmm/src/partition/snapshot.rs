@@ -14,6 +14,7 @@ use duplex_devices::persist::Persist;
 use duplex_devices::sysctl::Sysctl;
 use duplex_devices::vsock::VsockMmioState;
 
+use super::shared::Shared;
 use super::state::{self, VcpuState, VmState};
 use super::vcpu::PartitionEvent;
 use super::{build, Partition, PartitionError, Run, State};
@@ -60,6 +61,9 @@ pub struct PartitionState {
 /// that fails leaves it as it was, so the next incremental set misses nothing.
 #[derive(Debug, Default)]
 pub struct DirtyLog {
+    /// For a run restored lazily from a set: its memory file's mappings, guarded against the
+    /// file being truncated (see [`duplex_snapshot::guard`]); a fault there crashes the run.
+    guard: Option<duplex_snapshot::MemoryGuard>,
     since: Option<String>,
     /// Harvested since `since` (one bitmap per RAM region), or nothing harvested yet.
     pending: Option<Vec<Vec<u64>>>,
@@ -218,6 +222,28 @@ impl Partition {
         self.run.as_ref().and_then(|r| r.dirty.since.as_deref())
     }
 
+    /// Checks that the file a lazily restored run's memory maps is still whole: if it was
+    /// truncated (seen by `fstat`, or by a fault the guard absorbed), the run is crashed
+    /// with reason "memory file truncated" and an error says so. Nothing for other runs.
+    pub fn check_memory_file(&mut self) -> Result<(), PartitionError> {
+        let Some(run) = &self.run else { return Ok(()) };
+        let why = match duplex_snapshot::guard::truncated_file(&run.mem) {
+            Some(why) => Some(why),
+            None if run.dirty.guard.as_ref().is_some_and(|g| g.truncated()) => {
+                Some("a page past its end was touched".to_owned())
+            }
+            None => None,
+        };
+        let Some(why) = why else { return Ok(()) };
+        let reason = format!("{TRUNCATED}: {why}");
+        crash(&run.shared, self.console(), reason.clone());
+        super::kick_all(&run.threads);
+        Err(PartitionError::Restore {
+            name: self.config.name.clone(),
+            message: reason,
+        })
+    }
+
     /// Captures the state of a paused partition (its memory is read separately).
     pub fn capture(&self) -> Result<PartitionState, PartitionError> {
         if self.state() != State::Paused {
@@ -364,7 +390,71 @@ impl Persist for Run {
         )?;
         let mut run = super::run::spawn(&args.config.name, built, &args.ended, args.boot)?;
         run.dirty.restored(&args.set_id);
+        run.dirty.guard = guard_memory(&run, &args.console, &args.ended)?;
         run.carry_time_over(state)?;
         Ok(run)
     }
+}
+
+/// The crash reason of a run whose memory file was truncated under it.
+pub const TRUNCATED: &str = "memory file truncated";
+
+/// Console lines kept with such a crash.
+const CRASH_TAIL: usize = 20;
+
+/// Ends `shared`'s run as crashed with `reason` (the first outcome wins).
+fn crash(shared: &Shared, console: &ConsoleHandle, reason: String) {
+    let console_tail = {
+        let mut log = console.lock();
+        log.flush_partial();
+        log.tail(CRASH_TAIL)
+    };
+    shared.finish(super::shared::Outcome::Crashed(super::shared::CrashInfo {
+        reason,
+        rip: None,
+        vector: None,
+        console_tail,
+    }));
+}
+
+/// Guards the file mappings of a restored run's memory (a lazy restore): a fault past the
+/// end of a truncated memory file reads zeros instead of raising SIGBUS in the monitor, and
+/// the run is crashed with reason [`TRUNCATED`] (its vCPUs brought out of the guest by the
+/// partition's `Ended` handling). `None` for memory that maps no file (an eager restore).
+fn guard_memory(
+    run: &Run,
+    console: &ConsoleHandle,
+    ended: &Sender<PartitionEvent>,
+) -> Result<Option<duplex_snapshot::MemoryGuard>, PartitionError> {
+    let shared = Arc::downgrade(&run.shared);
+    let console = console.clone();
+    let ended = ended.clone();
+    let id = super::vcpu::Ended {
+        name: run.name.clone(),
+        boot: run.boot,
+    };
+    let on_truncated = move || {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        log::error!(
+            "partition {}: {TRUNCATED}: its set's memory file was cut short",
+            id.name
+        );
+        crash(
+            &shared,
+            &console,
+            format!("{TRUNCATED} (a page past its end was touched)"),
+        );
+        let _ = ended.send(PartitionEvent::Ended(super::vcpu::Ended {
+            name: id.name.clone(),
+            boot: id.boot,
+        }));
+    };
+    let guard = duplex_snapshot::MemoryGuard::for_memory(&run.mem, Some(Box::new(on_truncated)))
+        .map_err(|e| PartitionError::Restore {
+            name: run.name.clone(),
+            message: e.to_string(),
+        })?;
+    Ok((!guard.is_empty()).then_some(guard))
 }

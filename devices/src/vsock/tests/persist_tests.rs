@@ -479,10 +479,10 @@ fn a_prepared_device_that_is_dropped_leaves_nothing_behind() {
     let prepared = sw
         .prepare_restored(3, "p3", a.mem.clone(), irq, None, &saved)
         .expect("prepare");
-    assert_eq!(sw.with(|i| i.pending.len()), 1);
+    assert_eq!(sw.with(|i| i.pending_len()), 1);
     sw.detach_device(&prepared);
     assert_eq!(
-        sw.with(|i| i.pending.len()),
+        sw.with(|i| i.pending_len()),
         0,
         "the prepared side is dropped"
     );
