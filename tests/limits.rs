@@ -333,6 +333,8 @@ impl Drop for Reap {
 #[test]
 fn kvm_the_default_socket_is_in_the_private_runtime_dir() {
     require_kvm();
+    // The in-process tests count this process's fds and threads: not meanwhile.
+    let _serial = serial();
     let dir = TempDir::new("limits-rundir");
     let xdg = dir.0.join("xdg");
     std::fs::create_dir(&xdg).expect("xdg dir");
@@ -408,6 +410,8 @@ fn nofile_limits(pid: u32) -> (String, String) {
 #[test]
 fn kvm_the_monitor_raises_its_open_file_limit() {
     require_kvm();
+    // The in-process tests count this process's fds and threads: not meanwhile.
+    let _serial = serial();
     let dir = TempDir::new("limits-nofile");
     let cfg = one_partition_config(&dir.0);
     let prefix = [
@@ -438,6 +442,8 @@ fn fds_and_threads(pid: u32) -> (usize, usize) {
 #[test]
 fn kvm_the_monitor_answers_status_through_malformed_lines_and_idle_clients() {
     require_kvm();
+    // The in-process tests count this process's fds and threads: not meanwhile.
+    let _serial = serial();
     let _ = duplex_devices::health::raise_fd_limit();
     let dir = TempDir::new("limits-monitor");
     let cfg = one_partition_config(&dir.0);

@@ -35,6 +35,11 @@ use crate::health::Restart;
 /// ends it, `panicked` in the service health (`crate::health`).
 pub const MAX_RESTARTS: u32 = 10;
 
+/// Called first thing on the loop's thread (once, not again after a restart), with its
+/// name: the monitor sets it to enter its seccomp sandbox there (`vmm/src/sandbox`);
+/// unset, nothing is called.
+pub static ON_THREAD_START: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
+
 /// What the loop runs.
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
 
@@ -119,7 +124,14 @@ impl EventLoop {
         let control = Arc::new(Control::default());
         let c = control.clone();
         let kicker = manager.remote_endpoint();
+        let thread_name = name.to_owned();
+        let mut started = false;
         crate::health::spawn_service(name, Restart::UpTo(MAX_RESTARTS), move || {
+            if !std::mem::replace(&mut started, true) {
+                if let Some(hook) = ON_THREAD_START.get() {
+                    hook(&thread_name);
+                }
+            }
             // SAFETY: gettid takes no arguments and cannot fail.
             let tid = unsafe { libc::gettid() };
             c.tid.store(tid, Ordering::SeqCst);

@@ -9,6 +9,7 @@
 //! - [`api`]: the control socket protocol, server and client.
 //! - [`rundir`]: the private runtime directory of the monitor's sockets.
 //! - [`job`]: `duplex job`, a host client of the controller's job port.
+//! - [`sandbox`]: the seccomp filters, one per kind of monitor thread.
 //! - [`boxcli`]: `duplex box`, the host client of the controller's document service.
 
 pub mod api;
@@ -20,6 +21,7 @@ pub mod layout;
 pub mod monitor;
 pub mod partition;
 pub mod rundir;
+pub mod sandbox;
 
 /// Locks a mutex whose data stays usable after a panic elsewhere (plain state, counters,
 /// handles): a poisoned lock is recovered rather than spreading the panic to the monitor.

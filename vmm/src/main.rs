@@ -14,6 +14,7 @@ use duplex_vmm::api::client::{run_ctl, CtlArgs};
 use duplex_vmm::api::server::ApiServer;
 use duplex_vmm::config::DeviceConfig;
 use duplex_vmm::monitor::Monitor;
+use duplex_vmm::sandbox::{self, ThreadKind};
 
 /// Duplex: runs the systems of one device as KVM partitions of one machine.
 #[derive(Parser)]
@@ -111,6 +112,13 @@ struct RunArgs {
     /// say why in `status`; default: refuse to start).
     #[arg(long, value_parser = ["cold"])]
     fallback: Option<String>,
+    /// The KVM device node to open (a node of its own lets an unprivileged monitor use
+    /// KVM: docs/security.md).
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm: PathBuf,
+    /// Run WITHOUT the seccomp filters (debugging only; logs a loud warning).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
@@ -162,6 +170,10 @@ fn ensure_runtime_dir_for_bridges(config: &DeviceConfig) -> Result<(), String> {
 
 fn run(args: &RunArgs) -> Result<(), String> {
     let t0 = Instant::now();
+    // Every thread of the monitor starts under the startup filter (the union of every
+    // kind's); each then adds its own (docs/security.md).
+    sandbox::init(args.no_seccomp).map_err(|e| e.to_string())?;
+    sandbox::enter(ThreadKind::Startup).map_err(|e| e.to_string())?;
     raise_fd_limit();
     let config = DeviceConfig::load(&args.config).map_err(|e| e.to_string())?;
     // Before booting anything: a socket that cannot be placed fails the start at once.
@@ -170,7 +182,7 @@ fn run(args: &RunArgs) -> Result<(), String> {
         None => duplex_vmm::rundir::default_api_sock().map_err(|e| e.to_string())?,
     };
     ensure_runtime_dir_for_bridges(&config)?;
-    let monitor = Monitor::new(&config).map_err(|e| e.to_string())?;
+    let monitor = Monitor::with_kvm(&config, &args.kvm).map_err(|e| e.to_string())?;
     for sig in [libc::SIGINT, libc::SIGTERM] {
         vmm_sys_util::signal::register_signal_handler(sig, on_signal)
             .map_err(|e| format!("installing the handler of signal {sig}: {e}"))?;
@@ -212,6 +224,8 @@ fn run(args: &RunArgs) -> Result<(), String> {
         t0.elapsed().as_secs_f64() * 1000.0,
         api_sock.display()
     );
+    // From here on the main thread only waits, then shuts down; it starts no thread.
+    sandbox::enter(ThreadKind::Main).map_err(|e| e.to_string())?;
     let deadline = args
         .seconds
         .map(|s| t0 + Duration::from_secs_f64(s.max(0.0)));

@@ -208,8 +208,13 @@ impl ApiServer {
         });
         let thread_shared = Arc::clone(&shared);
         let mut next_id = 0;
+        let mut sandboxed = false;
         let accept_thread =
             health::spawn_service("api-accept", Restart::UpTo(ACCEPT_RESTARTS), move || {
+                // Once: a restarted loop is already in its sandbox.
+                if !std::mem::replace(&mut sandboxed, true) {
+                    crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Control);
+                }
                 accept_loop(&listener, &thread_shared, &mut next_id);
                 Ok(())
             });
@@ -418,6 +423,7 @@ fn start_client(stream: UnixStream, id: u64, shared: &Arc<Shared>) -> io::Result
     let spawned = thread::Builder::new()
         .name(format!("api-client-{id}"))
         .spawn(move || {
+            crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Control);
             let shared = &*thread_shared;
             let _slot = ClientSlot { shared, id };
             match serve_client(&stream, shared, shared.options.idle_timeout) {

@@ -5,6 +5,10 @@
 //! monitor reaches `step` fail with "injected fault at <step>"; `step~ms` instead holds the
 //! operation there for `ms` milliseconds (to test what happens meanwhile). The steps are
 //! listed in [`STEPS`] and in `docs/control-api.md` ("Fault injection").
+//!
+//! One step is not an operation's: `vcpu.forbidden-syscall` makes every vCPU thread call
+//! `getppid` (which no vCPU filter allows) at its VM exits ([`at_vcpu_exit`]): with
+//! seccomp on, the monitor dies of it (`tests/sandbox.rs`).
 
 /// Every step a fault can be injected at.
 pub const STEPS: &[&str] = &[
@@ -15,7 +19,32 @@ pub const STEPS: &[&str] = &[
     "snapshot.commit",
     "restore.build",
     "restore.switch",
+    VCPU_FORBIDDEN_SYSCALL,
 ];
+
+/// The step that makes vCPU threads call a forbidden system call ([`at_vcpu_exit`]).
+pub const VCPU_FORBIDDEN_SYSCALL: &str = "vcpu.forbidden-syscall";
+
+/// Called by a vCPU thread at each VM exit: with `DUPLEX_FAULTS` naming
+/// [`VCPU_FORBIDDEN_SYSCALL`] (feature `fault-injection`), makes a system call the vCPU
+/// filter forbids; otherwise nothing.
+#[inline]
+pub fn at_vcpu_exit() {
+    #[cfg(feature = "fault-injection")]
+    {
+        static ARMED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let armed = ARMED.get_or_init(|| {
+            std::env::var("DUPLEX_FAULTS")
+                .unwrap_or_default()
+                .split(',')
+                .any(|s| s.trim() == VCPU_FORBIDDEN_SYSCALL)
+        });
+        if *armed {
+            // SAFETY: getppid takes no arguments and cannot fail.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+        }
+    }
+}
 
 /// A failure injected at a step.
 #[derive(Debug, thiserror::Error)]

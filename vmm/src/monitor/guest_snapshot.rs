@@ -220,6 +220,7 @@ impl Monitor {
         let spawned = std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
+                crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Worker);
                 let Some(m) = me.upgrade() else { return };
                 let dir = ticket.dest.clone();
                 let ok = match m.snapshot(&dir, None) {

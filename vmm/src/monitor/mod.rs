@@ -33,9 +33,14 @@ type ShellMaking = std::thread::JoinHandle<Result<VmShell, PartitionError>>;
 /// Why the monitor could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
-    /// /dev/kvm could not be opened.
-    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
-    Kvm(kvm_ioctls::Error),
+    /// The KVM device could not be opened.
+    #[error("cannot open {path}: {source} (is KVM available and are you allowed to use it?)")]
+    Kvm {
+        /// The node (`/dev/kvm`, or `duplex run --kvm`).
+        path: std::path::PathBuf,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
     /// The vCPU kick signal handler could not be installed.
     #[error("installing the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
@@ -78,7 +83,21 @@ pub struct Monitor {
 impl Monitor {
     /// A monitor for `config`, with every partition created but not started.
     pub fn new(config: &DeviceConfig) -> Result<Arc<Monitor>, MonitorError> {
-        let kvm = Kvm::new().map_err(MonitorError::Kvm)?;
+        Monitor::with_kvm(config, std::path::Path::new("/dev/kvm"))
+    }
+
+    /// [`Monitor::new`] over the KVM device node `kvm_path` (`duplex run --kvm`).
+    pub fn with_kvm(
+        config: &DeviceConfig,
+        kvm_path: &std::path::Path,
+    ) -> Result<Arc<Monitor>, MonitorError> {
+        let kvm_error = |source| MonitorError::Kvm {
+            path: kvm_path.to_path_buf(),
+            source,
+        };
+        let c_path = std::ffi::CString::new(kvm_path.as_os_str().as_encoded_bytes())
+            .map_err(|_| kvm_error(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        let kvm = Kvm::new_with_path(c_path).map_err(kvm_error)?;
         partition::install_kick_handler().map_err(MonitorError::Signal)?;
         let event_loop = EventLoop::start("device-loop").map_err(MonitorError::EventLoop)?;
         let partitions = config
@@ -113,7 +132,12 @@ impl Monitor {
         let weak = Arc::downgrade(&monitor);
         // Supervised: a panic while handling one event restarts the loop (the event is
         // lost, the others are not), and shows in `status` (`services`).
+        let mut sandboxed = false;
         duplex_devices::health::spawn_service("supervisor", Restart::UpTo(10), move || {
+            // Once: a restarted loop is already in its sandbox.
+            if !std::mem::replace(&mut sandboxed, true) {
+                crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Supervisor);
+            }
             supervise(&weak, &rx);
             Ok(())
         })
@@ -177,6 +201,7 @@ impl Monitor {
             "guest_snapshots": self.guest_snapshots.status(),
             "services": HealthRegistry::global().snapshot(),
             "process": process_limits(),
+            "seccomp": crate::sandbox::enforcing(),
         }))
     }
 
@@ -261,7 +286,10 @@ impl Monitor {
             let (kvm, cfg) = (self.kvm.clone(), config.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("{}-shell", config.name))
-                .spawn(move || VmShell::new(&kvm, &cfg));
+                .spawn(move || {
+                    crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Worker);
+                    VmShell::new(&kvm, &cfg)
+                });
             match spawned {
                 Ok(h) => {
                     shells.insert(config.name.clone(), h);

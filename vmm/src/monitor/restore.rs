@@ -99,6 +99,7 @@ impl Monitor {
         let made_ahead = std::sync::atomic::AtomicUsize::new(0);
         let (verified, built) = std::thread::scope(|scope| {
             let verifier = scope.spawn(|| {
+                crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Worker);
                 let t = Instant::now();
                 set.verify()
                     .map(|v| (v.bytes_read, t.elapsed()))
@@ -211,6 +212,7 @@ impl Monitor {
                     .zip(states)
                     .map(|(p, state)| {
                         scope.spawn(move || {
+                            crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Worker);
                             let (name, builder) = {
                                 let p = lock(p);
                                 (p.name().to_owned(), p.builder())

@@ -152,6 +152,7 @@ impl Monitor {
         let t = Instant::now();
         let (copied, quiesced) = std::thread::scope(|scope| {
             let q = scope.spawn(|| {
+                crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Worker);
                 let t = Instant::now();
                 self.quiesce().map(|v| (v, t.elapsed()))
             });

@@ -115,6 +115,7 @@ pub fn discard_in_background(runs: Vec<Run>) {
     let spawned = std::thread::Builder::new()
         .name("teardown".into())
         .spawn(move || {
+            crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Worker);
             drop(runs);
         });
     if let Err(e) = spawned {
@@ -215,7 +216,10 @@ pub(super) fn spawn(
         };
         let spawned = std::thread::Builder::new()
             .name(format!("{name}-vcpu{i}"))
-            .spawn(move || runner.run());
+            .spawn(move || {
+                crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Vcpu);
+                runner.run()
+            });
         match spawned {
             Ok(t) => threads.push(t),
             Err(source) => {

@@ -248,6 +248,7 @@ impl VcpuRunner {
                 continue;
             }
             let next = self.run_once();
+            crate::monitor::faults::at_vcpu_exit();
             match next {
                 Next::Continue => {}
                 Next::Sleep(deadline) => self.sleep_until(deadline),
