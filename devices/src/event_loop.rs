@@ -125,13 +125,12 @@ impl EventLoop {
         let c = control.clone();
         let kicker = manager.remote_endpoint();
         let thread_name = name.to_owned();
-        let mut started = false;
-        crate::health::spawn_service(name, Restart::UpTo(MAX_RESTARTS), move || {
-            if !std::mem::replace(&mut started, true) {
-                if let Some(hook) = ON_THREAD_START.get() {
-                    hook(&thread_name);
-                }
+        let on_start = move || {
+            if let Some(hook) = ON_THREAD_START.get() {
+                hook(&thread_name);
             }
+        };
+        crate::health::spawn_service_with(name, Restart::UpTo(MAX_RESTARTS), on_start, move || {
             // SAFETY: gettid takes no arguments and cannot fail.
             let tid = unsafe { libc::gettid() };
             c.tid.store(tid, Ordering::SeqCst);

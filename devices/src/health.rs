@@ -100,6 +100,21 @@ where
     GLOBAL.spawn(name, restart, body)
 }
 
+/// [`spawn_service`] with `start` run once on the new thread before `body`, and not again
+/// when a panic restarts `body` (e.g. entering the thread's seccomp sandbox).
+pub fn spawn_service_with<S, F>(
+    name: &str,
+    restart: Restart,
+    start: S,
+    body: F,
+) -> io::Result<JoinHandle<()>>
+where
+    S: FnOnce() + Send + 'static,
+    F: FnMut() -> Result<(), String> + Send + 'static,
+{
+    GLOBAL.spawn_with(name, restart, start, body)
+}
+
 impl HealthRegistry {
     /// An empty registry.
     pub const fn new() -> HealthRegistry {
@@ -139,15 +154,32 @@ impl HealthRegistry {
         &'static self,
         name: &str,
         restart: Restart,
-        mut body: F,
+        body: F,
     ) -> io::Result<JoinHandle<()>>
     where
         F: FnMut() -> Result<(), String> + Send + 'static,
     {
+        self.spawn_with(name, restart, || {}, body)
+    }
+
+    /// [`HealthRegistry::spawn`] with `start` run once on the new thread before `body`
+    /// (not again after a restart).
+    pub fn spawn_with<S, F>(
+        &'static self,
+        name: &str,
+        restart: Restart,
+        start: S,
+        mut body: F,
+    ) -> io::Result<JoinHandle<()>>
+    where
+        S: FnOnce() + Send + 'static,
+        F: FnMut() -> Result<(), String> + Send + 'static,
+    {
         let id = self.register(name);
-        let spawned = thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || self.supervise(id, restart, &mut body));
+        let spawned = thread::Builder::new().name(name.to_owned()).spawn(move || {
+            start();
+            self.supervise(id, restart, &mut body)
+        });
         if spawned.is_err() {
             self.lock().entries.retain(|e| e.id != id);
         }
@@ -383,6 +415,31 @@ mod tests {
         let json = serde_json::to_value(&erring).expect("json");
         assert_eq!(json["state"], "failed");
         assert_eq!(json["message"], "no epoll");
+    }
+
+    #[test]
+    fn the_start_hook_runs_once_however_often_the_body_restarts() {
+        let r = registry();
+        let (starts, calls) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let (s, c) = (starts.clone(), calls.clone());
+        r.spawn_with(
+            "hooked",
+            Restart::UpTo(3),
+            move || {
+                s.fetch_add(1, Ordering::SeqCst);
+            },
+            move || {
+                if c.fetch_add(1, Ordering::SeqCst) < 2 {
+                    panic!("restart me");
+                }
+                Ok(())
+            },
+        )
+        .expect("spawn")
+        .join()
+        .expect("join");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
     }
 
     #[test]

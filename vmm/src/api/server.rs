@@ -208,16 +208,15 @@ impl ApiServer {
         });
         let thread_shared = Arc::clone(&shared);
         let mut next_id = 0;
-        let mut sandboxed = false;
-        let accept_thread =
-            health::spawn_service("api-accept", Restart::UpTo(ACCEPT_RESTARTS), move || {
-                // Once: a restarted loop is already in its sandbox.
-                if !std::mem::replace(&mut sandboxed, true) {
-                    crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Control);
-                }
+        let accept_thread = health::spawn_service_with(
+            "api-accept",
+            Restart::UpTo(ACCEPT_RESTARTS),
+            || crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Control),
+            move || {
                 accept_loop(&listener, &thread_shared, &mut next_id);
                 Ok(())
-            });
+            },
+        );
         let accept_thread = match accept_thread {
             Ok(handle) => handle,
             Err(source) => {

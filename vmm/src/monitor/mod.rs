@@ -132,15 +132,15 @@ impl Monitor {
         let weak = Arc::downgrade(&monitor);
         // Supervised: a panic while handling one event restarts the loop (the event is
         // lost, the others are not), and shows in `status` (`services`).
-        let mut sandboxed = false;
-        duplex_devices::health::spawn_service("supervisor", Restart::UpTo(10), move || {
-            // Once: a restarted loop is already in its sandbox.
-            if !std::mem::replace(&mut sandboxed, true) {
-                crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Supervisor);
-            }
-            supervise(&weak, &rx);
-            Ok(())
-        })
+        duplex_devices::health::spawn_service_with(
+            "supervisor",
+            Restart::UpTo(10),
+            || crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Supervisor),
+            move || {
+                supervise(&weak, &rx);
+                Ok(())
+            },
+        )
         .map_err(|e| {
             MonitorError::Partition(PartitionError::Thread {
                 name: "supervisor".into(),
