@@ -1,5 +1,8 @@
 """What the bench_*.py scripts share: one figure of a results file (see
-scripts/bench_report.py), with its baseline from the same run."""
+scripts/bench_report.py), with its baseline from the same run; one request to a monitor's
+control socket."""
+import json
+import socket
 
 
 def figure(fid, label, value, unit, stat, baseline=None, ratio=None, goal=None, **extra):
@@ -21,3 +24,23 @@ def percentile(values, p):
     lo = int(k)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def ctl(sock, req, timeout=300):
+    """One request to the control socket at `sock`; its result, or RuntimeError with the
+    error answer."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(sock)
+    s.sendall((json.dumps(req) + "\n").encode())
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        buf += chunk
+    s.close()
+    r = json.loads(buf)
+    if not r.get("ok"):
+        raise RuntimeError(f"{req}: {r}")
+    return r["result"]

@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from bench_common import figure  # noqa: E402
+from bench_common import ctl, figure  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 DISK_MIB = int(os.environ.get("BENCH_DISK_MIB", "256"))
@@ -39,24 +38,6 @@ GUEST = os.path.join(ROOT, "guests/target/x86_64-unknown-none/release/disktest")
 
 def say(msg):
     print(f"  {msg}", flush=True)
-
-
-def ctl(sock, req, timeout=300):
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(timeout)
-    s.connect(sock)
-    s.sendall((json.dumps(req) + "\n").encode())
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    s.close()
-    r = json.loads(buf)
-    if not r.get("ok"):
-        raise RuntimeError(f"{req}: {r}")
-    return r["result"]
 
 
 def written(sock):
